@@ -1,0 +1,94 @@
+"""One attention entry point; implementations plug in by name.
+
+`attention(q, k, v, segment_ids, alibi_slopes, implementation=...)` takes and returns
+[batch, seq, heads, head_dim]. The model never imports a kernel directly, so a kernel's
+backend (Pallas Triton, Mosaic GPU, Mosaic TPU, jax-triton) can change without touching it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from mosaicbert_jax.attention.alibi import alibi_slopes
+from mosaicbert_jax.attention.reference import xla_attention
+
+AttentionFn = Callable[..., jax.Array]
+
+# name -> "module:function" loaded on first use, so optional backends cost nothing to import.
+_LAZY_IMPLEMENTATIONS: dict[str, str] = {
+    "cudnn": "mosaicbert_jax.attention.cudnn:cudnn_attention",
+    "pallas": "mosaicbert_jax.attention.pallas_gpu:pallas_attention",
+    "pallas_interpret": "mosaicbert_jax.attention.pallas_gpu:pallas_attention_interpret",
+}
+_IMPLEMENTATIONS: dict[str, AttentionFn] = {"xla": xla_attention}
+
+
+def register_implementation(name: str, target: str | AttentionFn) -> None:
+    """Registers an attention implementation by callable or 'module:function' path."""
+    if callable(target):
+        _IMPLEMENTATIONS[name] = target
+    else:
+        _LAZY_IMPLEMENTATIONS[name] = target
+
+
+def available_implementations() -> list[str]:
+    return sorted(set(_IMPLEMENTATIONS) | set(_LAZY_IMPLEMENTATIONS) | {"auto"})
+
+
+def _load(name: str) -> AttentionFn:
+    if name in _IMPLEMENTATIONS:
+        return _IMPLEMENTATIONS[name]
+    if name not in _LAZY_IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {name!r}; "
+                         f"available: {available_implementations()}")
+    module_name, fn_name = _LAZY_IMPLEMENTATIONS[name].split(":")
+    fn = getattr(importlib.import_module(module_name), fn_name)
+    _IMPLEMENTATIONS[name] = fn
+    return fn
+
+
+def resolve_implementation(implementation: str, backend: Optional[str] = None) -> str:
+    """Maps 'auto' to the fastest implementation for the backend; checks other names."""
+    if implementation != "auto":
+        if implementation not in available_implementations():
+            raise ValueError(f"unknown attention implementation {implementation!r}; "
+                             f"available: {available_implementations()}")
+        return implementation
+    backend = backend or jax.default_backend()
+    if backend == "gpu" and "pallas" in available_implementations():
+        return "pallas"
+    if backend == "tpu" and "pallas_tpu" in available_implementations():
+        return "pallas_tpu"
+    return "xla"
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
+              alibi_slopes: jax.Array, implementation: str = "auto",
+              scale: Optional[float] = None) -> jax.Array:
+    """softmax(q k^T * scale - slope_h |i - j|, masked to same-segment non-pad keys) v.
+
+    q, k, v: [batch, seq, heads, head_dim]; segment_ids: [batch, seq] ints, 0 = padding;
+    alibi_slopes: [heads]. Query rows with no visible key (padding) return zeros.
+    """
+    if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must share one [batch, seq, heads, head_dim] shape; got "
+                         f"{q.shape}, {k.shape}, {v.shape}")
+    if segment_ids.shape != q.shape[:2]:
+        raise ValueError(f"segment_ids shape {segment_ids.shape} does not match "
+                         f"[batch, seq] = {q.shape[:2]}")
+    if jnp.shape(alibi_slopes) != (q.shape[2],):
+        raise ValueError(f"alibi_slopes shape {jnp.shape(alibi_slopes)} does not match "
+                         f"heads = {q.shape[2]}")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    fn = _load(resolve_implementation(implementation))
+    return fn(q, k, v, segment_ids.astype(jnp.int32), jnp.asarray(alibi_slopes, jnp.float32),
+              scale)
+
+
+__all__ = ["alibi_slopes", "attention", "available_implementations", "register_implementation",
+           "resolve_implementation", "xla_attention"]

@@ -1,0 +1,102 @@
+"""MosaicBertConfig: every architectural number of the spec in one frozen dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax.numpy as jnp
+
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas", "pallas_interpret", "triton")
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def as_dtype(value: Any) -> Any:
+    """Accepts a jnp dtype or its name ('bfloat16', 'float32', 'float16')."""
+    if isinstance(value, str):
+        if value not in _DTYPES:
+            raise ValueError(f"unknown dtype {value!r}; use one of {sorted(_DTYPES)}")
+        return _DTYPES[value]
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicBertConfig:
+    """Sizes, dropouts and numerics of a MosaicBERT encoder (defaults: MosaicBERT-base)."""
+
+    vocab_size: int = 30528
+    hidden_size: int = 768
+    num_attention_heads: int = 12
+    num_hidden_layers: int = 12
+    intermediate_size: int = 3072
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.0
+    layer_norm_eps: float = 1e-12
+    type_vocab_size: int = 2
+    pad_token_id: int = 0
+    initializer_range: float = 0.02
+    # ALiBi has no length limit; None means any length. Set it to reject longer inputs.
+    max_sequence_length: Optional[int] = None
+    # Numerics: `dtype` is the compute dtype, `param_dtype` the master-weight dtype.
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    attention_implementation: str = "auto"
+    # Rematerialise each layer's activations in the backward pass (saves memory).
+    remat: bool = False
+    num_labels: int = 2
+    classifier_dropout_prob: Optional[float] = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "dtype", as_dtype(self.dtype))
+        object.__setattr__(self, "param_dtype", as_dtype(self.param_dtype))
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                f"{self.num_attention_heads}; pick a head count that divides it")
+        for name in ("vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers",
+                     "intermediate_size", "type_vocab_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attention_implementation={self.attention_implementation!r} is not one of "
+                f"{ATTENTION_IMPLEMENTATIONS}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def replace(self, **changes: Any) -> "MosaicBertConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def base(cls, **overrides: Any) -> "MosaicBertConfig":
+        """MosaicBERT-base: 768 hidden, 12 heads, 12 layers (137.4M parameters with the MLM head)."""
+        return cls(**overrides)
+
+    @classmethod
+    def large(cls, **overrides: Any) -> "MosaicBertConfig":
+        """MosaicBERT-large: 1024 hidden, 16 heads, 24 layers, 4096 intermediate."""
+        values = dict(hidden_size=1024, num_attention_heads=16, num_hidden_layers=24,
+                      intermediate_size=4096)
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> "MosaicBertConfig":
+        """A few-layer model for tests and the CPU quickstart."""
+        values = dict(hidden_size=128, num_attention_heads=4, num_hidden_layers=2,
+                      intermediate_size=256)
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "MosaicBertConfig":
+        presets = {"base": cls.base, "large": cls.large, "tiny": cls.tiny}
+        if name not in presets:
+            raise ValueError(f"unknown model preset {name!r}; use one of {sorted(presets)}")
+        return presets[name](**overrides)

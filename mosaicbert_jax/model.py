@@ -1,0 +1,251 @@
+"""MosaicBERT in Flax linen: ALiBi attention, fused QKV, gated-GELU MLP, post-LN, sparse MLM head.
+
+Rows are packed: `segment_ids` number the documents in a row (1..n) and mark padding with 0.
+Attention never crosses a segment; ALiBi distances are within a document because other
+documents are masked, so packing gives each document exactly its standalone output.
+Module and parameter names follow the PyTorch reference so conversion is a rename.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mosaicbert_jax.attention import alibi_slopes, attention
+from mosaicbert_jax.config import MosaicBertConfig
+
+
+def _dense_init(config: MosaicBertConfig):
+    return nn.initializers.normal(stddev=config.initializer_range)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact (erf) GELU, as the reference uses."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def check_inputs(config: MosaicBertConfig, input_ids: Any, segment_ids: Any,
+                 token_type_ids: Any = None) -> None:
+    """Raises ValueError for malformed inputs; value checks run only on concrete arrays."""
+    ids_shape, seg_shape = np.shape(input_ids), np.shape(segment_ids)
+    if len(ids_shape) != 2:
+        raise ValueError(f"input_ids must be [batch, seq]; got shape {ids_shape}")
+    if seg_shape != ids_shape:
+        raise ValueError(f"segment_ids shape {seg_shape} does not match input_ids shape "
+                         f"{ids_shape}; give one segment id per token (0 = padding)")
+    if token_type_ids is not None and np.shape(token_type_ids) != ids_shape:
+        raise ValueError(f"token_type_ids shape {np.shape(token_type_ids)} does not match "
+                         f"input_ids shape {ids_shape}")
+    if config.max_sequence_length is not None and ids_shape[1] > config.max_sequence_length:
+        raise ValueError(f"sequence length {ids_shape[1]} exceeds max_sequence_length="
+                         f"{config.max_sequence_length}; pack shorter rows or raise the limit")
+    if isinstance(input_ids, jax.core.Tracer):
+        return
+    ids = np.asarray(input_ids)
+    if ids.size and (ids.min() < 0 or ids.max() >= config.vocab_size):
+        bad = ids[(ids < 0) | (ids >= config.vocab_size)].flat[0]
+        raise ValueError(f"input id {bad} is outside the vocabulary [0, {config.vocab_size}); "
+                         f"check the tokenizer matches the model's vocab_size")
+    if token_type_ids is not None and not isinstance(token_type_ids, jax.core.Tracer):
+        types = np.asarray(token_type_ids)
+        if types.size and (types.min() < 0 or types.max() >= config.type_vocab_size):
+            raise ValueError(f"token_type_ids must lie in [0, {config.type_vocab_size})")
+
+
+class MosaicBertEmbeddings(nn.Module):
+    """Word + token-type embeddings (no positions: ALiBi carries order), LayerNorm, dropout."""
+
+    config: MosaicBertConfig
+
+    @nn.compact
+    def __call__(self, input_ids, token_type_ids, deterministic: bool):
+        cfg = self.config
+        word = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=_dense_init(cfg),
+                        dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="word_embeddings")
+        token_type = nn.Embed(cfg.type_vocab_size, cfg.hidden_size,
+                              embedding_init=_dense_init(cfg), dtype=cfg.dtype,
+                              param_dtype=cfg.param_dtype, name="token_type_embeddings")
+        x = word(input_ids) + token_type(token_type_ids)
+        x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype,
+                         param_dtype=cfg.param_dtype, name="LayerNorm")(x)
+        return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+
+
+class MosaicBertSelfAttention(nn.Module):
+    """Fused QKV projection (output laid out (3, heads, head_dim)) and ALiBi attention."""
+
+    config: MosaicBertConfig
+
+    @nn.compact
+    def __call__(self, x, segment_ids):
+        cfg = self.config
+        batch, seq, _ = x.shape
+        qkv = nn.Dense(3 * cfg.hidden_size, kernel_init=_dense_init(cfg), dtype=cfg.dtype,
+                       param_dtype=cfg.param_dtype, name="Wqkv")(x)
+        qkv = qkv.reshape(batch, seq, 3, cfg.num_attention_heads, cfg.head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        slopes = jnp.asarray(alibi_slopes(cfg.num_attention_heads))
+        out = attention(q, k, v, segment_ids, slopes, implementation=cfg.attention_implementation)
+        return out.reshape(batch, seq, cfg.hidden_size)
+
+
+class MosaicBertSelfOutput(nn.Module):
+    """Output dense, dropout, residual add, post-LN."""
+
+    config: MosaicBertConfig
+
+    @nn.compact
+    def __call__(self, hidden, residual, deterministic: bool):
+        cfg = self.config
+        hidden = nn.Dense(cfg.hidden_size, kernel_init=_dense_init(cfg), dtype=cfg.dtype,
+                          param_dtype=cfg.param_dtype, name="dense")(hidden)
+        hidden = nn.Dropout(cfg.hidden_dropout_prob)(hidden, deterministic=deterministic)
+        return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype,
+                            param_dtype=cfg.param_dtype, name="LayerNorm")(hidden + residual)
+
+
+class MosaicBertGatedMLP(nn.Module):
+    """GLU: one bias-free projection to 2 x intermediate, gelu(first half) * second half."""
+
+    config: MosaicBertConfig
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        cfg = self.config
+        h = nn.Dense(2 * cfg.intermediate_size, use_bias=False, kernel_init=_dense_init(cfg),
+                     dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="gated_layers")(x)
+        gated, non_gated = h[..., :cfg.intermediate_size], h[..., cfg.intermediate_size:]
+        h = gelu(gated) * non_gated
+        h = nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
+        h = nn.Dense(cfg.hidden_size, kernel_init=_dense_init(cfg), dtype=cfg.dtype,
+                     param_dtype=cfg.param_dtype, name="wo")(h)
+        return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype,
+                            param_dtype=cfg.param_dtype, name="layernorm")(h + x)
+
+
+def gather_positions(x: jax.Array, positions: jax.Array) -> jax.Array:
+    """x [batch, seq, ...] gathered at positions [batch, k] -> [batch, k, ...]."""
+    return jnp.take_along_axis(x, positions.reshape(positions.shape + (1,) * (x.ndim - 2)),
+                               axis=1)
+
+
+class MosaicBertLayer(nn.Module):
+    """One post-LN block. With `positions`, only those rows go through output and MLP."""
+
+    config: MosaicBertConfig
+
+    @nn.compact
+    def __call__(self, x, segment_ids, deterministic: bool, positions=None):
+        cfg = self.config
+        context = MosaicBertSelfAttention(cfg, name="attention_self")(x, segment_ids)
+        if positions is not None:  # sparse last layer: keys/values need every token, the rest not
+            context, x = gather_positions(context, positions), gather_positions(x, positions)
+        x = MosaicBertSelfOutput(cfg, name="attention_output")(context, x, deterministic)
+        return MosaicBertGatedMLP(cfg, name="mlp")(x, deterministic)
+
+
+class MosaicBertEncoder(nn.Module):
+    config: MosaicBertConfig
+
+    @nn.compact
+    def __call__(self, x, segment_ids, deterministic: bool, last_layer_positions=None):
+        cfg = self.config
+        layer_cls = MosaicBertLayer
+        if cfg.remat:
+            layer_cls = nn.remat(MosaicBertLayer, static_argnums=(3,),
+                                 policy=jax.checkpoint_policies.nothing_saveable)
+        for i in range(cfg.num_hidden_layers):
+            is_last = i == cfg.num_hidden_layers - 1
+            positions = last_layer_positions if is_last else None
+            x = layer_cls(cfg, name=f"layer_{i}")(x, segment_ids, deterministic, positions)
+        return x
+
+
+class MosaicBertModel(nn.Module):
+    """The encoder: embeddings then layers. Returns hidden states [batch, seq, hidden]."""
+
+    config: MosaicBertConfig
+
+    @nn.compact
+    def __call__(self, input_ids, segment_ids, token_type_ids=None, deterministic: bool = True,
+                 last_layer_positions=None):
+        cfg = self.config
+        check_inputs(cfg, input_ids, segment_ids, token_type_ids)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        x = MosaicBertEmbeddings(cfg, name="embeddings")(input_ids, token_type_ids,
+                                                         deterministic)
+        return MosaicBertEncoder(cfg, name="encoder")(x, segment_ids, deterministic,
+                                                      last_layer_positions)
+
+
+class MosaicBertMLMHead(nn.Module):
+    """dense -> GELU -> LayerNorm -> decoder tied to the word embeddings, plus its own bias."""
+
+    config: MosaicBertConfig
+
+    @nn.compact
+    def __call__(self, x, word_embeddings: jax.Array):
+        cfg = self.config
+        x = nn.Dense(cfg.hidden_size, kernel_init=_dense_init(cfg), dtype=cfg.dtype,
+                     param_dtype=cfg.param_dtype, name="transform_dense")(x)
+        x = gelu(x)
+        x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype,
+                         param_dtype=cfg.param_dtype, name="transform_LayerNorm")(x)
+        logits = jnp.einsum("...h,vh->...v", x, word_embeddings.astype(cfg.dtype),
+                            preferred_element_type=jnp.float32)
+        bias = self.param("decoder_bias", nn.initializers.zeros, (cfg.vocab_size,),
+                          cfg.param_dtype)
+        return logits + bias.astype(jnp.float32)
+
+
+class MosaicBertForMaskedLM(nn.Module):
+    """Encoder + MLM head. With `masked_positions` [batch, k], the last layer's output/MLP and
+    the head run only there and logits are [batch, k, vocab]; otherwise [batch, seq, vocab].
+    Logits are float32 whatever the compute dtype."""
+
+    config: MosaicBertConfig
+
+    @nn.compact
+    def __call__(self, input_ids, segment_ids, token_type_ids=None, masked_positions=None,
+                 deterministic: bool = True):
+        if masked_positions is not None:
+            if masked_positions.ndim != 2 or masked_positions.shape[0] != input_ids.shape[0]:
+                raise ValueError(f"masked_positions must be [batch, k] with batch "
+                                 f"{input_ids.shape[0]}; got {masked_positions.shape}")
+            masked_positions = masked_positions.astype(jnp.int32)
+        bert = MosaicBertModel(self.config, name="bert")
+        hidden = bert(input_ids, segment_ids, token_type_ids, deterministic,
+                      last_layer_positions=masked_positions)
+        embedding = bert.variables["params"]["embeddings"]["word_embeddings"]["embedding"]
+        return MosaicBertMLMHead(self.config, name="cls")(hidden, embedding)
+
+
+class MosaicBertForSequenceClassification(nn.Module):
+    """Encoder + pooler (dense + tanh on the first token) + dropout + classifier."""
+
+    config: MosaicBertConfig
+
+    @nn.compact
+    def __call__(self, input_ids, segment_ids, token_type_ids=None, deterministic: bool = True):
+        cfg = self.config
+        hidden = MosaicBertModel(cfg, name="bert")(input_ids, segment_ids, token_type_ids,
+                                                   deterministic)
+        pooled = nn.Dense(cfg.hidden_size, kernel_init=_dense_init(cfg), dtype=cfg.dtype,
+                          param_dtype=cfg.param_dtype, name="pooler_dense")(hidden[:, 0])
+        pooled = jnp.tanh(pooled)
+        rate = (cfg.classifier_dropout_prob if cfg.classifier_dropout_prob is not None
+                else cfg.hidden_dropout_prob)
+        pooled = nn.Dropout(rate)(pooled, deterministic=deterministic)
+        logits = nn.Dense(cfg.num_labels, kernel_init=_dense_init(cfg), dtype=cfg.dtype,
+                          param_dtype=cfg.param_dtype, name="classifier")(pooled)
+        return logits.astype(jnp.float32)
+
+
+def count_params(params: Any) -> int:
+    return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
