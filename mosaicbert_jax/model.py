@@ -57,6 +57,29 @@ def check_inputs(config: MosaicBertConfig, input_ids: Any, segment_ids: Any,
             raise ValueError(f"token_type_ids must lie in [0, {config.type_vocab_size})")
 
 
+class Lookup(nn.Module):
+    """An embedding table (param 'embedding', like nn.Embed) looked up for speed on GPU.
+
+    Large tables gather from the float32 table, so the backward scatter-adds in float32
+    (bf16 scatter-add falls back to slow compare-and-swap loops). Small tables (token types)
+    use a one-hot matmul: a scatter into 2 rows would serialise on atomics.
+    """
+
+    num_embeddings: int
+    features: int
+    config: MosaicBertConfig
+
+    @nn.compact
+    def __call__(self, ids):
+        cfg = self.config
+        table = self.param("embedding", _dense_init(cfg), (self.num_embeddings, self.features),
+                           cfg.param_dtype)
+        if self.num_embeddings <= 16:
+            one_hot = jax.nn.one_hot(ids, self.num_embeddings, dtype=cfg.dtype)
+            return jnp.einsum("...v,vh->...h", one_hot, table.astype(cfg.dtype))
+        return jnp.take(table, ids, axis=0).astype(cfg.dtype)
+
+
 class MosaicBertEmbeddings(nn.Module):
     """Word + token-type embeddings (no positions: ALiBi carries order), LayerNorm, dropout."""
 
@@ -65,12 +88,9 @@ class MosaicBertEmbeddings(nn.Module):
     @nn.compact
     def __call__(self, input_ids, token_type_ids, deterministic: bool):
         cfg = self.config
-        word = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=_dense_init(cfg),
-                        dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="word_embeddings")
-        token_type = nn.Embed(cfg.type_vocab_size, cfg.hidden_size,
-                              embedding_init=_dense_init(cfg), dtype=cfg.dtype,
-                              param_dtype=cfg.param_dtype, name="token_type_embeddings")
-        x = word(input_ids) + token_type(token_type_ids)
+        x = Lookup(cfg.vocab_size, cfg.hidden_size, cfg, name="word_embeddings")(input_ids)
+        x = x + Lookup(cfg.type_vocab_size, cfg.hidden_size, cfg,
+                       name="token_type_embeddings")(token_type_ids)
         x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype,
                          param_dtype=cfg.param_dtype, name="LayerNorm")(x)
         return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
@@ -129,9 +149,14 @@ class MosaicBertGatedMLP(nn.Module):
 
 
 def gather_positions(x: jax.Array, positions: jax.Array) -> jax.Array:
-    """x [batch, seq, ...] gathered at positions [batch, k] -> [batch, k, ...]."""
-    return jnp.take_along_axis(x, positions.reshape(positions.shape + (1,) * (x.ndim - 2)),
-                               axis=1)
+    """x [batch, seq, hidden] at positions [batch, k] -> [batch, k, hidden].
+
+    A one-hot matmul rather than a gather: exact (one 1.0 per row), and its backward is a
+    matmul instead of a scatter-add, which is slow on GPU in bf16.
+    """
+    one_hot = jax.nn.one_hot(positions, x.shape[1], dtype=x.dtype)
+    return jnp.einsum("bks,bsh->bkh", one_hot, x,
+                      preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 class MosaicBertLayer(nn.Module):

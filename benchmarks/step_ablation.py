@@ -1,0 +1,100 @@
+"""Where a MosaicBERT train step's time goes: forward, backward, dropout RNG, optimizer, attention.
+
+  PYTHONPATH=. python benchmarks/step_ablation.py --preset base --seq 128 --batch 256
+Each row times one variant (median of 3 x --steps); differences between rows locate the cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mosaicbert_jax import MosaicBertConfig, MosaicBertForMaskedLM, alibi_slopes, attention
+from mosaicbert_jax.optim import decoupled_adamw, warmup_linear_decay
+from mosaicbert_jax.synthetic import SyntheticMLMBatches
+from mosaicbert_jax.training.step import masked_lm_sums
+
+
+def bench(fn, *args, steps=10):
+    out = fn(*args)
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(steps):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t) / steps * 1e3)
+    return float(np.median(times))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="base")
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--attention", default="xla")
+    p.add_argument("--steps", type=int, default=10)
+    a = p.parse_args()
+    cfg = MosaicBertConfig.from_preset(a.preset, dtype="bfloat16",
+                                       attention_implementation=a.attention)
+    model = MosaicBertForMaskedLM(cfg)
+    batch = {k: jnp.asarray(v) for k, v in
+             next(SyntheticMLMBatches(a.batch, a.seq, cfg.vocab_size, seed=0)).items()}
+    params = jax.jit(lambda: model.init(jax.random.key(0), batch["input_ids"][:1],
+                                        batch["segment_ids"][:1])["params"])()
+    tx = decoupled_adamw(warmup_linear_decay(5e-4, 1000), 5e-4)
+    opt_state = jax.jit(tx.init)(params)
+
+    def loss(p, rng, deterministic):
+        logits = model.apply({"params": p}, batch["input_ids"], batch["segment_ids"],
+                             masked_positions=batch["masked_positions"],
+                             deterministic=deterministic, rngs={"dropout": rng})
+        s = masked_lm_sums(logits, batch["masked_labels"], batch["masked_weights"])
+        return s["loss_sum"] / s["weight_sum"]
+
+    fwd = jax.jit(lambda p, r: loss(p, r, True))
+    grad_det = jax.jit(jax.grad(lambda p, r: loss(p, r, True)))
+    grad_drop = jax.jit(jax.grad(lambda p, r: loss(p, r, False)))
+
+    @jax.jit
+    def full(p, o, r):
+        g = jax.grad(lambda q: loss(q, r, False))(p)
+        u, o = tx.update(g, o, p)
+        return jax.tree_util.tree_map(jnp.add, p, u), o
+
+    upd = jax.jit(lambda g, o, p: tx.update(g, o, p))
+    tkey, rkey = jax.random.key(1), jax.random.key(1, impl="rbg")
+    h, d = cfg.num_attention_heads, cfg.head_dim
+    q = jax.random.normal(jax.random.key(2), (a.batch, a.seq, h, d), jnp.bfloat16)
+    seg = batch["segment_ids"]
+    slopes = jnp.asarray(alibi_slopes(h))
+    att_f = jax.jit(lambda x: attention(x, x, x, seg, slopes, a.attention))
+    att_fb = jax.jit(jax.grad(lambda x: attention(x, x, x, seg, slopes, a.attention)
+                              .astype(jnp.float32).sum()))
+    rows = [
+        ("forward (deterministic)", bench(fwd, params, tkey, steps=a.steps)),
+        ("fwd+bwd, no dropout", bench(grad_det, params, tkey, steps=a.steps)),
+        ("fwd+bwd, dropout threefry", bench(grad_drop, params, tkey, steps=a.steps)),
+        ("fwd+bwd, dropout rbg", bench(grad_drop, params, rkey, steps=a.steps)),
+        ("optimizer update only", bench(upd, params, opt_state, params, steps=a.steps)),
+        ("full step, threefry", bench(full, params, opt_state, tkey, steps=a.steps)),
+        ("full step, rbg", bench(full, params, opt_state, rkey, steps=a.steps)),
+        (f"attention {a.attention} fwd x{cfg.num_hidden_layers}",
+         cfg.num_hidden_layers * bench(att_f, q, steps=a.steps)),
+        (f"attention {a.attention} fwd+bwd x{cfg.num_hidden_layers}",
+         cfg.num_hidden_layers * bench(att_fb, q, steps=a.steps)),
+    ]
+    tokens = a.batch * a.seq
+    print(f"\n{a.preset} {a.batch}x{a.seq} on {jax.devices()[0].device_kind}, jax {jax.__version__}")
+    print("| variant | ms | tokens/s |\n| --- | --- | --- |")
+    for name, ms in rows:
+        print(f"| {name} | {ms:.1f} | {tokens / ms * 1e3:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()

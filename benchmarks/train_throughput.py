@@ -1,0 +1,194 @@
+"""Training throughput of MosaicBERT on the GPUs present, beside a PyTorch reference point.
+
+Times the real jitted train step (model, sparse MLM head, AdamW update, sharding) on packed
+synthetic batches; reports tokens/s per device, step time and MFU against the bf16 matmul
+ceiling that this same run measures. Then (unless --no-torch) times transformers'
+BertForMaskedLM (bf16 autocast, SDPA) at the same batch in a subprocess.
+
+  PYTHONPATH=. python benchmarks/train_throughput.py --cases base:128:256,base:512:64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mosaicbert_jax import MosaicBertConfig, MosaicBertForMaskedLM
+from mosaicbert_jax.optim import decoupled_adamw, warmup_linear_decay
+from mosaicbert_jax.sharding import batch_sharding, make_mesh
+from mosaicbert_jax.synthetic import SyntheticMLMBatches
+from mosaicbert_jax.training.flops import training_flops_per_token
+from mosaicbert_jax.training.step import init_state, make_train_step
+
+
+def matmul_ceiling_tflops(n: int = 8192, reps: int = 20) -> float:
+    """Median bf16 n^3 matmul rate through JAX on random data."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, b).block_until_ready()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / float(np.median(times)) / 1e12
+
+
+def time_train_step(preset: str, seq_len: int, batch_per_device: int, attention: str,
+                    mesh_axes: dict, steps: int, microbatches: int, remat: bool,
+                    mean_doc_len: int) -> dict:
+    mesh = make_mesh(mesh_axes)
+    n_dev = mesh.devices.size
+    cfg = MosaicBertConfig.from_preset(preset, dtype="bfloat16",
+                                       attention_implementation=attention, remat=remat)
+    model = MosaicBertForMaskedLM(cfg)
+    schedule = warmup_linear_decay(5e-4, 70_000)
+    tx = decoupled_adamw(schedule, 5e-4, 0.9, 0.98, 1e-6, 1e-5)
+    state, shardings = init_state(model, tx, 17, mesh)
+    step = make_train_step(model, tx, schedule, mesh, shardings, microbatches)
+    global_batch = batch_per_device * n_dev
+    data = SyntheticMLMBatches(global_batch, seq_len, cfg.vocab_size, 0.3, seed=1,
+                               mean_doc_len=mean_doc_len or None)
+    sharding = batch_sharding(mesh)
+    batches = [jax.device_put(next(data), sharding) for _ in range(4)]
+    t0 = time.perf_counter()
+    state, metrics = step(state, batches[0])
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t0
+    for i in range(3):
+        state, metrics = step(state, batches[i % 4])
+    jax.block_until_ready(metrics)
+    times = []
+    for rep in range(3):
+        t = time.perf_counter()
+        for i in range(steps):
+            state, metrics = step(state, batches[i % 4])
+        jax.block_until_ready(metrics)
+        times.append((time.perf_counter() - t) / steps)
+    step_s = float(np.median(times))
+    loss = float(metrics["loss"])
+    if not np.isfinite(loss):
+        raise RuntimeError(f"non-finite loss {loss} for {preset}:{seq_len}")
+    tokens_per_s = global_batch * seq_len / step_s
+    return {"preset": preset, "seq_len": seq_len, "batch_per_device": batch_per_device,
+            "devices": n_dev, "attention": attention, "mesh": dict(mesh.shape),
+            "step_ms": step_s * 1e3, "tokens_per_s_per_device": tokens_per_s / n_dev,
+            "flops_per_token": training_flops_per_token(cfg, seq_len, 0.3),
+            "compile_s": compile_s, "loss": loss, "spread_ms": (max(times) - min(times)) * 1e3}
+
+
+TORCH_SNIPPET = r"""
+import json, sys, time, torch
+from transformers import BertConfig, BertForMaskedLM
+preset, seq, batch, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+sizes = dict(base=(768, 12, 12, 3072), large=(1024, 24, 16, 4096))[preset]
+cfg = BertConfig(vocab_size=30528, hidden_size=sizes[0], num_hidden_layers=sizes[1],
+                 num_attention_heads=sizes[2], intermediate_size=sizes[3],
+                 max_position_embeddings=max(512, seq), attn_implementation="sdpa")
+model = BertForMaskedLM(cfg).cuda().train()
+opt = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.9, 0.98), eps=1e-6,
+                        weight_decay=1e-5, fused=True)
+g = torch.Generator(device="cuda").manual_seed(0)
+ids = torch.randint(5, 30528, (batch, seq), device="cuda", generator=g)
+labels = torch.where(torch.rand((batch, seq), device="cuda", generator=g) < 0.3, ids, -100)
+def step():
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=labels).loss
+    loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+    return loss
+for _ in range(5): step()
+torch.cuda.synchronize()
+times = []
+for _ in range(3):
+    t = time.perf_counter()
+    for _ in range(steps): loss = step()
+    torch.cuda.synchronize(); times.append((time.perf_counter() - t) / steps)
+times.sort()
+print("TORCH_RESULT " + json.dumps({"step_ms": times[1] * 1e3,
+      "tokens_per_s": batch * seq / times[1], "loss": float(loss)}))
+"""
+
+
+def time_torch_reference(preset: str, seq_len: int, batch: int, steps: int) -> dict | None:
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0"))
+    try:
+        out = subprocess.run([sys.executable, "-c", TORCH_SNIPPET, preset, str(seq_len),
+                              str(batch), str(steps)], capture_output=True, text=True,
+                             timeout=300, env=env)
+    except subprocess.TimeoutExpired:
+        return None
+    for line in out.stdout.splitlines():
+        if line.startswith("TORCH_RESULT "):
+            return json.loads(line[len("TORCH_RESULT "):])
+    print("torch reference failed:", out.stderr[-2000:], file=sys.stderr)
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default="base:128:256,base:512:64",
+                        help="comma list of preset:seq_len:batch_per_device")
+    parser.add_argument("--attention", default="auto", help="comma list of implementations")
+    parser.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--microbatches", type=int, default=1)
+    parser.add_argument("--remat", action="store_true")
+    parser.add_argument("--mean-doc-len", type=int, default=0,
+                        help="0: one document per row; else exponential doc lengths")
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--json", default="", help="also write results to this file")
+    args = parser.parse_args()
+
+    # The torch reference runs first, in its own process, before JAX takes the GPU memory.
+    cases = [(p, int(s), int(b)) for p, s, b in (c.split(":") for c in args.cases.split(","))]
+    torch_results = {}
+    if not args.no_torch and jax.default_backend() == "gpu":
+        for preset, seq, batch in cases:
+            torch_results[(preset, seq, batch)] = time_torch_reference(preset, seq, batch,
+                                                                       args.steps)
+    mesh_axes = {k: int(v) for k, v in (x.split("=") for x in args.mesh.split(","))}
+    ceiling = matmul_ceiling_tflops() if jax.default_backend() != "cpu" else float("nan")
+    device = jax.devices()[0].device_kind
+    print(f"device: {jax.device_count()} x {device}, jax {jax.__version__}, "
+          f"matmul ceiling {ceiling:.0f} TFLOP/s (bf16 8192^3, measured now)")
+    rows = []
+    for preset, seq, batch in cases:
+        for attention in args.attention.split(","):
+            try:
+                r = time_train_step(preset, seq, batch, attention, mesh_axes, args.steps,
+                                    args.microbatches, args.remat, args.mean_doc_len)
+            except Exception as e:  # report and go on to the next case
+                print(f"{preset}:{seq}:{batch} {attention}: FAILED {type(e).__name__}: "
+                      f"{str(e)[:300]}")
+                continue
+            r["mfu"] = r["tokens_per_s_per_device"] * r["flops_per_token"] / (ceiling * 1e12)
+            ref = torch_results.get((preset, seq, batch))
+            r["torch_tokens_per_s"] = ref["tokens_per_s"] if ref else None
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    print(f"\n| model | seq | batch/dev | attention | step ms | tokens/s/dev | MFU (vs "
+          f"{ceiling:.0f}) | HF BERT torch tokens/s | ratio |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        ref = r["torch_tokens_per_s"]
+        ref_text = f"{ref:,.0f}" if ref else "-"
+        ratio = f"{r['tokens_per_s_per_device'] / ref:.2f}x" if ref else "-"
+        print(f"| {r['preset']} | {r['seq_len']} | {r['batch_per_device']} | {r['attention']} | "
+              f"{r['step_ms']:.1f} | {r['tokens_per_s_per_device']:,.0f} | {r['mfu']:.1%} | "
+              f"{ref_text} | {ratio} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": device, "ceiling_tflops": ceiling, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""MosaicBERT-base pretraining on C4 as the spec's recipe: 128 tokens, batch 4096, 70k steps.
+
+Prepare C4 first (see docs/data.md), then:
+  python -m mosaicbert_jax.train --config=configs/base.py --config.data.shards_dir=/path/c4 \
+      --workdir=/path/run
+"""
+
+from mosaicbert_jax.training.defaults import get_default_config
+
+
+def get_config():
+    config = get_default_config()
+    config.model.preset = "base"
+    config.data.source = "shards"
+    config.data.seq_len = 128
+    config.train.global_batch_size = 4096
+    config.train.steps = 70_000
+    config.train.seed = 17
+    return config

@@ -1,0 +1,222 @@
+"""MLM pretraining: `python -m mosaicbert_jax.train --config=configs/base.py --workdir=DIR`.
+
+Builds the mesh, the model and the recipe's optimizer from an ml_collections config, resumes
+from the newest checkpoint in --workdir, trains with periodic eval, logging and async
+checkpoints, and prints a summary. Every config key can be overridden on the command line,
+e.g. --config.train.steps=1000 --config.optimizer.lr=1e-3.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mosaicbert_jax.config import MosaicBertConfig
+from mosaicbert_jax.model import MosaicBertForMaskedLM
+from mosaicbert_jax.optim import decoupled_adamw, warmup_linear_decay
+from mosaicbert_jax.sharding import batch_sharding, data_parallel_size, make_mesh
+from mosaicbert_jax.training.checkpoints import TrainCheckpoints
+from mosaicbert_jax.training.defaults import validate_config
+from mosaicbert_jax.training.flops import peak_tflops, training_flops_per_token
+from mosaicbert_jax.training.inputs import make_iterators
+from mosaicbert_jax.training.metrics_log import MetricsLog, format_duration
+from mosaicbert_jax.training.step import (BATCH_KEYS, init_state, make_eval_step,
+                                          make_train_step)
+
+
+def maybe_initialize_distributed(mode: str) -> None:
+    """jax.distributed.initialize() for multi-process launches (SLURM, TPU pods, env vars)."""
+    if mode not in ("auto", "yes", "no"):
+        raise ValueError(f"config.train.distributed={mode!r}; use auto, yes or no")
+    if mode == "no":
+        return
+    launched = any(int(os.environ.get(var, "1")) > 1 for var in
+                   ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_NUM_PROCESSES"))
+    launched |= bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
+    launched |= "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if mode == "yes" or launched:
+        jax.distributed.initialize()
+
+
+def model_config_from(config: ml_collections.ConfigDict) -> MosaicBertConfig:
+    overrides: dict[str, Any] = dict(
+        dtype=config.model.dtype, attention_implementation=config.model.attention_implementation,
+        remat=config.model.remat, hidden_dropout_prob=config.model.hidden_dropout_prob)
+    if config.model.vocab_size > 0:
+        overrides["vocab_size"] = config.model.vocab_size
+    return MosaicBertConfig.from_preset(config.model.preset, **overrides)
+
+
+def check_batch_layout(global_batch: int, microbatches: int, dp_size: int,
+                       process_count: int) -> None:
+    """Clear errors, before anything compiles, for batch sizes the mesh cannot split."""
+    if global_batch <= 0 or microbatches <= 0:
+        raise ValueError(f"global_batch_size={global_batch} and microbatches={microbatches} "
+                         f"must be positive")
+    if global_batch % process_count:
+        raise ValueError(f"global_batch_size={global_batch} is not divisible by the "
+                         f"{process_count} processes")
+    if global_batch % (dp_size * microbatches):
+        raise ValueError(
+            f"global_batch_size={global_batch} is not divisible by data-parallel size "
+            f"{dp_size} x microbatches {microbatches} = {dp_size * microbatches}; choose a "
+            f"multiple of {dp_size * microbatches}")
+
+
+def _to_global(batch: dict, sharding, global_batch: int) -> dict:
+    return {k: jax.make_array_from_process_local_data(
+        sharding, batch[k], (global_batch,) + batch[k].shape[1:]) for k in BATCH_KEYS}
+
+
+def evaluate(eval_step, params, eval_iter, initial_state: dict, num_batches: int, sharding,
+             global_batch: int) -> dict:
+    """MLM loss and accuracy over the same `num_batches` held-out batches every time."""
+    eval_iter.set_state(initial_state)
+    totals = None
+    for _ in range(num_batches):
+        sums = eval_step(params, _to_global(next(eval_iter), sharding, global_batch))
+        totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    denom = max(float(totals["weight_sum"]), 1.0)
+    return {"loss": float(totals["loss_sum"]) / denom,
+            "accuracy": float(totals["correct_sum"]) / denom}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       stop_after: Optional[int] = None) -> dict:
+    """Runs (or resumes) pretraining in `workdir`; returns the final summary and state.
+
+    `stop_after` ends the run early at that step, after its checkpoint, as a job that is
+    preempted there would (the schedule still spans train.steps).
+    """
+    validate_config(config)
+    maybe_initialize_distributed(config.train.distributed)
+    tc, oc = config.train, config.optimizer
+    mesh = make_mesh(dict(config.mesh))
+    dp_size = data_parallel_size(mesh)
+    process_count, process_index = jax.process_count(), jax.process_index()
+    check_batch_layout(tc.global_batch_size, tc.microbatches, dp_size, process_count)
+    if tc.steps <= 0:
+        raise ValueError(f"train.steps={tc.steps} must be positive")
+    model_cfg = model_config_from(config)
+    per_process = tc.global_batch_size // process_count
+    train_iter, eval_iter = make_iterators(config.data, per_process, model_cfg.vocab_size,
+                                           tc.seed, process_index, process_count)
+    data_vocab = getattr(train_iter, "vocab_size", model_cfg.vocab_size)
+    if data_vocab > model_cfg.vocab_size:
+        raise ValueError(f"the data's vocabulary ({data_vocab}) is larger than the model's "
+                         f"vocab_size={model_cfg.vocab_size}; set --config.model.vocab_size="
+                         f"{data_vocab}")
+    if config.model.vocab_size <= 0 and data_vocab < model_cfg.vocab_size and \
+            config.data.source != "synthetic":
+        model_cfg = model_cfg.replace(vocab_size=data_vocab)
+
+    log = MetricsLog(workdir, enabled=process_index == 0)
+    schedule = warmup_linear_decay(oc.lr, tc.steps, oc.warmup_fraction, oc.final_lr_fraction)
+    tx = decoupled_adamw(schedule, oc.lr, oc.b1, oc.b2, oc.eps, oc.weight_decay,
+                         oc.clip_norm or None)
+    model = MosaicBertForMaskedLM(model_cfg)
+    state, shardings = init_state(model, tx, tc.seed, mesh)
+    n_params = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(state["params"])))
+
+    from mosaicbert_jax.checkpoint import config_to_dict
+    ckpt = TrainCheckpoints(workdir, keep=tc.keep_checkpoints, async_save=tc.async_checkpointing)
+    start = ckpt.latest_step() or 0
+    if start:
+        state, data_state = ckpt.restore(start, state, shardings)
+        train_iter.set_state(data_state)
+        log.print(f"resumed from step {start} in {ckpt.directory}")
+    eval_initial = eval_iter.get_state()
+
+    train_step = make_train_step(model, tx, schedule, mesh, shardings, tc.microbatches,
+                                 dropout_seed=tc.seed)
+    eval_step = make_eval_step(model, mesh, shardings["params"])
+    sharding = batch_sharding(mesh)
+    tokens_per_step = tc.global_batch_size * config.data.seq_len
+    flops_per_token = training_flops_per_token(model_cfg, config.data.seq_len,
+                                               config.data.mask_prob)
+    peak = tc.peak_tflops_per_device or peak_tflops(jax.devices()[0])
+    log.print(f"MosaicBERT-{config.model.preset}: {n_params:,} parameters, mesh "
+              f"{dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
+              f"device(s), global batch {tc.global_batch_size} x {config.data.seq_len} tokens, "
+              f"steps {start} -> {tc.steps}")
+
+    first_eval = evaluate(eval_step, state["params"], eval_iter, eval_initial,
+                          tc.eval_batches, sharding, tc.global_batch_size) if start == 0 else None
+    if first_eval:
+        log.write("eval", 0, first_eval,
+                  f"eval step 0: loss {first_eval['loss']:.4f} acc {first_eval['accuracy']:.4f}")
+
+    last_eval = first_eval
+    window_start, window_steps = time.perf_counter(), 0
+    run_start, metrics = time.perf_counter(), None
+    last_step = min(tc.steps, stop_after or tc.steps)
+    for step in range(start + 1, last_step + 1):
+        batch = _to_global(next(train_iter), sharding, tc.global_batch_size)
+        state, metrics = train_step(state, batch)
+        window_steps += 1
+        if step % tc.log_every == 0 or step == tc.steps:
+            values = jax.device_get(metrics)
+            elapsed = time.perf_counter() - window_start
+            tokens_per_s = window_steps * tokens_per_step / elapsed
+            values = {k: float(v) for k, v in values.items()}
+            values["tokens_per_s"] = tokens_per_s
+            mfu_text = ""
+            if peak:
+                values["mfu"] = tokens_per_s * flops_per_token / (peak * 1e12 *
+                                                                  jax.device_count())
+                mfu_text = f" mfu {values['mfu']:.1%}"
+            eta = (tc.steps - step) * elapsed / window_steps
+            log.write("train", step, values,
+                      f"step {step}/{tc.steps}: loss {values['loss']:.4f} acc "
+                      f"{values['accuracy']:.4f} lr {values['lr']:.2e} grad_norm "
+                      f"{values['grad_norm']:.3f} {tokens_per_s:,.0f} tok/s{mfu_text} "
+                      f"eta {format_duration(eta)}")
+            window_start, window_steps = time.perf_counter(), 0
+        if step % tc.eval_every == 0 or step == tc.steps:
+            eval_start = time.perf_counter()
+            last_eval = evaluate(eval_step, state["params"], eval_iter, eval_initial,
+                                 tc.eval_batches, sharding, tc.global_batch_size)
+            log.write("eval", step, last_eval, f"eval step {step}: loss "
+                      f"{last_eval['loss']:.4f} acc {last_eval['accuracy']:.4f}")
+            window_start += time.perf_counter() - eval_start  # eval time is not train time
+        if step % tc.checkpoint_every == 0 or step == last_step:
+            ckpt.save(step, state, train_iter.get_state(), config_to_dict(model_cfg))
+    ckpt.close()
+    summary = {"steps": last_step, "resumed_from": start, "params": n_params,
+               "wall_s": time.perf_counter() - run_start,
+               "first_eval_loss": first_eval["loss"] if first_eval else None,
+               "final_eval_loss": last_eval["loss"] if last_eval else None,
+               "final_eval_accuracy": last_eval["accuracy"] if last_eval else None,
+               "checkpoints": ckpt.directory}
+    log.print("summary: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                      for k, v in summary.items()))
+    log.close()
+    return {"state": state, **summary}
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    from absl import app, flags, logging
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and TensorBoard.")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+    def run(_):
+        if not flags.FLAGS["verbosity"].present:  # keep Orbax's INFO chatter off the console
+            logging.set_verbosity(logging.WARNING)
+        train_and_evaluate(flags.FLAGS.config, os.path.expanduser(flags.FLAGS.workdir))
+
+    app.run(run, argv=argv)
+
+
+if __name__ == "__main__":
+    main()

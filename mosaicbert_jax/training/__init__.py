@@ -1,0 +1,1 @@
+"""Pieces of the MLM training job: state, steps, checkpoints, metrics, FLOP counting."""

@@ -1,0 +1,116 @@
+"""The jitted MLM train and eval steps: sparse head, fp32 loss, microbatch accumulation.
+
+The state is a plain dict {"step", "params", "opt_state"} so it saves with Orbax as is.
+The loss is summed over the masked slots of the whole global batch and divided once by their
+count, so accumulating over microbatches gives exactly the full-batch gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from mosaicbert_jax.model import MosaicBertForMaskedLM
+from mosaicbert_jax.sharding import batch_sharding, tree_shardings
+
+Batch = Mapping[str, jax.Array]
+BATCH_KEYS = ("input_ids", "segment_ids", "masked_positions", "masked_weights", "masked_labels")
+SUM_KEYS = ("loss_sum", "correct_sum", "weight_sum")
+
+
+def init_state(model: MosaicBertForMaskedLM, tx: optax.GradientTransformation, seed: int,
+               mesh: Mesh) -> tuple[dict, Any]:
+    """Initialises params and optimizer state directly in their shardings on the mesh."""
+    def init_fn():
+        ids = jnp.ones((1, 8), jnp.int32)
+        params = model.init(jax.random.key(seed), ids, jnp.ones_like(ids))["params"]
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+    abstract = jax.eval_shape(init_fn)
+    shardings = tree_shardings(abstract, mesh)
+    return jax.jit(init_fn, out_shardings=shardings)(), shardings
+
+
+def global_norm(tree: Any) -> jax.Array:
+    """L2 norm over all leaves, in float32."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+
+
+def masked_lm_sums(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> dict:
+    """Sums of cross-entropy, correct predictions and valid slots, in float32."""
+    logits = logits.astype(jnp.float32)
+    xent = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+    return {"loss_sum": jnp.sum(xent * weights), "correct_sum": jnp.sum(correct * weights),
+            "weight_sum": jnp.sum(weights)}
+
+
+def _split_microbatches(batch: Batch, count: int, mesh: Mesh) -> Batch:
+    """[B, ...] -> [count, B/count, ...], taking rows strided so every device keeps its share."""
+    def split(x):
+        x = x.reshape((x.shape[0] // count, count) + x.shape[1:]).swapaxes(0, 1)
+        spec = jax.sharding.PartitionSpec(None, ("data", "fsdp"))
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    return {k: split(batch[k]) for k in BATCH_KEYS}
+
+
+def make_train_step(model: MosaicBertForMaskedLM, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, mesh: Mesh, state_shardings: Any,
+                    microbatches: int = 1, dropout_seed: int = 0) -> Callable:
+    """Returns jitted step(state, batch) -> (state, metrics); state is donated."""
+    dropout_key = jax.random.key(dropout_seed)
+
+    def sums_fn(params, micro, rng):
+        logits = model.apply({"params": params}, micro["input_ids"], micro["segment_ids"],
+                             masked_positions=micro["masked_positions"], deterministic=False,
+                             rngs={"dropout": rng})
+        sums = masked_lm_sums(logits, micro["masked_labels"], micro["masked_weights"])
+        return sums["loss_sum"], sums
+
+    grad_fn = jax.grad(sums_fn, has_aux=True)
+
+    def step(state, batch):
+        params = state["params"]
+        rng = jax.random.fold_in(dropout_key, state["step"])
+        if microbatches == 1:
+            grads, sums = grad_fn(params, batch, rng)
+        else:
+            micro = _split_microbatches(batch, microbatches, mesh)
+
+            def body(carry, inputs):
+                index, mb = inputs
+                g, s = grad_fn(params, mb, jax.random.fold_in(rng, index))
+                return jax.tree_util.tree_map(jnp.add, carry, (g, s)), None
+
+            zero_sums = {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS}
+            zeros = (jax.tree_util.tree_map(jnp.zeros_like, params), zero_sums)
+            (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(microbatches), micro))
+        denom = jnp.maximum(sums["weight_sum"], 1.0)
+        grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+                     "opt_state": opt_state}
+        metrics = {"loss": sums["loss_sum"] / denom, "accuracy": sums["correct_sum"] / denom,
+                   "grad_norm": global_norm(grads), "lr": schedule(state["step"]),
+                   "masked_tokens": sums["weight_sum"]}
+        return new_state, metrics
+
+    data = batch_sharding(mesh)
+    return jax.jit(step, in_shardings=(state_shardings, {k: data for k in BATCH_KEYS}),
+                   out_shardings=(state_shardings, None), donate_argnums=(0,))
+
+
+def make_eval_step(model: MosaicBertForMaskedLM, mesh: Mesh, params_shardings: Any) -> Callable:
+    """Returns jitted eval(params, batch) -> sums of loss, correct and valid slots."""
+    def step(params, batch):
+        logits = model.apply({"params": params}, batch["input_ids"], batch["segment_ids"],
+                             masked_positions=batch["masked_positions"], deterministic=True)
+        return masked_lm_sums(logits, batch["masked_labels"], batch["masked_weights"])
+
+    data = batch_sharding(mesh)
+    return jax.jit(step, in_shardings=(params_shardings, {k: data for k in BATCH_KEYS}))

@@ -1,0 +1,48 @@
+"""Run in a subprocess with 8 fake CPU devices: a (data=2, fsdp=4) train step equals 1 device."""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+from mosaicbert_jax import MosaicBertConfig, MosaicBertForMaskedLM  # noqa: E402
+from mosaicbert_jax.optim import decoupled_adamw, warmup_linear_decay  # noqa: E402
+from mosaicbert_jax.sharding import batch_sharding, make_mesh  # noqa: E402
+from mosaicbert_jax.synthetic import SyntheticMLMBatches  # noqa: E402
+from mosaicbert_jax.training.step import init_state, make_train_step  # noqa: E402
+
+
+def run(mesh, microbatches):
+    cfg = MosaicBertConfig.tiny(vocab_size=256, hidden_dropout_prob=0.0)
+    model = MosaicBertForMaskedLM(cfg)
+    schedule = warmup_linear_decay(1e-3, 10)
+    tx = decoupled_adamw(schedule, 1e-3)
+    state, shardings = init_state(model, tx, 0, mesh)
+    step = make_train_step(model, tx, schedule, mesh, shardings, microbatches)
+    batches = SyntheticMLMBatches(16, 32, 256, seed=3, mean_doc_len=12)
+    losses = []
+    for _ in range(2):
+        batch = jax.device_put(next(batches), batch_sharding(mesh))
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    return losses, jax.device_get(state["params"]), state
+
+
+one = run(make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]), 1)
+eight = run(make_mesh({"data": 2, "fsdp": 4, "tensor": 1}), 1)
+accum = run(make_mesh({"data": 2, "fsdp": 4, "tensor": 1}), 2)
+sharded_leaf = eight[2]["params"]["bert"]["encoder"]["layer_0"]["mlp"]["gated_layers"]["kernel"]
+assert "fsdp" in str(sharded_leaf.sharding.spec), sharded_leaf.sharding
+np.testing.assert_allclose(one[0], eight[0], rtol=1e-5)
+np.testing.assert_allclose(one[0], accum[0], rtol=1e-5)
+for other in (eight, accum):
+    for a, b in zip(jax.tree_util.tree_leaves(one[1]), jax.tree_util.tree_leaves(other[1])):
+        np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-4)
+print("OK", one[0], eight[0], accum[0])
+sys.exit(0)
