@@ -1,0 +1,83 @@
+"""Which blocks of a segment-masked attention matrix can hold visible (query, key) pairs.
+
+A block pair can be skipped when the nonzero segment ids of its query rows and of its key
+columns cannot meet: their [min, max] ranges do not overlap, or either side is all padding.
+For each block along one axis we return the half-open range [lo, hi) of blocks along the
+other axis that a kernel must visit; everything outside it is fully masked. The test is
+conservative (exact for packed rows, whose documents are contiguous runs), so the kernels
+still mask every element they visit and stay correct for any segment layout.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_INT_MAX = jnp.iinfo(jnp.int32).max
+_INT_MIN = jnp.iinfo(jnp.int32).min
+
+
+def block_segment_bounds(segment_ids: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
+    """[batch, seq // block] min and max nonzero segment id per block (empty: max < min)."""
+    batch, seq = segment_ids.shape
+    if seq % block:
+        raise ValueError(f"seq={seq} must be a multiple of block={block}; pad it first")
+    blocks = segment_ids.reshape(batch, seq // block, block)
+    real = blocks != 0
+    low = jnp.min(jnp.where(real, blocks, _INT_MAX), axis=-1)
+    high = jnp.max(jnp.where(real, blocks, _INT_MIN), axis=-1)
+    return low, high
+
+
+def visible_block_pairs(segment_ids: jax.Array, block_rows: int, block_cols: int) -> jax.Array:
+    """[batch, n_row_blocks, n_col_blocks] bool: True where a block pair may hold a visible pair."""
+    row_low, row_high = block_segment_bounds(segment_ids, block_rows)
+    col_low, col_high = block_segment_bounds(segment_ids, block_cols)
+    return ((row_low[:, :, None] <= col_high[:, None, :])
+            & (col_low[:, None, :] <= row_high[:, :, None]))
+
+
+def visible_block_ranges(segment_ids: jax.Array, block_rows: int,
+                         block_cols: int) -> tuple[jax.Array, jax.Array]:
+    """int32 [batch, n_row_blocks] lo and hi: column blocks [lo, hi) cover every visible pair.
+
+    Row blocks with nothing visible (all padding) get lo = hi = 0, so their loop is empty.
+    """
+    live = visible_block_pairs(segment_ids, block_rows, block_cols)
+    n_cols = live.shape[-1]
+    any_live = jnp.any(live, axis=-1)
+    lo = jnp.argmax(live, axis=-1)
+    hi = n_cols - jnp.argmax(live[..., ::-1], axis=-1)
+    lo = jnp.where(any_live, lo, 0).astype(jnp.int32)
+    hi = jnp.where(any_live, hi, 0).astype(jnp.int32)
+    return lo, hi
+
+
+def fully_visible_block_ranges(segment_ids: jax.Array, block_rows: int, block_cols: int,
+                               hi: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """int32 [batch, n_row_blocks] start and end of a run of column blocks that need no mask.
+
+    A block pair needs no mask when both blocks hold one and the same document and no
+    padding. Returns the first such run of column blocks (empty, at `hi`, when there is none),
+    so a kernel can visit [lo, start) masked, [start, end) unmasked and [end, hi) masked.
+    """
+    batch, seq = segment_ids.shape
+
+    def single_document(block):
+        blocks = segment_ids.reshape(batch, seq // block, block)
+        pure = jnp.all(blocks == blocks[..., :1], axis=-1) & (blocks[..., 0] != 0)
+        return pure, blocks[..., 0]
+
+    row_pure, row_doc = single_document(block_rows)
+    col_pure, col_doc = single_document(block_cols)
+    full = (row_pure[:, :, None] & col_pure[:, None, :]
+            & (row_doc[:, :, None] == col_doc[:, None, :]))
+    n_cols = full.shape[-1]
+    cols = jnp.arange(n_cols)
+    any_full = jnp.any(full, axis=-1)
+    start = jnp.argmax(full, axis=-1)
+    after_run = (~full) & (cols > start[..., None])
+    end = jnp.where(jnp.any(after_run, axis=-1), jnp.argmax(after_run, axis=-1), n_cols)
+    start = jnp.where(any_full, start, hi).astype(jnp.int32)
+    end = jnp.where(any_full, end, hi).astype(jnp.int32)
+    return start, end

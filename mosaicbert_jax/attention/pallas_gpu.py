@@ -1,0 +1,403 @@
+"""Flash attention with in-kernel ALiBi and segment masking, in Pallas (Triton backend).
+
+Computes softmax(q k^T * scale - slope_h * |i - j|, masked to same-segment non-pad keys) v
+without ever materialising the [heads, seq, seq] bias: each program rebuilds its tile of the
+bias from iotas and its head's slope. Forward and backward (FlashAttention-2 split: one
+kernel for dK/dV looping over query blocks, one for dQ looping over key blocks) are Pallas
+kernels tied together with a custom_vjp. Blocks whose segments cannot meet are never
+visited (see block_sparsity.py), so rows packed with short documents cost less.
+
+Kernels index q, k, v in their [batch, seq, heads, head_dim] layout through squeezed block
+dims, so no transposes are needed around them. Softmax statistics live in log2 units
+(exp2 with scale * log2(e) folded in); the stored logsumexp is in the same units.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import warnings
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from mosaicbert_jax.attention.block_sparsity import (fully_visible_block_ranges,
+                                                    visible_block_ranges)
+
+# JAX 0.11 marks its Pallas Triton backend deprecated and warns at every lowering; this
+# kernel is ours and keeps working until that backend is removed, so the warning is noise.
+warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated",
+                        category=DeprecationWarning)
+
+LOG2_E = math.log2(math.e)
+# Finite, so a fully masked tile gives exp2(0) junk that the next real max rescales to 0.
+MASK_VALUE = -1e30
+# Stored logsumexp of query rows that see no key: exp2(anything - this) = 0 in backward.
+EMPTY_ROW_LSE = 1e30
+# Query-side id of padding; keys keep id 0, so a padding query matches no key at all.
+_PAD_QUERY_SEGMENT = jnp.iinfo(jnp.int32).min
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes and Triton launch settings of the three kernels (forward, dK/dV, dQ)."""
+    block_q: int = 128
+    block_k: int = 64
+    block_q_dkv: int = 32
+    block_k_dkv: int = 128
+    block_q_dq: int = 128
+    block_k_dq: int = 32
+    num_warps: int = 4
+    num_warps_bwd: int = 4
+    num_stages: int = 3
+    num_stages_bwd: int = 3
+    # Visit block pairs inside one document without the per-element mask (3 loops a kernel).
+    unmasked_interior: bool = True
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            size = getattr(self, f.name)
+            if f.name.startswith("block_") and (size < 16 or size & (size - 1)):
+                raise ValueError(f"{f.name}={size} must be a power of two >= 16 (Triton tiles)")
+
+    def blocks(self) -> tuple[int, ...]:
+        return (self.block_q, self.block_k, self.block_q_dkv, self.block_k_dkv,
+                self.block_q_dq, self.block_k_dq)
+
+    def shrunk_to(self, size: int) -> "BlockSizes":
+        """The same settings with every block capped at `size` (for short sequences)."""
+        return dataclasses.replace(self, **{
+            f.name: min(getattr(self, f.name), size) for f in dataclasses.fields(self)
+            if f.name.startswith("block_")})
+
+
+def default_block_sizes(seq_len: int, head_dim: int) -> BlockSizes:
+    """Block sizes for a sequence length and head dim (see docs/attention.md).
+
+    From 256 tokens up: the large blocks measured on an H100. Up to 128 tokens: 64-blocks,
+    so packed rows of short documents skip more and the grid has more programs; below 64
+    the blocks shrink to the (power-of-two) sequence length.
+    """
+    sizes = BlockSizes() if head_dim <= 64 else BlockSizes(num_warps=8, num_warps_bwd=8)
+    if seq_len <= 128:
+        sizes = sizes.shrunk_to(64)
+    return sizes.shrunk_to(max(16, pl.next_power_of_2(seq_len)))
+
+
+def _alibi_logits(q, k, q_pos, k_pos, slope_over_scale):
+    """q k^T - (slope / scale) * |i - j| in fp32; times scale this is the reference logit."""
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return s - slope_over_scale * jnp.abs(q_pos[:, None] - k_pos[None, :])
+
+
+def _positions(start, size):
+    return (start + lax.broadcasted_iota(jnp.int32, (size,), 0)).astype(jnp.float32)
+
+
+def _visit_blocks(plan_ref, row_block, body, carry, split: bool):
+    """Runs body(block, carry, masked) over the visible blocks [lo, hi) of this row block.
+
+    With split, the run [start, end) of blocks that need no mask gets the unmasked body;
+    plan_ref rows are lo, hi, start, end (see block_sparsity.py).
+    """
+    lo, hi = plan_ref[0, row_block], plan_ref[1, row_block]
+    masked = functools.partial(body, masked=True)
+    if not split:
+        return lax.fori_loop(lo, hi, masked, carry)
+    start, end = plan_ref[2, row_block], plan_ref[3, row_block]
+    carry = lax.fori_loop(lo, start, masked, carry)
+    carry = lax.fori_loop(start, end, functools.partial(body, masked=False), carry)
+    return lax.fori_loop(end, hi, masked, carry)
+
+
+def _forward_kernel(plan_ref, slopes_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref,
+                    o_ref, lse_ref, *, scale: float, block_k: int, split: bool):
+    q_block, head = pl.program_id(0), pl.program_id(2)
+    block_q = q_ref.shape[0]
+    q = q_ref[...]
+    q_seg = qseg_ref[...]
+    q_pos = _positions(q_block * block_q, block_q)
+    slope_over_scale = slopes_ref[head] / scale
+    log2_scale = scale * LOG2_E
+
+    def visit_key_block(k_block, carry, masked):
+        acc, row_max, row_sum = carry
+        keys = pl.ds(pl.multiple_of(k_block * block_k, block_k), block_k)
+        s = _alibi_logits(q, k_ref[keys, :], q_pos, _positions(k_block * block_k, block_k),
+                          slope_over_scale)
+        if masked:
+            s = jnp.where(q_seg[:, None] == kseg_ref[keys][None, :], s, MASK_VALUE)
+        new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
+        rescale = jnp.exp2((row_max - new_max) * log2_scale)
+        p = jnp.exp2(s * log2_scale - (new_max * log2_scale)[:, None])
+        row_sum = row_sum * rescale + jnp.sum(p, axis=1)
+        v = v_ref[keys, :]
+        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+        return acc * rescale[:, None] + pv, new_max, row_sum
+
+    carry = (jnp.zeros(q_ref.shape, jnp.float32), jnp.full((block_q,), MASK_VALUE, jnp.float32),
+             jnp.zeros((block_q,), jnp.float32))
+    acc, row_max, row_sum = _visit_blocks(plan_ref, q_block, visit_key_block, carry, split)
+    sees_keys = (q_seg != _PAD_QUERY_SEGMENT) & (row_sum > 0.0)
+    safe_sum = jnp.where(sees_keys, row_sum, 1.0)
+    o_ref[...] = jnp.where(sees_keys[:, None], acc / safe_sum[:, None], 0.0).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(sees_keys, row_max * log2_scale + jnp.log2(safe_sum), EMPTY_ROW_LSE)
+
+
+def _dkdv_kernel(plan_ref, slopes_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, do_ref,
+                 lse_ref, delta_ref, dk_ref, dv_ref, *, scale: float, block_q: int, split: bool):
+    k_block, head = pl.program_id(0), pl.program_id(2)
+    block_k = k_ref.shape[0]
+    k, v = k_ref[...], v_ref[...]
+    k_seg = kseg_ref[...]
+    k_pos = _positions(k_block * block_k, block_k)
+    slope_over_scale = slopes_ref[head] / scale
+    log2_scale = scale * LOG2_E
+
+    def visit_query_block(q_block, carry, masked):
+        dk, dv = carry
+        rows = pl.ds(pl.multiple_of(q_block * block_q, block_q), block_q)
+        q = q_ref[rows, :]
+        # Transposed tile [block_k, block_q]: dV and dK then need no transposes of p / ds.
+        s_t = _alibi_logits(k, q, k_pos, _positions(q_block * block_q, block_q),
+                            slope_over_scale)
+        if masked:
+            s_t = jnp.where(k_seg[:, None] == qseg_ref[rows][None, :], s_t, MASK_VALUE)
+        p_t = jnp.exp2(s_t * log2_scale - lse_ref[rows][None, :])
+        do = do_ref[rows, :]
+        dv = dv + lax.dot_general(p_t.astype(do.dtype), do, (((1,), (0,)), ((), ())),
+                                  preferred_element_type=jnp.float32)
+        dp_t = lax.dot_general(v, do, (((1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+        ds_t = p_t * (dp_t - delta_ref[rows][None, :])
+        dk = dk + lax.dot_general(ds_t.astype(q.dtype), q, (((1,), (0,)), ((), ())),
+                                  preferred_element_type=jnp.float32)
+        return dk, dv
+
+    zeros = jnp.zeros(k_ref.shape, jnp.float32)
+    dk, dv = _visit_blocks(plan_ref, k_block, visit_query_block, (zeros, zeros), split)
+    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dq_kernel(plan_ref, slopes_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, do_ref,
+               lse_ref, delta_ref, dq_ref, *, scale: float, block_k: int, split: bool):
+    q_block, head = pl.program_id(0), pl.program_id(2)
+    block_q = q_ref.shape[0]
+    q, do = q_ref[...], do_ref[...]
+    q_seg, lse, delta = qseg_ref[...], lse_ref[...], delta_ref[...]
+    q_pos = _positions(q_block * block_q, block_q)
+    slope_over_scale = slopes_ref[head] / scale
+    log2_scale = scale * LOG2_E
+
+    def visit_key_block(k_block, dq, masked):
+        keys = pl.ds(pl.multiple_of(k_block * block_k, block_k), block_k)
+        k = k_ref[keys, :]
+        s = _alibi_logits(q, k, q_pos, _positions(k_block * block_k, block_k),
+                          slope_over_scale)
+        if masked:
+            s = jnp.where(q_seg[:, None] == kseg_ref[keys][None, :], s, MASK_VALUE)
+        p = jnp.exp2(s * log2_scale - lse[:, None])
+        dp = lax.dot_general(do, v_ref[keys, :], (((1,), (1,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+        ds = p * (dp - delta[:, None])
+        return dq + lax.dot_general(ds.astype(k.dtype), k, (((1,), (0,)), ((), ())),
+                                    preferred_element_type=jnp.float32)
+
+    dq = _visit_blocks(plan_ref, q_block, visit_key_block, jnp.zeros(q_ref.shape, jnp.float32),
+                       split)
+    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+class _Specs:
+    """BlockSpecs shared by the kernels; grids are (row_block, batch, head)."""
+
+    def __init__(self, seq: int, head_dim: int, num_heads_padded: int, num_blocks_padded: int):
+        self.seq, self.head_dim = seq, head_dim
+        self.slopes = pl.BlockSpec((num_heads_padded,), lambda i, b, h: (0,))
+        self.plan = pl.BlockSpec((None, 4, num_blocks_padded), lambda i, b, h: (b, 0, 0))
+
+    def tokens(self, block: int) -> pl.BlockSpec:
+        return pl.BlockSpec((None, block, None, self.head_dim), lambda i, b, h: (b, i, h, 0))
+
+    def all_tokens(self) -> pl.BlockSpec:
+        return pl.BlockSpec((None, self.seq, None, self.head_dim), lambda i, b, h: (b, 0, h, 0))
+
+    @staticmethod
+    def segments(block: int) -> pl.BlockSpec:
+        return pl.BlockSpec((None, block), lambda i, b, h: (b, i))
+
+    def all_segments(self) -> pl.BlockSpec:
+        return pl.BlockSpec((None, self.seq), lambda i, b, h: (b, 0))
+
+    @staticmethod
+    def row_stats(block: int) -> pl.BlockSpec:
+        return pl.BlockSpec((None, None, block), lambda i, b, h: (b, h, i))
+
+    def all_row_stats(self) -> pl.BlockSpec:
+        return pl.BlockSpec((None, None, self.seq), lambda i, b, h: (b, h, 0))
+
+
+def _pad_last(x: jax.Array, size: int, value=0) -> jax.Array:
+    pad = [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])]
+    return jnp.pad(x, pad, constant_values=value)
+
+
+def _block_plan(segment_ids, block_rows, block_cols):
+    """int32 [batch, 4, n_row_blocks (padded to a power of two)]: lo, hi, start, end.
+
+    Column blocks [lo, hi) are the ones a row block must visit; [start, end) inside them
+    need no mask (see block_sparsity.py).
+    """
+    lo, hi = visible_block_ranges(segment_ids, block_rows, block_cols)
+    start, end = fully_visible_block_ranges(segment_ids, block_rows, block_cols, hi)
+    plan = jnp.stack([lo, hi, start, end], axis=1)
+    return _pad_last(plan, pl.next_power_of_2(plan.shape[-1]))
+
+
+def _query_segments(segment_ids):
+    return jnp.where(segment_ids == 0, _PAD_QUERY_SEGMENT, segment_ids)
+
+
+def _padded_slopes(slopes):
+    return _pad_last(slopes.astype(jnp.float32), pl.next_power_of_2(slopes.shape[0]))
+
+
+def _forward(q, k, v, segment_ids, slopes, scale, sizes: BlockSizes, interpret: bool):
+    batch, seq, heads, head_dim = q.shape
+    bq, bk = sizes.block_q, sizes.block_k
+    plan = _block_plan(segment_ids, bq, bk)
+    specs = _Specs(seq, head_dim, pl.next_power_of_2(heads), plan.shape[-1])
+    kernel = functools.partial(_forward_kernel, scale=scale, block_k=bk,
+                               split=sizes.unmasked_interior)
+    out, lse = pl.pallas_call(
+        kernel,
+        grid=(seq // bq, batch, heads),
+        in_specs=[specs.plan, specs.slopes, specs.segments(bq), specs.all_segments(),
+                  specs.tokens(bq), specs.all_tokens(), specs.all_tokens()],
+        out_specs=[specs.tokens(bq), specs.row_stats(bq)],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                   jax.ShapeDtypeStruct((batch, heads, seq), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=sizes.num_warps,
+                                             num_stages=sizes.num_stages),
+        interpret=interpret,
+        name="alibi_flash_forward",
+    )(plan, _padded_slopes(slopes), _query_segments(segment_ids), segment_ids, q, k, v)
+    return out, lse
+
+
+def _backward(q, k, v, segment_ids, slopes, out, lse, d_out, scale, sizes: BlockSizes,
+              interpret: bool):
+    batch, seq, heads, head_dim = q.shape
+    delta = jnp.einsum("bshd,bshd->bhs", out.astype(jnp.float32), d_out.astype(jnp.float32))
+    q_segments = _query_segments(segment_ids)
+    padded_slopes = _padded_slopes(slopes)
+    params = plgpu.CompilerParams(num_warps=sizes.num_warps_bwd,
+                                  num_stages=sizes.num_stages_bwd)
+
+    bq, bk = sizes.block_q_dkv, sizes.block_k_dkv
+    # Key blocks are the rows here: the same plan with rows and columns swapped.
+    plan = _block_plan(segment_ids, bk, bq)
+    specs = _Specs(seq, head_dim, padded_slopes.shape[0], plan.shape[-1])
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkdv_kernel, scale=scale, block_q=bq, split=sizes.unmasked_interior),
+        grid=(seq // bk, batch, heads),
+        in_specs=[specs.plan, specs.slopes, specs.all_segments(), specs.segments(bk),
+                  specs.all_tokens(), specs.tokens(bk), specs.tokens(bk),
+                  specs.all_tokens(), specs.all_row_stats(), specs.all_row_stats()],
+        out_specs=[specs.tokens(bk), specs.tokens(bk)],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
+                   jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=params,
+        interpret=interpret,
+        name="alibi_flash_dkdv",
+    )(plan, padded_slopes, q_segments, segment_ids, q, k, v, d_out, lse, delta)
+
+    bq, bk = sizes.block_q_dq, sizes.block_k_dq
+    plan = _block_plan(segment_ids, bq, bk)
+    specs = _Specs(seq, head_dim, padded_slopes.shape[0], plan.shape[-1])
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, scale=scale, block_k=bk, split=sizes.unmasked_interior),
+        grid=(seq // bq, batch, heads),
+        in_specs=[specs.plan, specs.slopes, specs.segments(bq), specs.all_segments(),
+                  specs.tokens(bq), specs.all_tokens(),
+                  specs.all_tokens(), specs.tokens(bq), specs.row_stats(bq),
+                  specs.row_stats(bq)],
+        out_specs=specs.tokens(bq),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=params,
+        interpret=interpret,
+        name="alibi_flash_dq",
+    )(plan, padded_slopes, q_segments, segment_ids, q, k, v, d_out, lse, delta)
+    return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _flash(q, k, v, segment_ids, slopes, scale, sizes, interpret):
+    return _forward(q, k, v, segment_ids, slopes, scale, sizes, interpret)[0]
+
+
+def _flash_fwd(q, k, v, segment_ids, slopes, scale, sizes, interpret):
+    out, lse = _forward(q, k, v, segment_ids, slopes, scale, sizes, interpret)
+    return out, (q, k, v, segment_ids, slopes, out, lse)
+
+
+def _flash_bwd(scale, sizes, interpret, residuals, d_out):
+    q, k, v, segment_ids, slopes, out, lse = residuals
+    dq, dk, dv = _backward(q, k, v, segment_ids, slopes, out, lse, d_out, scale, sizes,
+                           interpret)
+    # Segment ids are integers and ALiBi slopes are constants of the model: no cotangent.
+    return dq, dk, dv, None, jnp.zeros_like(slopes)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _check_inputs(q: jax.Array) -> None:
+    head_dim = q.shape[-1]
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim={head_dim} is not supported by the Pallas kernel: it must "
+                         "be a power of two >= 16 (64 and 128 are tuned); use "
+                         "implementation='xla' for other sizes")
+    if q.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+        raise ValueError(f"dtype {q.dtype} is not supported; use bfloat16, float16 or float32")
+
+
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
+                    slopes: jax.Array, scale: float, *, block_sizes: Optional[BlockSizes] = None,
+                    interpret: bool = False) -> jax.Array:
+    """ALiBi + segment-masked attention on [batch, seq, heads, head_dim]; any seq length.
+
+    segment_ids: [batch, seq] non-negative ints, 0 = padding. The sequence is padded
+    internally (with padding segment 0) up to a multiple of the largest block and the output
+    sliced back, so callers never see the blocking.
+    """
+    _check_inputs(q)
+    seq = q.shape[1]
+    sizes = block_sizes or default_block_sizes(seq, q.shape[-1])
+    multiple = max(sizes.blocks())
+    padded = -(-seq // multiple) * multiple
+    segment_ids = segment_ids.astype(jnp.int32)
+    if padded != seq:
+        pad = [(0, 0), (0, padded - seq), (0, 0), (0, 0)]
+        q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
+        segment_ids = jnp.pad(segment_ids, [(0, 0), (0, padded - seq)])
+    out = _flash(q, k, v, segment_ids, jnp.asarray(slopes, jnp.float32), float(scale), sizes,
+                 interpret)
+    return out[:, :seq]
+
+
+def pallas_attention(q, k, v, segment_ids, slopes, scale):
+    """The compiled GPU kernel (registered as implementation 'pallas')."""
+    return flash_attention(q, k, v, segment_ids, slopes, scale)
+
+
+def pallas_attention_interpret(q, k, v, segment_ids, slopes, scale):
+    """The same kernels run by the Pallas interpreter: any backend, slow (for tests)."""
+    return flash_attention(q, k, v, segment_ids, slopes, scale, interpret=True)

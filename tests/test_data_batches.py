@@ -1,0 +1,213 @@
+"""MLMBatches: packing fill, exact coverage of an epoch, masking statistics, resume, multi-host."""
+
+import collections
+import json
+
+import numpy as np
+import pytest
+
+from mosaicbert_jax.data import MLMBatches, read_documents
+from mosaicbert_jax.data.synthetic import SYNTHETIC_SPECIAL as SPECIAL
+from mosaicbert_jax.data.synthetic import write_synthetic_shards
+
+VOCAB = 8192
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """~200k tokens of long-tailed documents in 3 shards, plus a small eval split."""
+    path = str(tmp_path_factory.mktemp("synthetic"))
+    write_synthetic_shards(path, 200_000, VOCAB, seed=1, eval_tokens=20_000, shard_documents=180)
+    return path
+
+
+@pytest.fixture(scope="module")
+def million(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("million"))
+    write_synthetic_shards(path, 1_000_000, VOCAB, seed=2, shard_documents=1000)
+    return path
+
+
+def unmasked(batch):
+    """input_ids with the selected slots put back to their original tokens."""
+    ids = batch["input_ids"].copy()
+    rows, slots = np.nonzero(batch["masked_weights"])
+    ids[rows, batch["masked_positions"][rows, slots]] = batch["masked_labels"][rows, slots]
+    return ids
+
+
+def segments(batches):
+    """(content tokens, first segment of its row, last segment of its row) in stream order."""
+    for batch in batches:
+        ids, seg = unmasked(batch), batch["segment_ids"]
+        for row_ids, row_seg in zip(ids, seg):
+            count = row_seg.max()
+            assert np.all(row_ids[row_seg == 0] == SPECIAL.pad)
+            assert np.all(row_seg[:np.count_nonzero(row_seg)] > 0), "padding only at the end"
+            for s in range(1, count + 1):
+                tokens = row_ids[row_seg == s]
+                assert tokens[0] == SPECIAL.cls and tokens[-1] == SPECIAL.sep and len(tokens) > 2
+                assert not np.isin(tokens[1:-1], SPECIAL.ids).any()
+                yield tuple(tokens[1:-1].tolist()), s == 1, s == count
+
+
+def check_epoch(shards_dir, split, iterators):
+    """Every document of the split appears exactly once across one epoch of `iterators`."""
+    originals = collections.Counter(tuple(d.tolist()) for d in read_documents(shards_dir, split))
+    found = collections.Counter()
+    for iterator in iterators:
+        buffer, previous_last = [], True
+        for content, first, last in segments(iterator):
+            if buffer:
+                assert first and previous_last, "a document continued inside a row"
+            buffer.extend(content)
+            if originals[tuple(buffer)] > found[tuple(buffer)]:
+                found[tuple(buffer)] += 1
+                buffer = []
+            previous_last = last
+        assert buffer == [], "the epoch ended inside a document"
+    assert found == originals
+
+
+def test_shapes_and_dtypes(corpus):
+    it = MLMBatches(corpus, "train", batch_size=4, seq_len=64)
+    batch = next(it)
+    assert it.max_predictions == 19  # ceil(0.3 * 62)
+    assert it.vocab_size == VOCAB and it.special_ids == SPECIAL.as_dict()
+    expected = {"input_ids": ((4, 64), np.int32), "segment_ids": ((4, 64), np.int32),
+                "masked_positions": ((4, 19), np.int32), "masked_weights": ((4, 19), np.float32),
+                "masked_labels": ((4, 19), np.int32)}
+    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
+    for _ in range(20):
+        batch = next(it)
+        weights = batch["masked_weights"]
+        assert np.all(batch["masked_positions"][weights == 0] == 0)
+        assert np.all(batch["masked_labels"][weights == 0] == 0)
+        assert np.all(np.diff(weights, axis=1) <= 0), "valid slots come first"
+    roomy = next(MLMBatches(corpus, "train", batch_size=4, seq_len=64, max_predictions=80))
+    assert roomy["masked_positions"].shape == (4, 80)
+    assert 0 < roomy["masked_weights"].sum() <= 4 * 19
+
+
+def test_one_epoch_covers_every_token_once(corpus):
+    it = MLMBatches(corpus, "train", batch_size=8, seq_len=128, repeat=False)
+    batches = list(it)
+    assert len(batches) == it.batches_per_epoch
+    check_epoch(corpus, "train", [batches])
+    with pytest.raises(StopIteration):
+        next(it)
+
+
+def test_packing_fill_on_long_tailed_corpus(corpus):
+    it = MLMBatches(corpus, "train", batch_size=8, seq_len=128, repeat=False)
+    ids = np.concatenate([b["segment_ids"] for b in it])
+    nonempty = ids[(ids > 0).any(axis=1)]
+    fill = (nonempty > 0).mean()
+    print(f"\npacking fill over one epoch (seq_len 128, {len(nonempty)} rows): {fill:.4%}")
+    assert fill >= 0.99
+    steady = np.concatenate([b["segment_ids"] for b, _ in zip(
+        MLMBatches(corpus, "train", batch_size=8, seq_len=512), range(30))])
+    assert (steady > 0).mean() >= 0.99
+
+
+def test_masking_statistics_on_a_million_tokens(million):
+    it = MLMBatches(million, "train", batch_size=64, seq_len=128, repeat=False)
+    maskable = selected = as_mask = as_random = unchanged = 0
+    for batch in it:
+        original = unmasked(batch)
+        special = np.isin(original, SPECIAL.ids)
+        maskable += np.count_nonzero(~special)
+        rows, slots = np.nonzero(batch["masked_weights"])
+        positions = batch["masked_positions"][rows, slots]
+        labels = batch["masked_labels"][rows, slots]
+        assert not special[rows, positions].any(), "a special token or padding was selected"
+        assert np.array_equal(original[rows, positions], labels)
+        now = batch["input_ids"][rows, positions]
+        selected += len(rows)
+        as_mask += np.count_nonzero(now == SPECIAL.mask)
+        as_random += np.count_nonzero((now != SPECIAL.mask) & (now != labels))
+        unchanged += np.count_nonzero(now == labels)
+        untouched = np.ones_like(special)
+        untouched[rows, positions] = False
+        assert np.array_equal(batch["input_ids"][untouched], original[untouched])
+        random_ids = now[(now != SPECIAL.mask) & (now != labels)]
+        assert not np.isin(random_ids, SPECIAL.ids).any() and (random_ids < VOCAB).all()
+    assert maskable >= 950_000
+    print(f"\nselected {selected / maskable:.4%} of {maskable} tokens; [MASK] "
+          f"{as_mask / selected:.2%}, random {as_random / selected:.2%}, "
+          f"unchanged {unchanged / selected:.2%}")
+    assert abs(selected / maskable - 0.30) < 0.001
+    assert abs(as_mask / selected - 0.80) < 0.005
+    assert abs(as_random / selected - 0.10) < 0.005
+    assert abs(unchanged / selected - 0.10) < 0.005
+
+
+def test_eval_masking_rate(corpus):
+    it = MLMBatches(corpus, "eval", batch_size=16, seq_len=128, mask_prob=0.15, repeat=False)
+    assert it.max_predictions == 19  # ceil(0.15 * 126)
+    batches = list(it)
+    selected = sum(b["masked_weights"].sum() for b in batches)
+    maskable = sum(np.count_nonzero(~np.isin(unmasked(b), SPECIAL.ids)) for b in batches)
+    assert abs(selected / maskable - 0.15) < 0.003
+
+
+def test_resume_gives_identical_batches(corpus):
+    # 150 batches of 8 x 126 stream tokens run past the end of the ~200k-token epoch.
+    reference = MLMBatches(corpus, "train", batch_size=8, seq_len=128)
+    expected = [next(reference) for _ in range(230)]
+    for stop in (0, 7, 200):
+        first = MLMBatches(corpus, "train", batch_size=8, seq_len=128)
+        for _ in range(stop):
+            next(first)
+        state = json.loads(json.dumps(first.get_state()))
+        assert state["batch_index"] == stop
+        resumed = MLMBatches(corpus, "train", batch_size=8, seq_len=128)
+        resumed.set_state(state)
+        for want in expected[stop:stop + 30]:
+            got = next(resumed)
+            for key in want:
+                np.testing.assert_array_equal(got[key], want[key])
+    assert reference.get_state()["epoch"] == 1
+
+
+def test_epochs_reshuffle_and_cover_again(corpus):
+    it = MLMBatches(corpus, "train", batch_size=8, seq_len=128)
+    per_epoch = it.batches_per_epoch
+    first_epoch = [next(it) for _ in range(per_epoch)]
+    assert it.epoch == 1
+    second = next(it)
+    assert not np.array_equal(second["input_ids"], first_epoch[0]["input_ids"])
+
+
+def test_same_seed_same_batches_other_seed_differs(corpus):
+    a = [next(MLMBatches(corpus, "train", 4, 64, seed=3)) for _ in range(2)]
+    b = MLMBatches(corpus, "train", 4, 64, seed=4)
+    np.testing.assert_array_equal(a[0]["input_ids"], a[1]["input_ids"])
+    assert not np.array_equal(a[0]["input_ids"], next(b)["input_ids"])
+
+
+def test_processes_read_disjoint_slices_that_cover_the_split(corpus):
+    iterators = [MLMBatches(corpus, "train", 4, 128, process_index=p, process_count=3,
+                            repeat=False) for p in range(3)]
+    assert len({it.batches_per_epoch for it in iterators}) == 1
+    assert sum(it.num_tokens for it in iterators) == json.load(
+        open(f"{corpus}/meta.json"))["splits"]["train"]["num_tokens"]
+    epochs = [list(it) for it in iterators]
+    assert len({len(e) for e in epochs}) == 1, "every process yields the same number of batches"
+    check_epoch(corpus, "train", epochs)
+
+
+def test_clear_errors(corpus, tmp_path):
+    with pytest.raises(ValueError, match="max_predictions"):
+        MLMBatches(corpus, "train", 4, 128, max_predictions=10)
+    with pytest.raises(ValueError, match="split 'validation'"):
+        MLMBatches(corpus, "validation", 4, 128)
+    with pytest.raises(ValueError, match="does not exist"):
+        MLMBatches(str(tmp_path / "nowhere"), "train", 4, 128)
+    with pytest.raises(ValueError, match="no meta.json"):
+        MLMBatches(str(tmp_path), "train", 4, 128)
+    with pytest.raises(ValueError, match="seq_len"):
+        MLMBatches(corpus, "train", 4, 4)
+    state = MLMBatches(corpus, "train", 4, 128).get_state()
+    with pytest.raises(ValueError, match="batch_size"):
+        MLMBatches(corpus, "train", 8, 128).set_state(state)
