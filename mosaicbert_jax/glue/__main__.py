@@ -1,0 +1,21 @@
+"""Command line: python -m mosaicbert_jax.glue --config=configs/glue.py --config.checkpoint=DIR"""
+
+from absl import app
+from ml_collections import config_flags
+
+from mosaicbert_jax.glue.runner import run_glue
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "GLUE config file (configs/glue.py); override keys with --config.KEY=...")
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; pass settings as --config.KEY=...")
+    if _CONFIG.value is None:
+        raise app.UsageError("--config is required, e.g. --config=configs/glue.py")
+    run_glue(_CONFIG.value)
+
+
+if __name__ == "__main__":
+    app.run(main)
