@@ -101,3 +101,19 @@ def test_clear_errors_before_compiling(tmp_path):
     config.train.stepz = 3
     with pytest.raises(ValueError, match="did you mean 'train.steps'"):
         train_and_evaluate(config, str(tmp_path / "wd"))
+
+
+def test_tiny_config_learns_on_the_embedded_corpus(tmp_path):
+    config = tiny.get_config()
+    config.data.cache_dir = str(tmp_path / "cache")
+    config.data.seq_len = 64
+    config.train.global_batch_size = 16
+    config.train.steps = 40
+    config.train.log_every = 20
+    config.train.eval_every = 40
+    config.train.eval_batches = 2
+    config.train.checkpoint_every = 40
+    result = train_and_evaluate(config, str(tmp_path / "wd"))
+    assert result["params"] > 1_000_000
+    assert result["final_eval_loss"] < result["first_eval_loss"] - 1.5, result
+    assert os.listdir(tmp_path / "wd" / "checkpoints") == ["40"]
