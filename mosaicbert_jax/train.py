@@ -24,7 +24,7 @@ from mosaicbert_jax.sharding import batch_sharding, data_parallel_size, make_mes
 from mosaicbert_jax.training.checkpoints import TrainCheckpoints
 from mosaicbert_jax.training.defaults import validate_config
 from mosaicbert_jax.training.flops import peak_tflops, training_flops_per_token
-from mosaicbert_jax.training.inputs import make_iterators
+from mosaicbert_jax.training.inputs import fit_model_vocab, make_iterators
 from mosaicbert_jax.training.metrics_log import MetricsLog, format_duration
 from mosaicbert_jax.training.step import (BATCH_KEYS, init_state, make_eval_step,
                                           make_train_step)
@@ -108,14 +108,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     per_process = tc.global_batch_size // process_count
     train_iter, eval_iter = make_iterators(config.data, per_process, model_cfg.vocab_size,
                                            tc.seed, process_index, process_count)
-    data_vocab = getattr(train_iter, "vocab_size", model_cfg.vocab_size)
-    if data_vocab > model_cfg.vocab_size:
-        raise ValueError(f"the data's vocabulary ({data_vocab}) is larger than the model's "
-                         f"vocab_size={model_cfg.vocab_size}; set --config.model.vocab_size="
-                         f"{data_vocab}")
-    if config.model.vocab_size <= 0 and data_vocab < model_cfg.vocab_size and \
-            config.data.source != "synthetic":
-        model_cfg = model_cfg.replace(vocab_size=data_vocab)
+    model_cfg = fit_model_vocab(model_cfg, train_iter, explicit=config.model.vocab_size > 0)
 
     log = MetricsLog(workdir, enabled=process_index == 0)
     schedule = warmup_linear_decay(oc.lr, tc.steps, oc.warmup_fraction, oc.final_lr_fraction)

@@ -117,3 +117,17 @@ def test_tiny_config_learns_on_the_embedded_corpus(tmp_path):
     assert result["params"] > 1_000_000
     assert result["final_eval_loss"] < result["first_eval_loss"] - 1.5, result
     assert os.listdir(tmp_path / "wd" / "checkpoints") == ["40"]
+
+
+def test_model_vocab_follows_the_data_or_must_hold_it(tmp_path):
+    from mosaicbert_jax import MosaicBertConfig
+    from mosaicbert_jax.data import MLMBatches
+    from mosaicbert_jax.data.embedded import prepare_embedded
+    from mosaicbert_jax.training.inputs import fit_model_vocab
+
+    shards = prepare_embedded(str(tmp_path / "cache"), vocab_size=1000)
+    batches = MLMBatches(shards, split="train", batch_size=2, seq_len=32)
+    cfg = fit_model_vocab(MosaicBertConfig.tiny(), batches, explicit=False)
+    assert cfg.vocab_size == batches.vocab_size and cfg.vocab_size % 64 == 0
+    with pytest.raises(ValueError, match="too large for the model's vocab_size=512"):
+        fit_model_vocab(MosaicBertConfig.tiny(vocab_size=512), batches, explicit=True)

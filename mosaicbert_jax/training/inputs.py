@@ -7,6 +7,7 @@ from typing import Any
 
 import ml_collections
 
+from mosaicbert_jax.config import MosaicBertConfig
 from mosaicbert_jax.synthetic import SyntheticMLMBatches
 
 SOURCES = ("shards", "embedded", "synthetic")
@@ -48,3 +49,17 @@ def make_iterators(data: ml_collections.ConfigDict, per_process_batch: int, voca
         mask_prob=prob, seed=seed, process_index=process_index, process_count=process_count,
         repeat=True)
     return make("train", data.mask_prob), make("eval", data.eval_mask_prob)
+
+
+def fit_model_vocab(model_cfg: MosaicBertConfig, train_iter: Any,
+                    explicit: bool) -> MosaicBertConfig:
+    """The model's vocab for this data: the data's padded vocab unless the config sets one,
+    which must then hold every token id of the data."""
+    tokenizer_vocab = getattr(train_iter, "tokenizer_vocab_size", None)
+    if tokenizer_vocab is None:  # synthetic batches are drawn from the model's vocab
+        return model_cfg
+    if not explicit:
+        return model_cfg.replace(vocab_size=train_iter.vocab_size)
+    from mosaicbert_jax.data import check_vocab_fits
+    check_vocab_fits(tokenizer_vocab, model_cfg.vocab_size)
+    return model_cfg
