@@ -15,6 +15,8 @@ materialised [batch, heads, seq, seq] bias built outside the timed call (their k
 no in-kernel ALiBi); 'xla' is our reference, which builds its bias inside.
 
 Run on the GPU machine: PYTHONPATH=. python3 benchmarks/attention.py [--results PATH]
+(add triton to --impls for the jax-triton kernel); on a TPU VM:
+PYTHONPATH=. python3 benchmarks/attention.py --impls xla,pallas_tpu
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ from mosaicbert_jax.attention.reference import xla_attention
 
 # Block-size variants timed by --sweep (next to the default for each length).
 CHECK_ROWS = 2
+# Checked against the reference at every length (the baselines at the first one only).
+OUR_KERNELS = ("pallas", "pallas_tpu", "triton")
 SWEEP = {
     "large_blocks": dataclasses.asdict(BlockSizes()),
     "fwd128x128_w8": dict(block_q=128, block_k=128, num_warps=8),
@@ -145,6 +149,21 @@ def implementations(args, slopes, scale) -> list[Case]:
             cases.append(Case("pallas", lambda q, k, v, s, b: flash_attention(
                 q, k, v, s, slopes, scale, interpret=args.interpret)))
             cases += pallas_variants(args, slopes, scale) if args.sweep else []
+        elif name == "pallas_tpu":
+            from mosaicbert_jax.attention.pallas_tpu import flash_attention_tpu
+            cases.append(Case("pallas_tpu", lambda q, k, v, s, b: flash_attention_tpu(
+                q, k, v, s, slopes, scale, interpret=args.interpret)))
+        elif name == "triton":
+            from mosaicbert_jax.attention import triton_kernels
+            try:  # report and go on: jax-triton is an optional extra
+                triton_kernels.triton_language()
+                triton_kernels.jax_triton()
+            except ImportError as err:
+                print(f"triton unavailable: {err}")
+                continue
+            triton_flash = triton_kernels.triton_flash_attention
+            cases.append(Case("triton", lambda q, k, v, s, b, fn=triton_flash: fn(
+                q, k, v, s, slopes, scale)))
         elif name.startswith("tokamax:"):
             try:
                 tokamax = tokamax or import_tokamax()
@@ -253,7 +272,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             for case in cases:
                 b = bias if case.needs_bias else None
                 # Our kernel is checked at every length, the baselines at the first one.
-                checked = checking and (case.name == "pallas" or seq == seq_lens[0])
+                checked = checking and (case.name in OUR_KERNELS or seq == seq_lens[0])
                 try:
                     b_checked = None if b is None else b[:CHECK_ROWS]
                     errors = check(case, *rows_checked[:4], b_checked, rows_checked[4],

@@ -23,6 +23,9 @@ _LAZY_IMPLEMENTATIONS: dict[str, str] = {
     "cudnn": "mosaicbert_jax.attention.cudnn:cudnn_attention",
     "pallas": "mosaicbert_jax.attention.pallas_gpu:pallas_attention",
     "pallas_interpret": "mosaicbert_jax.attention.pallas_gpu:pallas_attention_interpret",
+    "pallas_tpu": "mosaicbert_jax.attention.pallas_tpu:pallas_tpu_attention",
+    "pallas_tpu_interpret": "mosaicbert_jax.attention.pallas_tpu:pallas_tpu_attention_interpret",
+    "triton": "mosaicbert_jax.attention.triton_kernels:triton_attention",
 }
 _IMPLEMENTATIONS: dict[str, AttentionFn] = {"xla": xla_attention}
 
@@ -52,13 +55,18 @@ def _load(name: str) -> AttentionFn:
 
 
 def resolve_implementation(implementation: str, backend: Optional[str] = None) -> str:
-    """Maps 'auto' to the fastest implementation for the backend; checks other names."""
-    if implementation != "auto":
+    """Maps 'auto' to the fastest implementation for the backend, 'pallas' to the Pallas
+    kernel of the backend (the TPU one on TPU); checks other names."""
+    if implementation not in ("auto", "pallas"):
         if implementation not in available_implementations():
             raise ValueError(f"unknown attention implementation {implementation!r}; "
                              f"available: {available_implementations()}")
         return implementation
     backend = backend or jax.default_backend()
+    if implementation == "pallas":
+        if backend == "tpu" and "pallas_tpu" in available_implementations():
+            return "pallas_tpu"
+        return "pallas"
     if backend == "gpu" and "pallas" in available_implementations():
         return "pallas"
     if backend == "tpu" and "pallas_tpu" in available_implementations():
