@@ -9,6 +9,7 @@ e.g. --config.train.steps=1000 --config.optimizer.lr=1e-3.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from typing import Any, Optional
 
@@ -41,7 +42,22 @@ def maybe_initialize_distributed(mode: str) -> None:
     launched |= bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
     launched |= "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
     if mode == "yes" or launched:
-        jax.distributed.initialize()
+        # JAX reads JAX_COORDINATOR_ADDRESS itself, but not the process count and id.
+        jax.distributed.initialize(num_processes=_env_int("JAX_NUM_PROCESSES"),
+                                   process_id=_env_int("JAX_PROCESS_ID"))
+
+
+def _env_int(name: str) -> Optional[int]:
+    value = os.environ.get(name, "")
+    return int(value) if value else None
+
+
+def copy_data_tokenizer(shards_dir: str, workdir: str) -> None:
+    """Keeps the data's tokenizer.json in the workdir, where fill-mask, convert and GLUE look."""
+    source = os.path.join(shards_dir, "tokenizer.json")
+    if os.path.isfile(source):
+        os.makedirs(workdir, exist_ok=True)
+        shutil.copyfile(source, os.path.join(workdir, "tokenizer.json"))
 
 
 def model_config_from(config: ml_collections.ConfigDict) -> MosaicBertConfig:
@@ -109,6 +125,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     train_iter, eval_iter = make_iterators(config.data, per_process, model_cfg.vocab_size,
                                            tc.seed, process_index, process_count)
     model_cfg = fit_model_vocab(model_cfg, train_iter, explicit=config.model.vocab_size > 0)
+    if process_index == 0 and getattr(train_iter, "shards_dir", None):
+        copy_data_tokenizer(train_iter.shards_dir, workdir)
 
     log = MetricsLog(workdir, enabled=process_index == 0)
     schedule = warmup_linear_decay(oc.lr, tc.steps, oc.warmup_fraction, oc.final_lr_fraction)

@@ -54,6 +54,15 @@ def _load(name: str) -> AttentionFn:
     return fn
 
 
+def _gpu_supports_pallas() -> bool:
+    """Our Triton-backend kernel needs Ampere or newer (compute capability >= 8.0)."""
+    capability = getattr(jax.devices()[0], "compute_capability", None)
+    try:
+        return capability is None or float(capability) >= 8.0
+    except (TypeError, ValueError):
+        return True
+
+
 def resolve_implementation(implementation: str, backend: Optional[str] = None) -> str:
     """Maps 'auto' to the fastest implementation for the backend, 'pallas' to the Pallas
     kernel of the backend (the TPU one on TPU); checks other names."""
@@ -67,7 +76,7 @@ def resolve_implementation(implementation: str, backend: Optional[str] = None) -
         if backend == "tpu" and "pallas_tpu" in available_implementations():
             return "pallas_tpu"
         return "pallas"
-    if backend == "gpu" and "pallas" in available_implementations():
+    if backend == "gpu" and _gpu_supports_pallas():
         return "pallas"
     if backend == "tpu" and "pallas_tpu" in available_implementations():
         return "pallas_tpu"
