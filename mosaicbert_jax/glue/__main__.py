@@ -1,6 +1,6 @@
 """Command line: python -m mosaicbert_jax.glue --config=configs/glue.py --config.checkpoint=DIR"""
 
-from absl import app
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mosaicbert_jax.glue.runner import run_glue
@@ -14,6 +14,8 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; pass settings as --config.KEY=...")
     if _CONFIG.value is None:
         raise app.UsageError("--config is required, e.g. --config=configs/glue.py")
+    if not flags.FLAGS["verbosity"].present:  # keep Orbax's INFO chatter off the console
+        logging.set_verbosity(logging.WARNING)
     run_glue(_CONFIG.value)
 
 
