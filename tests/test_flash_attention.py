@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from attention_cases import (fresh_rng, output_and_grads, random_inputs, relative_error,
+                             segment_layout)
 from mosaicbert_jax.attention import (alibi_slopes, attention, available_implementations,
                                       resolve_implementation)
 from mosaicbert_jax.attention.block_sparsity import (fully_visible_block_ranges,
@@ -22,42 +24,6 @@ SMALL_BLOCKS = BlockSizes(block_q=16, block_k=16, block_q_dkv=16, block_k_dkv=32
                           block_q_dq=32, block_k_dq=16)
 
 
-def _fresh_rng():
-    seed = int(np.random.SeedSequence().entropy % 2**32)
-    return np.random.default_rng(seed), seed
-
-
-def _layout(kind: str, batch: int, seq: int, rng) -> np.ndarray:
-    """Segment ids [batch, seq]: 'one' document, 'many' short ones, or 'padded' rows."""
-    ids = np.zeros((batch, seq), np.int32)
-    for row in range(batch):
-        if kind == "one":
-            ids[row] = 1
-            continue
-        end = seq - int(rng.integers(seq // 4, seq // 2)) if kind == "padded" else seq
-        pos, doc = 0, 1
-        while pos < end:
-            length = int(rng.integers(1, max(2, seq // 5)))
-            ids[row, pos:min(end, pos + length)] = doc
-            pos, doc = pos + length, doc + 1
-    return ids
-
-
-def _inputs(batch, seq, heads, head_dim, rng, dtype=jnp.float32):
-    shape = (batch, seq, heads, head_dim)
-    return [jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(4)]
-
-
-def _relative_error(got, want):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
-
-
-def _output_and_grads(fn, q, k, v, d_out):
-    out, vjp = jax.vjp(fn, q, k, v)
-    return (out, *vjp(d_out))
-
-
 @pytest.mark.parametrize("layout,batch,seq,heads,head_dim,unmasked_interior", [
     ("one", 1, 64, 12, 64, True),
     ("many", 2, 96, 16, 64, True),
@@ -66,10 +32,10 @@ def _output_and_grads(fn, q, k, v, d_out):
 ])
 def test_forward_and_gradients_match_reference_fp32(layout, batch, seq, heads, head_dim,
                                                     unmasked_interior):
-    rng, seed = _fresh_rng()
-    segment_ids = jnp.asarray(_layout(layout, batch, seq, rng))
+    rng, seed = fresh_rng()
+    segment_ids = jnp.asarray(segment_layout(layout, batch, seq, rng))
     slopes, scale = jnp.asarray(alibi_slopes(heads)), head_dim ** -0.5
-    q, k, v, d_out = _inputs(batch, seq, heads, head_dim, rng)
+    q, k, v, d_out = random_inputs(batch, seq, heads, head_dim, rng)
 
     sizes = dataclasses.replace(SMALL_BLOCKS, unmasked_interior=unmasked_interior)
 
@@ -77,43 +43,43 @@ def test_forward_and_gradients_match_reference_fp32(layout, batch, seq, heads, h
         return flash_attention(q, k, v, segment_ids, slopes, scale, block_sizes=sizes,
                                interpret=True)
 
-    got = _output_and_grads(kernel, q, k, v, d_out)
-    want = _output_and_grads(lambda q, k, v: xla_attention(q, k, v, segment_ids, slopes, scale),
+    got = output_and_grads(kernel, q, k, v, d_out)
+    want = output_and_grads(lambda q, k, v: xla_attention(q, k, v, segment_ids, slopes, scale),
                              q, k, v, d_out)
     for name, g, w, tol in zip(("out", "dq", "dk", "dv"), got, want, (1e-5, 1e-4, 1e-4, 1e-4)):
         assert g.shape == w.shape and g.dtype == w.dtype
-        err = _relative_error(g, w)
+        err = relative_error(g, w)
         assert err < tol, f"{name}: relative error {err:.2e} >= {tol} (seed {seed})"
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_half_precision_within_2e_2_of_fp32_reference(dtype):
-    rng, seed = _fresh_rng()
+    rng, seed = fresh_rng()
     batch, seq, heads, head_dim = 2, 48, 12, 64
-    segment_ids = jnp.asarray(_layout("padded", batch, seq, rng))
+    segment_ids = jnp.asarray(segment_layout("padded", batch, seq, rng))
     slopes, scale = jnp.asarray(alibi_slopes(heads)), head_dim ** -0.5
-    q, k, v, d_out = _inputs(batch, seq, heads, head_dim, rng, dtype)
-    got = _output_and_grads(
+    q, k, v, d_out = random_inputs(batch, seq, heads, head_dim, rng, dtype)
+    got = output_and_grads(
         lambda q, k, v: attention(q, k, v, segment_ids, slopes, "pallas_interpret"),
         q, k, v, d_out)
     upcast = [x.astype(jnp.float32) for x in (q, k, v, d_out)]
-    want = _output_and_grads(lambda q, k, v: xla_attention(q, k, v, segment_ids, slopes, scale),
+    want = output_and_grads(lambda q, k, v: xla_attention(q, k, v, segment_ids, slopes, scale),
                              *upcast)
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
         assert g.dtype == dtype
-        err = _relative_error(g, w)
+        err = relative_error(g, w)
         assert err < 2e-2, f"{name}: relative error {err:.2e} (seed {seed})"
 
 
 def test_all_padding_rows_give_zeros_and_no_nan():
-    rng, _ = _fresh_rng()
+    rng, _ = fresh_rng()
     batch, seq, heads, head_dim = 2, 40, 3, 16
     segment_ids = np.zeros((batch, seq), np.int32)
     segment_ids[1, :25] = 1  # row 0 is all padding; row 1 ends in padding
     segment_ids = jnp.asarray(segment_ids)
     slopes, scale = jnp.asarray(alibi_slopes(heads)), head_dim ** -0.5
-    q, k, v, d_out = _inputs(batch, seq, heads, head_dim, rng)
-    out, dq, dk, dv = _output_and_grads(
+    q, k, v, d_out = random_inputs(batch, seq, heads, head_dim, rng)
+    out, dq, dk, dv = output_and_grads(
         lambda q, k, v: flash_attention(q, k, v, segment_ids, slopes, scale,
                                         block_sizes=SMALL_BLOCKS, interpret=True),
         q, k, v, d_out)
@@ -126,9 +92,9 @@ def test_all_padding_rows_give_zeros_and_no_nan():
 
 @pytest.mark.parametrize("layout", ["one", "many", "padded"])
 def test_block_ranges_cover_every_visible_pair_and_skip_the_rest(layout):
-    rng, seed = _fresh_rng()
+    rng, seed = fresh_rng()
     batch, seq, block_rows, block_cols = 3, 128, 16, 32
-    segment_ids = _layout(layout, batch, seq, rng)
+    segment_ids = segment_layout(layout, batch, seq, rng)
     lo, hi = map(np.asarray, visible_block_ranges(jnp.asarray(segment_ids), block_rows,
                                                   block_cols))
     mask = np.asarray(segment_mask(jnp.asarray(segment_ids)))
@@ -158,17 +124,17 @@ def test_packed_short_documents_visit_only_diagonal_blocks():
 
 
 def test_cudnn_baseline_matches_reference_off_gpu():
-    rng, seed = _fresh_rng()
+    rng, seed = fresh_rng()
     batch, seq, heads, head_dim = 2, 32, 4, 16
-    segment_ids = jnp.asarray(_layout("padded", batch, seq, rng))
+    segment_ids = jnp.asarray(segment_layout("padded", batch, seq, rng))
     slopes = jnp.asarray(alibi_slopes(heads))
-    q, k, v, d_out = _inputs(batch, seq, heads, head_dim, rng)
-    got = _output_and_grads(lambda q, k, v: attention(q, k, v, segment_ids, slopes, "cudnn"),
+    q, k, v, d_out = random_inputs(batch, seq, heads, head_dim, rng)
+    got = output_and_grads(lambda q, k, v: attention(q, k, v, segment_ids, slopes, "cudnn"),
                             q, k, v, d_out)
-    want = _output_and_grads(lambda q, k, v: attention(q, k, v, segment_ids, slopes, "xla"),
+    want = output_and_grads(lambda q, k, v: attention(q, k, v, segment_ids, slopes, "xla"),
                              q, k, v, d_out)
     for g, w in zip(got, want):
-        assert _relative_error(g, w) < 1e-5, f"seed {seed}"
+        assert relative_error(g, w) < 1e-5, f"seed {seed}"
 
 
 def test_unsupported_head_dim_is_a_clear_error():

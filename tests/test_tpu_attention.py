@@ -11,51 +11,13 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
+from attention_cases import (fresh_rng, output_and_grads, random_inputs, relative_error,
+                             segment_layout)
 from mosaicbert_jax.attention import (alibi_slopes, attention, available_implementations,
                                       resolve_implementation)
 from mosaicbert_jax.attention.pallas_tpu import (TpuBlockSizes, default_block_sizes,
                                                  flash_attention_tpu)
 from mosaicbert_jax.attention.reference import xla_attention
-
-
-def _fresh_rng():
-    seed = int(np.random.SeedSequence().entropy % 2**32)
-    return np.random.default_rng(seed), seed
-
-
-def _layout(kind: str, batch: int, seq: int, rng) -> np.ndarray:
-    """Segment ids [batch, seq]: 'one' document, 'many' short ones, or 'padded' rows."""
-    ids = np.zeros((batch, seq), np.int32)
-    for row in range(batch):
-        if kind == "one":
-            ids[row] = 1
-            continue
-        end = seq - int(rng.integers(seq // 4, seq // 2)) if kind == "padded" else seq
-        pos, doc = 0, 1
-        while pos < end:
-            length = int(rng.integers(1, max(2, seq // 5)))
-            ids[row, pos:min(end, pos + length)] = doc
-            pos, doc = pos + length, doc + 1
-    return ids
-
-
-def _inputs(batch, seq, heads, head_dim, rng, dtype=jnp.float32):
-    shape = (batch, seq, heads, head_dim)
-    return [jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(4)]
-
-
-def _relative_error(got, want):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
-
-
-def _output_and_grads(fn, q, k, v, d_out):
-    """Output and dq, dk, dv of sum(out * d_out); jitted, as the model runs it (and faster
-    in the interpreter than op-by-op)."""
-    def run(q, k, v, d_out):
-        out, vjp = jax.vjp(fn, q, k, v)
-        return (out, *vjp(d_out))
-    return jax.jit(run)(q, k, v, d_out)
 
 
 # Blocks of 256 queries x 128 keys forward, 128 x 256 for dK/dV, 256 x 128 for dQ.
@@ -71,54 +33,54 @@ UNEVEN = dict(block_q=256, block_k_dkv=256, block_q_dq=256)
 ])
 def test_forward_and_gradients_match_reference_fp32(layout, batch, seq, heads, head_dim,
                                                     heads_per_block, options):
-    rng, seed = _fresh_rng()
-    segment_ids = jnp.asarray(_layout(layout, batch, seq, rng))
+    rng, seed = fresh_rng()
+    segment_ids = jnp.asarray(segment_layout(layout, batch, seq, rng))
     slopes, scale = jnp.asarray(alibi_slopes(heads)), head_dim ** -0.5
-    q, k, v, d_out = _inputs(batch, seq, heads, head_dim, rng)
+    q, k, v, d_out = random_inputs(batch, seq, heads, head_dim, rng)
     sizes = TpuBlockSizes(heads_per_block=heads_per_block, **options)
 
     def kernel(q, k, v):
         return flash_attention_tpu(q, k, v, segment_ids, slopes, scale, block_sizes=sizes,
                                    interpret=True)
 
-    got = _output_and_grads(kernel, q, k, v, d_out)
-    want = _output_and_grads(lambda q, k, v: xla_attention(q, k, v, segment_ids, slopes, scale),
+    got = output_and_grads(kernel, q, k, v, d_out)
+    want = output_and_grads(lambda q, k, v: xla_attention(q, k, v, segment_ids, slopes, scale),
                              q, k, v, d_out)
     for name, g, w, tol in zip(("out", "dq", "dk", "dv"), got, want, (1e-5, 1e-4, 1e-4, 1e-4)):
         assert g.shape == w.shape and g.dtype == w.dtype
-        err = _relative_error(g, w)
+        err = relative_error(g, w)
         assert err < tol, f"{name}: relative error {err:.2e} >= {tol} (seed {seed})"
 
 
 def test_bfloat16_within_2e_2_of_fp32_reference_through_dispatcher():
-    rng, seed = _fresh_rng()
+    rng, seed = fresh_rng()
     batch, seq, heads, head_dim = 2, 128, 12, 64
-    segment_ids = jnp.asarray(_layout("padded", batch, seq, rng))
+    segment_ids = jnp.asarray(segment_layout("padded", batch, seq, rng))
     slopes, scale = jnp.asarray(alibi_slopes(heads)), head_dim ** -0.5
-    q, k, v, d_out = _inputs(batch, seq, heads, head_dim, rng, jnp.bfloat16)
-    got = _output_and_grads(
+    q, k, v, d_out = random_inputs(batch, seq, heads, head_dim, rng, jnp.bfloat16)
+    got = output_and_grads(
         lambda q, k, v: attention(q, k, v, segment_ids, slopes, "pallas_tpu_interpret"),
         q, k, v, d_out)
     upcast = [x.astype(jnp.float32) for x in (q, k, v, d_out)]
-    want = _output_and_grads(lambda q, k, v: xla_attention(q, k, v, segment_ids, slopes, scale),
+    want = output_and_grads(lambda q, k, v: xla_attention(q, k, v, segment_ids, slopes, scale),
                              *upcast)
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
         assert g.dtype == jnp.bfloat16
-        err = _relative_error(g, w)
+        err = relative_error(g, w)
         assert err < 2e-2, f"{name}: relative error {err:.2e} (seed {seed})"
 
 
 def test_all_padding_rows_give_zeros_and_no_nan_under_tpu_interpreter():
-    rng, _ = _fresh_rng()
+    rng, _ = fresh_rng()
     batch, seq, heads, head_dim = 2, 160, 2, 16
     segment_ids = np.zeros((batch, seq), np.int32)
     segment_ids[1, :25] = 1  # row 0 is all padding; row 1 ends in padding
     segment_ids = jnp.asarray(segment_ids)
     slopes, scale = jnp.asarray(alibi_slopes(heads)), head_dim ** -0.5
-    q, k, v, d_out = _inputs(batch, seq, heads, head_dim, rng)
+    q, k, v, d_out = random_inputs(batch, seq, heads, head_dim, rng)
     # The TPU-semantics interpreter fills uninitialised VMEM with NaN and raises on
     # out-of-bounds reads, so a missed scratch initialisation shows up here.
-    out, dq, dk, dv = _output_and_grads(
+    out, dq, dk, dv = output_and_grads(
         lambda q, k, v: flash_attention_tpu(q, k, v, segment_ids, slopes, scale,
                                             block_sizes=TpuBlockSizes(heads_per_block=2),
                                             interpret=pltpu.InterpretParams()),
@@ -129,40 +91,40 @@ def test_all_padding_rows_give_zeros_and_no_nan_under_tpu_interpreter():
     for x in (out, dq, dk, dv):
         assert np.all(np.asarray(x)[padding] == 0.0)
     want = xla_attention(q, k, v, segment_ids, slopes, scale)
-    assert _relative_error(out, want) < 1e-5
+    assert relative_error(out, want) < 1e-5
 
 
 def test_blocks_of_other_documents_are_never_read():
     """NaN in a document that starts on a block boundary cannot reach the one before it:
     the kernels never load those blocks for its rows (a loaded NaN would survive the mask
     through p @ v)."""
-    rng, seed = _fresh_rng()
+    rng, seed = fresh_rng()
     batch, seq, heads, head_dim = 1, 256, 2, 64
     segment_ids = jnp.asarray(np.repeat(np.array([[1, 2]], np.int32), 128, axis=1))
     slopes, scale = jnp.asarray(alibi_slopes(heads)), head_dim ** -0.5
-    q, k, v, d_out = _inputs(batch, seq, heads, head_dim, rng)
+    q, k, v, d_out = random_inputs(batch, seq, heads, head_dim, rng)
     second = (np.arange(seq) >= 128)[None, :, None, None]
     poisoned = [jnp.where(second, jnp.nan, x) for x in (q, k, v)]
-    got = _output_and_grads(
+    got = output_and_grads(
         lambda q, k, v: flash_attention_tpu(q, k, v, segment_ids, slopes, scale,
                                             block_sizes=TpuBlockSizes(heads_per_block=2),
                                             interpret=True),
         *poisoned, d_out)
     clean = [jnp.where(second, 0.0, x) for x in (q, k, v)]
-    want = _output_and_grads(lambda q, k, v: xla_attention(q, k, v, segment_ids, slopes, scale),
+    want = output_and_grads(lambda q, k, v: xla_attention(q, k, v, segment_ids, slopes, scale),
                              *clean, d_out)
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
         first_doc = np.asarray(g)[:, :128]
         assert np.all(np.isfinite(first_doc)), f"{name} (seed {seed})"
-        assert _relative_error(first_doc, np.asarray(w)[:, :128]) < 1e-4, f"{name}"
+        assert relative_error(first_doc, np.asarray(w)[:, :128]) < 1e-4, f"{name}"
 
 
 def test_jit_of_gradient_matches_reference():
-    rng, seed = _fresh_rng()
+    rng, seed = fresh_rng()
     batch, seq, heads, head_dim = 1, 128, 4, 32
-    segment_ids = jnp.asarray(_layout("many", batch, seq, rng))
+    segment_ids = jnp.asarray(segment_layout("many", batch, seq, rng))
     slopes, scale = jnp.asarray(alibi_slopes(heads)), head_dim ** -0.5
-    q, k, v, _ = _inputs(batch, seq, heads, head_dim, rng)
+    q, k, v, _ = random_inputs(batch, seq, heads, head_dim, rng)
 
     def loss(fn):
         return jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) ** 2), argnums=(0, 1, 2)))
@@ -171,7 +133,7 @@ def test_jit_of_gradient_matches_reference():
                                          "pallas_tpu_interpret"))(q, k, v)
     want = loss(lambda q, k, v: xla_attention(q, k, v, segment_ids, slopes, scale))(q, k, v)
     for g, w in zip(got, want):
-        assert _relative_error(g, w) < 1e-4, f"seed {seed}"
+        assert relative_error(g, w) < 1e-4, f"seed {seed}"
 
 
 def test_block_sizes_must_suit_tpu_tiles():

@@ -81,3 +81,16 @@ def fully_visible_block_ranges(segment_ids: jax.Array, block_rows: int, block_co
     start = jnp.where(any_full, start, hi).astype(jnp.int32)
     end = jnp.where(any_full, end, hi).astype(jnp.int32)
     return start, end
+
+
+def pad_sequence(q, k, v, segment_ids, multiple: int):
+    """Pads [batch, seq, heads, dim] inputs and segment ids (with 0 = padding) along seq to
+    a multiple of `multiple`, so every block is full; padded keys are never visible."""
+    seq = q.shape[1]
+    padded = -(-seq // multiple) * multiple
+    segment_ids = segment_ids.astype(jnp.int32)
+    if padded != seq:
+        pad = [(0, 0), (0, padded - seq), (0, 0), (0, 0)]
+        q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
+        segment_ids = jnp.pad(segment_ids, [(0, 0), (0, padded - seq)])
+    return q, k, v, segment_ids

@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from mosaicbert_jax.attention.block_sparsity import (fully_visible_block_ranges,
+from mosaicbert_jax.attention.block_sparsity import (fully_visible_block_ranges, pad_sequence,
                                                     visible_block_ranges)
 
 # JAX 0.11 marks its Pallas Triton backend deprecated and warns at every lowering; this
@@ -381,13 +381,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
     _check_inputs(q)
     seq = q.shape[1]
     sizes = block_sizes or default_block_sizes(seq, q.shape[-1])
-    multiple = max(sizes.blocks())
-    padded = -(-seq // multiple) * multiple
-    segment_ids = segment_ids.astype(jnp.int32)
-    if padded != seq:
-        pad = [(0, 0), (0, padded - seq), (0, 0), (0, 0)]
-        q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
-        segment_ids = jnp.pad(segment_ids, [(0, 0), (0, padded - seq)])
+    q, k, v, segment_ids = pad_sequence(q, k, v, segment_ids, max(sizes.blocks()))
     out = _flash(q, k, v, segment_ids, jnp.asarray(slopes, jnp.float32), float(scale), sizes,
                  interpret)
     return out[:, :seq]

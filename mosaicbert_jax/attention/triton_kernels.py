@@ -20,7 +20,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from mosaicbert_jax.attention.block_sparsity import (fully_visible_block_ranges,
+from mosaicbert_jax.attention.block_sparsity import (fully_visible_block_ranges, pad_sequence,
                                                     visible_block_ranges)
 from mosaicbert_jax.attention.pallas_gpu import BlockSizes, default_block_sizes
 
@@ -160,16 +160,8 @@ def prepare_inputs(q, k, v, segment_ids, block_sizes: Optional[BlockSizes]):
                          "be a power of two >= 16; use implementation='xla' for other sizes")
     if q.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
         raise ValueError(f"dtype {q.dtype} is not supported; use bfloat16, float16 or float32")
-    seq = q.shape[1]
-    sizes = block_sizes or default_block_sizes(seq, head_dim)
-    multiple = max(sizes.blocks())
-    padded = -(-seq // multiple) * multiple
-    segment_ids = segment_ids.astype(jnp.int32)
-    if padded != seq:
-        pad = [(0, 0), (0, padded - seq), (0, 0), (0, 0)]
-        q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
-        segment_ids = jnp.pad(segment_ids, [(0, 0), (0, padded - seq)])
-    return q, k, v, segment_ids, sizes
+    sizes = block_sizes or default_block_sizes(q.shape[1], head_dim)
+    return (*pad_sequence(q, k, v, segment_ids, max(sizes.blocks())), sizes)
 
 
 def triton_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
