@@ -45,3 +45,27 @@ def output_and_grads(fn, q, k, v, d_out):
         out, vjp = jax.vjp(fn, q, k, v)
         return (out, *vjp(d_out))
     return jax.jit(run)(q, k, v, d_out)
+
+
+def assert_close_to_fp32_reference(fn, segment_ids, slopes, scale, q, k, v, d_out, seed,
+                                   tolerance=2e-2):
+    """fn's output and gradients keep the inputs' dtype and lie within `tolerance` (relative)
+    of the XLA reference run on float32 copies of the same inputs."""
+    from mosaicbert_jax.attention.reference import xla_attention
+    got = output_and_grads(fn, q, k, v, d_out)
+    upcast = [x.astype(jnp.float32) for x in (q, k, v, d_out)]
+    want = output_and_grads(lambda q, k, v: xla_attention(q, k, v, segment_ids, slopes, scale),
+                            *upcast)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert g.dtype == q.dtype
+        err = relative_error(g, w)
+        assert err < tolerance, f"{name}: relative error {err:.2e} (seed {seed})"
+
+
+def assert_padding_rows_are_zero(results, segment_ids):
+    """Output and gradients are finite everywhere and exactly zero at padding positions."""
+    for x in results:
+        assert np.all(np.isfinite(np.asarray(x)))
+    padding = ~np.asarray(segment_ids, bool)
+    for x in results:
+        assert np.all(np.asarray(x)[padding] == 0.0)

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attention_cases import (fresh_rng, output_and_grads, random_inputs, relative_error,
+from attention_cases import (assert_close_to_fp32_reference, assert_padding_rows_are_zero,
+                             fresh_rng, output_and_grads, random_inputs, relative_error,
                              segment_layout)
 from mosaicbert_jax.attention import (alibi_slopes, attention, available_implementations,
                                       resolve_implementation)
@@ -59,16 +60,9 @@ def test_half_precision_within_2e_2_of_fp32_reference(dtype):
     segment_ids = jnp.asarray(segment_layout("padded", batch, seq, rng))
     slopes, scale = jnp.asarray(alibi_slopes(heads)), head_dim ** -0.5
     q, k, v, d_out = random_inputs(batch, seq, heads, head_dim, rng, dtype)
-    got = output_and_grads(
+    assert_close_to_fp32_reference(
         lambda q, k, v: attention(q, k, v, segment_ids, slopes, "pallas_interpret"),
-        q, k, v, d_out)
-    upcast = [x.astype(jnp.float32) for x in (q, k, v, d_out)]
-    want = output_and_grads(lambda q, k, v: xla_attention(q, k, v, segment_ids, slopes, scale),
-                             *upcast)
-    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
-        assert g.dtype == dtype
-        err = relative_error(g, w)
-        assert err < 2e-2, f"{name}: relative error {err:.2e} (seed {seed})"
+        segment_ids, slopes, scale, q, k, v, d_out, seed)
 
 
 def test_all_padding_rows_give_zeros_and_no_nan():
@@ -83,11 +77,7 @@ def test_all_padding_rows_give_zeros_and_no_nan():
         lambda q, k, v: flash_attention(q, k, v, segment_ids, slopes, scale,
                                         block_sizes=SMALL_BLOCKS, interpret=True),
         q, k, v, d_out)
-    for x in (out, dq, dk, dv):
-        assert np.all(np.isfinite(np.asarray(x)))
-    padding = ~np.asarray(segment_ids, bool)
-    for x in (out, dq, dk, dv):
-        assert np.all(np.asarray(x)[padding] == 0.0)
+    assert_padding_rows_are_zero((out, dq, dk, dv), segment_ids)
 
 
 @pytest.mark.parametrize("layout", ["one", "many", "padded"])

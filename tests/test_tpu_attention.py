@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from attention_cases import (fresh_rng, output_and_grads, random_inputs, relative_error,
+from attention_cases import (assert_close_to_fp32_reference, assert_padding_rows_are_zero,
+                             fresh_rng, output_and_grads, random_inputs, relative_error,
                              segment_layout)
 from mosaicbert_jax.attention import (alibi_slopes, attention, available_implementations,
                                       resolve_implementation)
@@ -58,16 +59,9 @@ def test_bfloat16_within_2e_2_of_fp32_reference_through_dispatcher():
     segment_ids = jnp.asarray(segment_layout("padded", batch, seq, rng))
     slopes, scale = jnp.asarray(alibi_slopes(heads)), head_dim ** -0.5
     q, k, v, d_out = random_inputs(batch, seq, heads, head_dim, rng, jnp.bfloat16)
-    got = output_and_grads(
+    assert_close_to_fp32_reference(
         lambda q, k, v: attention(q, k, v, segment_ids, slopes, "pallas_tpu_interpret"),
-        q, k, v, d_out)
-    upcast = [x.astype(jnp.float32) for x in (q, k, v, d_out)]
-    want = output_and_grads(lambda q, k, v: xla_attention(q, k, v, segment_ids, slopes, scale),
-                             *upcast)
-    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
-        assert g.dtype == jnp.bfloat16
-        err = relative_error(g, w)
-        assert err < 2e-2, f"{name}: relative error {err:.2e} (seed {seed})"
+        segment_ids, slopes, scale, q, k, v, d_out, seed)
 
 
 def test_all_padding_rows_give_zeros_and_no_nan_under_tpu_interpreter():
@@ -85,11 +79,7 @@ def test_all_padding_rows_give_zeros_and_no_nan_under_tpu_interpreter():
                                             block_sizes=TpuBlockSizes(heads_per_block=2),
                                             interpret=pltpu.InterpretParams()),
         q, k, v, d_out)
-    for x in (out, dq, dk, dv):
-        assert np.all(np.isfinite(np.asarray(x)))
-    padding = ~np.asarray(segment_ids, bool)
-    for x in (out, dq, dk, dv):
-        assert np.all(np.asarray(x)[padding] == 0.0)
+    assert_padding_rows_are_zero((out, dq, dk, dv), segment_ids)
     want = xla_attention(q, k, v, segment_ids, slopes, scale)
     assert relative_error(out, want) < 1e-5
 
