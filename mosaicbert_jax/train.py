@@ -16,10 +16,10 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from mosaicbert_jax.config import MosaicBertConfig
-from mosaicbert_jax.model import MosaicBertForMaskedLM
+from mosaicbert_jax.checkpoint import config_to_dict
+from mosaicbert_jax.model import MosaicBertForMaskedLM, count_params
 from mosaicbert_jax.optim import decoupled_adamw, warmup_linear_decay
 from mosaicbert_jax.sharding import batch_sharding, data_parallel_size, make_mesh
 from mosaicbert_jax.training.checkpoints import TrainCheckpoints
@@ -134,9 +134,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                          oc.clip_norm or None)
     model = MosaicBertForMaskedLM(model_cfg)
     state, shardings = init_state(model, tx, tc.seed, mesh)
-    n_params = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(state["params"])))
+    n_params = count_params(state["params"])
 
-    from mosaicbert_jax.checkpoint import config_to_dict
     ckpt = TrainCheckpoints(workdir, keep=tc.keep_checkpoints, async_save=tc.async_checkpointing)
     start = ckpt.latest_step() or 0
     if start:
