@@ -17,6 +17,7 @@ from mosaicbert_jax import MosaicBertConfig, MosaicBertForMaskedLM, alibi_slopes
 from mosaicbert_jax.optim import decoupled_adamw, warmup_linear_decay
 from mosaicbert_jax.synthetic import SyntheticMLMBatches
 from mosaicbert_jax.training.step import masked_lm_sums
+from mosaicbert_jax.xla_flags import apply_gpu_defaults
 
 
 def bench(fn, *args, steps=10):
@@ -40,6 +41,7 @@ def main():
     p.add_argument("--attention", default="xla")
     p.add_argument("--steps", type=int, default=10)
     a = p.parse_args()
+    apply_gpu_defaults()  # time what the train command runs
     cfg = MosaicBertConfig.from_preset(a.preset, dtype="bfloat16",
                                        attention_implementation=a.attention)
     model = MosaicBertForMaskedLM(cfg)
@@ -50,7 +52,10 @@ def main():
     tx = decoupled_adamw(warmup_linear_decay(5e-4, 1000), 5e-4)
     opt_state = jax.jit(tx.init)(params)
 
-    def loss(p, rng, deterministic):
+    hash_model = MosaicBertForMaskedLM(cfg.replace(dropout_rng="hash"))
+    threefry_model = MosaicBertForMaskedLM(cfg.replace(dropout_rng="threefry"))
+
+    def loss(p, rng, deterministic, model=hash_model):
         logits = model.apply({"params": p}, batch["input_ids"], batch["segment_ids"],
                              masked_positions=batch["masked_positions"],
                              deterministic=deterministic, rngs={"dropout": rng})
@@ -60,6 +65,7 @@ def main():
     fwd = jax.jit(lambda p, r: loss(p, r, True))
     grad_det = jax.jit(jax.grad(lambda p, r: loss(p, r, True)))
     grad_drop = jax.jit(jax.grad(lambda p, r: loss(p, r, False)))
+    grad_threefry = jax.jit(jax.grad(lambda p, r: loss(p, r, False, threefry_model)))
 
     @jax.jit
     def full(p, o, r):
@@ -79,11 +85,13 @@ def main():
     rows = [
         ("forward (deterministic)", bench(fwd, params, tkey, steps=a.steps)),
         ("fwd+bwd, no dropout", bench(grad_det, params, tkey, steps=a.steps)),
-        ("fwd+bwd, dropout threefry", bench(grad_drop, params, tkey, steps=a.steps)),
-        ("fwd+bwd, dropout rbg", bench(grad_drop, params, rkey, steps=a.steps)),
+        ("fwd+bwd, hash dropout", bench(grad_drop, params, tkey, steps=a.steps)),
+        ("fwd+bwd, threefry dropout (nn.Dropout)",
+         bench(grad_threefry, params, tkey, steps=a.steps)),
+        ("fwd+bwd, threefry dropout, rbg keys",
+         bench(grad_threefry, params, rkey, steps=a.steps)),
         ("optimizer update only", bench(upd, params, opt_state, params, steps=a.steps)),
-        ("full step, threefry", bench(full, params, opt_state, tkey, steps=a.steps)),
-        ("full step, rbg", bench(full, params, opt_state, rkey, steps=a.steps)),
+        ("full step, hash dropout", bench(full, params, opt_state, tkey, steps=a.steps)),
         (f"attention {a.attention} fwd x{cfg.num_hidden_layers}",
          cfg.num_hidden_layers * bench(att_f, q, steps=a.steps)),
         (f"attention {a.attention} fwd+bwd x{cfg.num_hidden_layers}",

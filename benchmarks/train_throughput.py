@@ -11,6 +11,7 @@ BertForMaskedLM (bf16 autocast, SDPA) at the same batch in a subprocess.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -27,6 +28,7 @@ from mosaicbert_jax.sharding import batch_sharding, make_mesh
 from mosaicbert_jax.synthetic import SyntheticMLMBatches
 from mosaicbert_jax.training.flops import training_flops_per_token
 from mosaicbert_jax.training.step import init_state, make_train_step
+from mosaicbert_jax.xla_flags import apply_gpu_defaults
 
 
 def matmul_ceiling_tflops(n: int = 8192, reps: int = 20) -> float:
@@ -43,23 +45,34 @@ def matmul_ceiling_tflops(n: int = 8192, reps: int = 20) -> float:
     return 2 * n ** 3 / float(np.median(times)) / 1e12
 
 
-def time_train_step(preset: str, seq_len: int, batch_per_device: int, attention: str,
-                    mesh_axes: dict, steps: int, microbatches: int, remat: bool,
-                    mean_doc_len: int) -> dict:
+def build_train_step(preset: str, seq_len: int, batch_per_device: int, attention: str,
+                     mesh_axes: dict, microbatches: int = 1, remat: bool = False,
+                     mean_doc_len: int = 0, dropout_rng: str = "hash"):
+    """The real jitted train step of a preset, its initial state and 4 sharded batches."""
     mesh = make_mesh(mesh_axes)
-    n_dev = mesh.devices.size
-    cfg = MosaicBertConfig.from_preset(preset, dtype="bfloat16",
-                                       attention_implementation=attention, remat=remat)
+    cfg = MosaicBertConfig.from_preset(preset, dtype="bfloat16", remat=remat,
+                                       attention_implementation=attention,
+                                       dropout_rng=dropout_rng)
     model = MosaicBertForMaskedLM(cfg)
     schedule = warmup_linear_decay(5e-4, 70_000)
     tx = decoupled_adamw(schedule, 5e-4, 0.9, 0.98, 1e-6, 1e-5)
     state, shardings = init_state(model, tx, 17, mesh)
     step = make_train_step(model, tx, schedule, mesh, shardings, microbatches)
-    global_batch = batch_per_device * n_dev
+    global_batch = batch_per_device * mesh.devices.size
     data = SyntheticMLMBatches(global_batch, seq_len, cfg.vocab_size, 0.3, seed=1,
                                mean_doc_len=mean_doc_len or None)
-    sharding = batch_sharding(mesh)
-    batches = [jax.device_put(next(data), sharding) for _ in range(4)]
+    batches = [jax.device_put(next(data), batch_sharding(mesh)) for _ in range(4)]
+    return step, state, batches, cfg, mesh
+
+
+def time_train_step(preset: str, seq_len: int, batch_per_device: int, attention: str,
+                    mesh_axes: dict, steps: int, microbatches: int, remat: bool,
+                    mean_doc_len: int, dropout_rng: str = "hash") -> dict:
+    step, state, batches, cfg, mesh = build_train_step(
+        preset, seq_len, batch_per_device, attention, mesh_axes, microbatches, remat,
+        mean_doc_len, dropout_rng)
+    n_dev = mesh.devices.size
+    global_batch = batch_per_device * n_dev
     t0 = time.perf_counter()
     state, metrics = step(state, batches[0])
     jax.block_until_ready(metrics)
@@ -80,8 +93,9 @@ def time_train_step(preset: str, seq_len: int, batch_per_device: int, attention:
         raise RuntimeError(f"non-finite loss {loss} for {preset}:{seq_len}")
     tokens_per_s = global_batch * seq_len / step_s
     return {"preset": preset, "seq_len": seq_len, "batch_per_device": batch_per_device,
-            "devices": n_dev, "attention": attention, "mesh": dict(mesh.shape),
-            "step_ms": step_s * 1e3, "tokens_per_s_per_device": tokens_per_s / n_dev,
+            "devices": n_dev, "attention": attention, "dropout_rng": dropout_rng,
+            "mesh": dict(mesh.shape), "step_ms": step_s * 1e3,
+            "tokens_per_s_per_device": tokens_per_s / n_dev,
             "flops_per_token": training_flops_per_token(cfg, seq_len, 0.3),
             "compile_s": compile_s, "loss": loss, "spread_ms": (max(times) - min(times)) * 1e3}
 
@@ -138,6 +152,7 @@ def main() -> None:
     parser.add_argument("--cases", default="base:128:256,base:512:64",
                         help="comma list of preset:seq_len:batch_per_device")
     parser.add_argument("--attention", default="auto", help="comma list of implementations")
+    parser.add_argument("--dropout-rng", default="hash", help="comma list: hash, threefry")
     parser.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--microbatches", type=int, default=1)
@@ -146,7 +161,11 @@ def main() -> None:
                         help="0: one document per row; else exponential doc lengths")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--json", default="", help="also write results to this file")
+    parser.add_argument("--no-xla-defaults", action="store_true",
+                        help="leave XLA_FLAGS as given (default: add mosaicbert_jax.xla_flags)")
     args = parser.parse_args()
+    if not args.no_xla_defaults:
+        apply_gpu_defaults()  # what the train command runs with
 
     # The torch reference runs first, in its own process, before JAX takes the GPU memory.
     cases = [(p, int(s), int(b)) for p, s, b in (c.split(":") for c in args.cases.split(","))]
@@ -162,27 +181,30 @@ def main() -> None:
           f"matmul ceiling {ceiling:.0f} TFLOP/s (bf16 8192^3, measured now)")
     rows = []
     for preset, seq, batch in cases:
-        for attention in args.attention.split(","):
+        for attention, dropout_rng in itertools.product(args.attention.split(","),
+                                                        args.dropout_rng.split(",")):
             try:
                 r = time_train_step(preset, seq, batch, attention, mesh_axes, args.steps,
-                                    args.microbatches, args.remat, args.mean_doc_len)
+                                    args.microbatches, args.remat, args.mean_doc_len,
+                                    dropout_rng)
             except Exception as e:  # report and go on to the next case
-                print(f"{preset}:{seq}:{batch} {attention}: FAILED {type(e).__name__}: "
-                      f"{str(e)[:300]}")
+                print(f"{preset}:{seq}:{batch} {attention} {dropout_rng}: FAILED "
+                      f"{type(e).__name__}: {str(e)[:300]}")
                 continue
             r["mfu"] = r["tokens_per_s_per_device"] * r["flops_per_token"] / (ceiling * 1e12)
             ref = torch_results.get((preset, seq, batch))
             r["torch_tokens_per_s"] = ref["tokens_per_s"] if ref else None
             rows.append(r)
             print(json.dumps(r), flush=True)
-    print(f"\n| model | seq | batch/dev | attention | step ms | tokens/s/dev | MFU (vs "
+    print(f"\n| model | seq | batch/dev | attention | dropout | step ms | tokens/s/dev | MFU (vs "
           f"{ceiling:.0f}) | HF BERT torch tokens/s | ratio |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         ref = r["torch_tokens_per_s"]
         ref_text = f"{ref:,.0f}" if ref else "-"
         ratio = f"{r['tokens_per_s_per_device'] / ref:.2f}x" if ref else "-"
         print(f"| {r['preset']} | {r['seq_len']} | {r['batch_per_device']} | {r['attention']} | "
+              f"{r['dropout_rng']} | "
               f"{r['step_ms']:.1f} | {r['tokens_per_s_per_device']:,.0f} | {r['mfu']:.1%} | "
               f"{ref_text} | {ratio} |")
     if args.json:

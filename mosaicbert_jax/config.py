@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 import jax.numpy as jnp
 
+DROPOUT_RNGS = ("hash", "threefry")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas", "pallas_interpret", "triton")
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -42,6 +43,9 @@ class MosaicBertConfig:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention_implementation: str = "auto"
+    # Dropout masks: "hash" (fused, recomputed in the backward; see dropout.py) or "threefry"
+    # (flax nn.Dropout).
+    dropout_rng: str = "hash"
     # Rematerialise each layer's activations in the backward pass (saves memory).
     remat: bool = False
     num_labels: int = 2
@@ -62,6 +66,8 @@ class MosaicBertConfig:
             raise ValueError(
                 f"attention_implementation={self.attention_implementation!r} is not one of "
                 f"{ATTENTION_IMPLEMENTATIONS}")
+        if self.dropout_rng not in DROPOUT_RNGS:
+            raise ValueError(f"dropout_rng={self.dropout_rng!r} is not one of {DROPOUT_RNGS}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")

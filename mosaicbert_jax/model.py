@@ -18,6 +18,7 @@ import numpy as np
 
 from mosaicbert_jax.attention import alibi_slopes, attention
 from mosaicbert_jax.config import MosaicBertConfig
+from mosaicbert_jax.dropout import Dropout
 
 
 def _dense_init(config: MosaicBertConfig):
@@ -25,8 +26,12 @@ def _dense_init(config: MosaicBertConfig):
 
 
 def gelu(x: jax.Array) -> jax.Array:
-    """Exact (erf) GELU, as the reference uses."""
-    return jax.nn.gelu(x, approximate=False)
+    """Exact (erf) GELU, as the reference uses, evaluated in float32 whatever x's dtype.
+
+    In bf16 jax.nn.gelu would round its constants and erf to 8 bits (PyTorch's bf16 GELU
+    computes in float32 too); the upcast fuses into the neighbouring kernels for free.
+    """
+    return jax.nn.gelu(x.astype(jnp.float32), approximate=False)
 
 
 def check_inputs(config: MosaicBertConfig, input_ids: Any, segment_ids: Any,
@@ -93,7 +98,7 @@ class MosaicBertEmbeddings(nn.Module):
                        name="token_type_embeddings")(token_type_ids)
         x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype,
                          param_dtype=cfg.param_dtype, name="LayerNorm")(x)
-        return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+        return Dropout(cfg.hidden_dropout_prob, cfg.dropout_rng)(x, deterministic)
 
 
 class MosaicBertSelfAttention(nn.Module):
@@ -124,7 +129,7 @@ class MosaicBertSelfOutput(nn.Module):
         cfg = self.config
         hidden = nn.Dense(cfg.hidden_size, kernel_init=_dense_init(cfg), dtype=cfg.dtype,
                           param_dtype=cfg.param_dtype, name="dense")(hidden)
-        hidden = nn.Dropout(cfg.hidden_dropout_prob)(hidden, deterministic=deterministic)
+        hidden = Dropout(cfg.hidden_dropout_prob, cfg.dropout_rng)(hidden, deterministic)
         return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype,
                             param_dtype=cfg.param_dtype, name="LayerNorm")(hidden + residual)
 
@@ -140,8 +145,8 @@ class MosaicBertGatedMLP(nn.Module):
         h = nn.Dense(2 * cfg.intermediate_size, use_bias=False, kernel_init=_dense_init(cfg),
                      dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="gated_layers")(x)
         gated, non_gated = h[..., :cfg.intermediate_size], h[..., cfg.intermediate_size:]
-        h = gelu(gated) * non_gated
-        h = nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
+        h = (gelu(gated) * non_gated.astype(jnp.float32)).astype(cfg.dtype)
+        h = Dropout(cfg.hidden_dropout_prob, cfg.dropout_rng)(h, deterministic)
         h = nn.Dense(cfg.hidden_size, kernel_init=_dense_init(cfg), dtype=cfg.dtype,
                      param_dtype=cfg.param_dtype, name="wo")(h)
         return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype,
@@ -219,14 +224,16 @@ class MosaicBertMLMHead(nn.Module):
         cfg = self.config
         x = nn.Dense(cfg.hidden_size, kernel_init=_dense_init(cfg), dtype=cfg.dtype,
                      param_dtype=cfg.param_dtype, name="transform_dense")(x)
-        x = gelu(x)
+        x = gelu(x).astype(cfg.dtype)
         x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype,
                          param_dtype=cfg.param_dtype, name="transform_LayerNorm")(x)
-        logits = jnp.einsum("...h,vh->...v", x, word_embeddings.astype(cfg.dtype),
-                            preferred_element_type=jnp.float32)
+        # The matmul writes logits in the compute dtype (as PyTorch autocast does) and the
+        # upcast fuses into the loss: float32 output here costs 2.5 ms of a 66 ms base step
+        # on an H100 for the 30528-wide logits, with the same loss to 4 digits.
+        logits = jnp.einsum("...h,vh->...v", x, word_embeddings.astype(cfg.dtype))
         bias = self.param("decoder_bias", nn.initializers.zeros, (cfg.vocab_size,),
                           cfg.param_dtype)
-        return logits + bias.astype(jnp.float32)
+        return logits.astype(jnp.float32) + bias.astype(jnp.float32)
 
 
 class MosaicBertForMaskedLM(nn.Module):
@@ -266,7 +273,7 @@ class MosaicBertForSequenceClassification(nn.Module):
         pooled = jnp.tanh(pooled)
         rate = (cfg.classifier_dropout_prob if cfg.classifier_dropout_prob is not None
                 else cfg.hidden_dropout_prob)
-        pooled = nn.Dropout(rate)(pooled, deterministic=deterministic)
+        pooled = Dropout(rate, cfg.dropout_rng)(pooled, deterministic)
         logits = nn.Dense(cfg.num_labels, kernel_init=_dense_init(cfg), dtype=cfg.dtype,
                           param_dtype=cfg.param_dtype, name="classifier")(pooled)
         return logits.astype(jnp.float32)

@@ -29,6 +29,7 @@ from mosaicbert_jax.training.inputs import fit_model_vocab, make_iterators
 from mosaicbert_jax.training.metrics_log import MetricsLog, format_duration
 from mosaicbert_jax.training.step import (BATCH_KEYS, init_state, make_eval_step,
                                           make_train_step)
+from mosaicbert_jax.xla_flags import apply_gpu_defaults
 
 
 def maybe_initialize_distributed(mode: str) -> None:
@@ -63,7 +64,8 @@ def copy_data_tokenizer(shards_dir: str, workdir: str) -> None:
 def model_config_from(config: ml_collections.ConfigDict) -> MosaicBertConfig:
     overrides: dict[str, Any] = dict(
         dtype=config.model.dtype, attention_implementation=config.model.attention_implementation,
-        remat=config.model.remat, hidden_dropout_prob=config.model.hidden_dropout_prob)
+        remat=config.model.remat, hidden_dropout_prob=config.model.hidden_dropout_prob,
+        dropout_rng=config.model.dropout_rng)
     if config.model.vocab_size > 0:
         overrides["vocab_size"] = config.model.vocab_size
     return MosaicBertConfig.from_preset(config.model.preset, **overrides)
@@ -221,6 +223,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     flags.mark_flags_as_required(["config", "workdir"])
 
     def run(_):
+        apply_gpu_defaults()  # before the first computation initialises the backend
         if not flags.FLAGS["verbosity"].present:  # keep Orbax's INFO chatter off the console
             logging.set_verbosity(logging.WARNING)
         train_and_evaluate(flags.FLAGS.config, os.path.expanduser(flags.FLAGS.workdir))

@@ -8,6 +8,7 @@ import pytest
 from mosaicbert_jax import (MosaicBertConfig, MosaicBertForMaskedLM,
                             MosaicBertForSequenceClassification, MosaicBertModel, alibi_slopes,
                             attention, count_params)
+from mosaicbert_jax.model import gelu
 
 TINY = MosaicBertConfig.tiny(vocab_size=512)
 
@@ -153,6 +154,32 @@ def test_dropout_only_when_not_deterministic_and_reproducible():
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)
     assert not np.allclose(a, det1)
+
+
+def test_gelu_is_evaluated_in_float32_for_bf16_inputs():
+    x = jnp.linspace(-4, 4, 1001, dtype=jnp.float32).astype(jnp.bfloat16)
+    exact = jax.nn.gelu(x.astype(jnp.float32), approximate=False)
+    ours = gelu(x)
+    assert ours.dtype == jnp.float32
+    np.testing.assert_allclose(ours, exact, rtol=1e-6, atol=1e-7)
+    # What bf16 arithmetic throughout would give is visibly worse.
+    assert float(jnp.abs(jax.nn.gelu(x, approximate=False).astype(jnp.float32) - exact).max()) \
+        > 10 * float(jnp.abs(ours - exact).max())
+
+
+@pytest.mark.parametrize("dropout_rng", ["hash", "threefry"])
+def test_both_dropout_sources_drop_in_the_model(dropout_rng):
+    model = MosaicBertForMaskedLM(TINY.replace(dropout_rng=dropout_rng))
+    params = _init(model, jax.random.key(0))
+    ids = jnp.arange(1, 17, dtype=jnp.int32)[None]
+    seg = jnp.ones_like(ids)
+    det = model.apply({"params": params}, ids, seg, deterministic=True)
+    loss = lambda p, key: model.apply({"params": p}, ids, seg, deterministic=False,
+                                      rngs={"dropout": key}).mean()
+    grads = jax.jit(jax.grad(loss))(params, jax.random.key(3))
+    assert all(np.isfinite(g).all() for g in jax.tree_util.tree_leaves(grads))
+    assert not np.allclose(model.apply({"params": params}, ids, seg, deterministic=False,
+                                       rngs={"dropout": jax.random.key(3)}), det)
 
 
 def test_classification_model_shapes_and_param_names():

@@ -70,7 +70,10 @@ def _forward_blocks(acc, row_max, row_sum, q, q_pos, q_seg, K, V, KSEG, base, se
                           MASKED, PRECISION)
         new_max = tl.maximum(row_max, tl.max(s, axis=1))
         rescale = tl.exp2((row_max - new_max) * log2_scale)
-        p = tl.exp2(s * log2_scale - (new_max * log2_scale)[:, None])
+        # Subtract before scaling: with FMA contraction, s * c - m * c rounds m * c but not
+        # s * c, and for a row that has seen only masked keys (s = m = MASK_VALUE) the
+        # rounding error of 1e29-sized numbers lands in exp2 (wrong rows on an H100).
+        p = tl.exp2((s - new_max[:, None]) * log2_scale)
         row_sum = row_sum * rescale + tl.sum(p, axis=1)
         v = _tile(V, base, keys, ROW_STRIDE, HEAD_DIM)
         acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)

@@ -18,6 +18,7 @@ def get_default_config() -> ml_collections.ConfigDict:
         attention_implementation="auto",
         remat=False,
         hidden_dropout_prob=0.1,
+        dropout_rng="hash",         # hash (fused, no stored mask) | threefry (flax nn.Dropout)
         vocab_size=-1,              # -1: the preset's (30528 for bert-base-uncased)
     ))
     c.data = ml_collections.ConfigDict(dict(

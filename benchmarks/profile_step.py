@@ -1,0 +1,101 @@
+"""Where the GPU time of one train step goes, kernel by kernel (jax.profiler trace, no TensorBoard).
+
+  PYTHONPATH=. python benchmarks/profile_step.py --case base:128:256 --attention pallas
+
+Traces a few steps of the real train step (as benchmarks/train_throughput.py builds it), reads
+the trace with jax.profiler.ProfileData and prints GPU time per step by kernel category and
+the top kernels, so optimisation targets are measured rather than guessed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import tempfile
+
+import jax
+
+from mosaicbert_jax.xla_flags import apply_gpu_defaults
+from train_throughput import build_train_step
+
+CATEGORIES = [  # first match wins; matched against the lower-cased kernel name
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "wgmma", "dot")),
+    ("attention (pallas/triton)", ("mha", "flash", "attention", "pallas", "_fwd", "_bwd")),
+    ("reduction fusion", ("reduce", "reduction")),
+    ("copy/transpose", ("copy", "transpose", "concatenate", "dynamic_update", "slice")),
+    ("elementwise fusion", ("fusion", "loop_", "elementwise")),
+    ("memset/memcpy", ("memset", "memcpy")),
+]
+
+
+def category(name: str) -> str:
+    lower = name.lower()
+    for label, needles in CATEGORIES:
+        if any(n in lower for n in needles):
+            return label
+    return "other"
+
+
+def gpu_kernel_events(trace_dir: str):
+    """(name, duration_ms) of every kernel on the first GPU's stream lines of the trace."""
+    from jax.profiler import ProfileData
+    paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    if not paths:
+        raise FileNotFoundError(f"no .xplane.pb under {trace_dir}")
+    data = ProfileData.from_file(paths[0])
+    plane = data.find_plane_with_name("/device:GPU:0")
+    if plane is None:
+        raise RuntimeError(f"no /device:GPU:0 plane; planes: {[p.name for p in data.planes]}")
+    events = []
+    for line in plane.lines:
+        if not line.name.lower().startswith("stream"):
+            continue
+        for event in line.events:
+            events.append((event.name, event.duration_ns / 1e6))
+    return events
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", default="base:128:256", help="preset:seq_len:batch")
+    parser.add_argument("--attention", default="auto")
+    parser.add_argument("--dropout-rng", default="hash")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--top", type=int, default=30)
+    args = parser.parse_args()
+    apply_gpu_defaults()  # profile what the train command runs
+    preset, seq, batch = args.case.split(":")
+    step, state, batches, _, _ = build_train_step(preset, int(seq), int(batch), args.attention,
+                                                  {"data": 1, "fsdp": -1, "tensor": 1},
+                                                  dropout_rng=args.dropout_rng)
+    for i in range(3):  # compile and warm up outside the trace
+        state, metrics = step(state, batches[i % 4])
+    jax.block_until_ready(metrics)
+    trace_dir = tempfile.mkdtemp(prefix="mosaicbert_trace_")
+    with jax.profiler.trace(trace_dir):
+        for i in range(args.steps):
+            state, metrics = step(state, batches[i % 4])
+        jax.block_until_ready(metrics)
+    events = gpu_kernel_events(trace_dir)
+    per_step = 1.0 / args.steps
+    by_cat, by_name, counts = collections.Counter(), collections.Counter(), collections.Counter()
+    for name, ms in events:
+        by_cat[category(name)] += ms * per_step
+        by_name[name] += ms * per_step
+        counts[name] += 1
+    total = sum(by_cat.values())
+    print(f"\n{args.case} attention={args.attention} dropout={args.dropout_rng} on "
+          f"{jax.devices()[0].device_kind}: {total:.1f} ms of kernels per step, "
+          f"{len(events) / args.steps:.0f} kernels per step")
+    print("| category | ms/step | share |\n| --- | --- | --- |")
+    for label, ms in by_cat.most_common():
+        print(f"| {label} | {ms:.2f} | {ms / total:.1%} |")
+    print(f"\n| top kernels | calls/step | ms/step |\n| --- | --- | --- |")
+    for name, ms in by_name.most_common(args.top):
+        print(f"| {name[:110]} | {counts[name] / args.steps:.0f} | {ms:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
