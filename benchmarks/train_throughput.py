@@ -6,6 +6,8 @@ ceiling that this same run measures. Then (unless --no-torch) times transformers
 BertForMaskedLM (bf16 autocast, SDPA) at the same batch in a subprocess.
 
   PYTHONPATH=. python benchmarks/train_throughput.py --cases base:128:256,base:512:64
+On several GPUs, --scaling times each case on one GPU and then on all of them with a
+data-parallel and an FSDP mesh, and prints per-GPU throughput and scaling efficiency.
 """
 
 from __future__ import annotations
@@ -47,9 +49,9 @@ def matmul_ceiling_tflops(n: int = 8192, reps: int = 20) -> float:
 
 def build_train_step(preset: str, seq_len: int, batch_per_device: int, attention: str,
                      mesh_axes: dict, microbatches: int = 1, remat: bool = False,
-                     mean_doc_len: int = 0, dropout_rng: str = "hash"):
+                     mean_doc_len: int = 0, dropout_rng: str = "hash", devices=None):
     """The real jitted train step of a preset, its initial state and 4 sharded batches."""
-    mesh = make_mesh(mesh_axes)
+    mesh = make_mesh(mesh_axes, devices)
     cfg = MosaicBertConfig.from_preset(preset, dtype="bfloat16", remat=remat,
                                        attention_implementation=attention,
                                        dropout_rng=dropout_rng)
@@ -67,10 +69,10 @@ def build_train_step(preset: str, seq_len: int, batch_per_device: int, attention
 
 def time_train_step(preset: str, seq_len: int, batch_per_device: int, attention: str,
                     mesh_axes: dict, steps: int, microbatches: int, remat: bool,
-                    mean_doc_len: int, dropout_rng: str = "hash") -> dict:
+                    mean_doc_len: int, dropout_rng: str = "hash", devices=None) -> dict:
     step, state, batches, cfg, mesh = build_train_step(
         preset, seq_len, batch_per_device, attention, mesh_axes, microbatches, remat,
-        mean_doc_len, dropout_rng)
+        mean_doc_len, dropout_rng, devices)
     n_dev = mesh.devices.size
     global_batch = batch_per_device * n_dev
     t0 = time.perf_counter()
@@ -147,6 +149,27 @@ def time_torch_reference(preset: str, seq_len: int, batch: int, steps: int) -> d
     return None
 
 
+def parse_mesh(text: str) -> dict:
+    return {k: int(v) for k, v in (x.split("=") for x in text.split(","))}
+
+
+def print_scaling(rows: list[dict]) -> None:
+    """Per-device throughput of each multi-device mesh as a share of the 1-device run."""
+    print("\n| model | seq | batch/dev | attention | mesh | devices | tokens/s/dev | "
+          "scaling efficiency |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    key = lambda r: (r["preset"], r["seq_len"], r["batch_per_device"], r["attention"],
+                     r["dropout_rng"])
+    single = {key(r): r for r in rows if r["mesh_name"] == "1 device"}
+    for r in rows:
+        base = single.get(key(r))
+        share = (f"{r['tokens_per_s_per_device'] / base['tokens_per_s_per_device']:.1%}"
+                 if base else "-")
+        print(f"| {r['preset']} | {r['seq_len']} | {r['batch_per_device']} | {r['attention']} "
+              f"| {r['mesh_name']} | {r['devices']} | {r['tokens_per_s_per_device']:,.0f} | "
+              f"{share} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="base:128:256,base:512:64",
@@ -154,6 +177,9 @@ def main() -> None:
     parser.add_argument("--attention", default="auto", help="comma list of implementations")
     parser.add_argument("--dropout-rng", default="hash", help="comma list: hash, threefry")
     parser.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1")
+    parser.add_argument("--scaling", action="store_true",
+                        help="time each case on 1 device, then on all with a data-parallel and "
+                             "an FSDP mesh, and report per-device scaling efficiency")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--microbatches", type=int, default=1)
     parser.add_argument("--remat", action="store_true")
@@ -174,23 +200,28 @@ def main() -> None:
         for preset, seq, batch in cases:
             torch_results[(preset, seq, batch)] = time_torch_reference(preset, seq, batch,
                                                                        args.steps)
-    mesh_axes = {k: int(v) for k, v in (x.split("=") for x in args.mesh.split(","))}
+    meshes = [(args.mesh, parse_mesh(args.mesh), None)]
+    if args.scaling:
+        meshes = [("1 device", parse_mesh("data=1,fsdp=1,tensor=1"), jax.devices()[:1]),
+                  ("data parallel", parse_mesh("data=-1,fsdp=1,tensor=1"), None),
+                  ("fsdp", parse_mesh("data=1,fsdp=-1,tensor=1"), None)]
     ceiling = matmul_ceiling_tflops() if jax.default_backend() != "cpu" else float("nan")
     device = jax.devices()[0].device_kind
     print(f"device: {jax.device_count()} x {device}, jax {jax.__version__}, "
           f"matmul ceiling {ceiling:.0f} TFLOP/s (bf16 8192^3, measured now)")
     rows = []
     for preset, seq, batch in cases:
-        for attention, dropout_rng in itertools.product(args.attention.split(","),
-                                                        args.dropout_rng.split(",")):
+        for attention, dropout_rng, (mesh_name, mesh_axes, devices) in itertools.product(
+                args.attention.split(","), args.dropout_rng.split(","), meshes):
             try:
                 r = time_train_step(preset, seq, batch, attention, mesh_axes, args.steps,
                                     args.microbatches, args.remat, args.mean_doc_len,
-                                    dropout_rng)
+                                    dropout_rng, devices)
             except Exception as e:  # report and go on to the next case
                 print(f"{preset}:{seq}:{batch} {attention} {dropout_rng}: FAILED "
                       f"{type(e).__name__}: {str(e)[:300]}")
                 continue
+            r["mesh_name"] = mesh_name
             r["mfu"] = r["tokens_per_s_per_device"] * r["flops_per_token"] / (ceiling * 1e12)
             ref = torch_results.get((preset, seq, batch))
             r["torch_tokens_per_s"] = ref["tokens_per_s"] if ref else None
@@ -207,6 +238,8 @@ def main() -> None:
               f"{r['dropout_rng']} | "
               f"{r['step_ms']:.1f} | {r['tokens_per_s_per_device']:,.0f} | {r['mfu']:.1%} | "
               f"{ref_text} | {ratio} |")
+    if args.scaling:
+        print_scaling(rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device, "ceiling_tflops": ceiling, "rows": rows}, f, indent=1)
