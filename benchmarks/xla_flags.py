@@ -3,7 +3,8 @@
   PYTHONPATH=. python benchmarks/xla_flags.py --case base:128:256 --attention pallas
 
 XLA reads XLA_FLAGS once per process, so every variant runs benchmarks/train_throughput.py
-in its own subprocess (no PyTorch reference). A flag this XLA does not know aborts only its
+in its own subprocess (no PyTorch reference, and without the flags mosaicbert_jax/xla_flags.py
+adds, so "default" is XLA's own defaults). A flag this XLA does not know aborts only its
 own row, reported as failed.
 """
 
@@ -30,7 +31,8 @@ def run_variant(flags: str, case: str, attention: str, steps: int) -> dict | Non
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
         proc = subprocess.run([sys.executable, script, "--cases", case, "--attention", attention,
-                               "--steps", str(steps), "--no-torch", "--json", out.name],
+                               "--steps", str(steps), "--no-torch", "--no-xla-defaults",
+                               "--json", out.name],
                               env=env, capture_output=True, text=True, timeout=900)
         if proc.returncode != 0 or os.path.getsize(out.name) == 0:
             print(f"  failed ({proc.returncode}): {proc.stderr.strip()[-400:]}", flush=True)

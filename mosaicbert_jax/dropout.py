@@ -1,4 +1,4 @@
-"""Dropout whose mask is a keyed hash of each element's index, recomputed in the backward.
+"""Dropout whose mask is a keyed hash of each element's position, recomputed in the backward.
 
 Flax's `nn.Dropout` draws a threefry value per element and autodiff stores the boolean mask
 for the backward. MosaicBERT-base drops 1.5G elements a step (the 3072-wide GLU output is

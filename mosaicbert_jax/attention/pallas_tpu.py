@@ -122,6 +122,14 @@ def _distance(row_start, col_start, rows: int, cols: int) -> jax.Array:
     return jnp.abs(rel.astype(jnp.float32))
 
 
+def _alibi_logits(a, b, scale: float, slope, distance, same) -> jax.Array:
+    """fp32 a b^T * scale - slope * |i - j|, set to MASK_VALUE where `same` is False (None:
+    an unmasked tile)."""
+    s = lax.dot_general(a, b, _NT, preferred_element_type=jnp.float32)
+    s = s * scale - slope * distance
+    return s if same is None else jnp.where(same, s, MASK_VALUE)
+
+
 def _same_segment(row_ids_ref, col_ids_ref, cols: int) -> jax.Array:
     """bool [rows, cols] from lane-broadcast row ids [rows, 128] and key-row ids [8, cols]."""
     row_ids = jnp.tile(row_ids_ref[...], (1, cols // NUM_LANES))
@@ -183,10 +191,7 @@ def _forward_kernel(plan_ref, slopes_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_re
 
         def one_head(h):
             slope = slopes_ref[head_block * heads + h]
-            s = lax.dot_general(q_ref[h], k_ref[h], _NT, preferred_element_type=jnp.float32)
-            s = s * scale - slope * distance
-            if masked:
-                s = jnp.where(same, s, MASK_VALUE)
+            s = _alibi_logits(q_ref[h], k_ref[h], scale, slope, distance, same)
             m_prev = m_scratch[h]
             m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
             p = jnp.exp(s - _lanes(m_next, block_k))
@@ -239,10 +244,7 @@ def _dkdv_kernel(plan_ref, slopes_ref, kseg_ref, qseg_ref, q_ref, k_ref, v_ref, 
         def one_head(h):
             slope = slopes_ref[head_block * heads + h]
             q, do = q_ref[h], do_ref[h]
-            s_t = lax.dot_general(k_ref[h], q, _NT, preferred_element_type=jnp.float32)
-            s_t = s_t * scale - slope * distance
-            if masked:
-                s_t = jnp.where(same, s_t, MASK_VALUE)
+            s_t = _alibi_logits(k_ref[h], q, scale, slope, distance, same)
             p_t = jnp.exp(s_t - lse_ref[h, :1, :])
             dv_scratch[h] += lax.dot_general(p_t.astype(do.dtype), do, (((1,), (0,)), ((), ())),
                                              preferred_element_type=jnp.float32)
@@ -279,10 +281,7 @@ def _dq_kernel(plan_ref, slopes_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, do
         def one_head(h):
             slope = slopes_ref[head_block * heads + h]
             k = k_ref[h]
-            s = lax.dot_general(q_ref[h], k, _NT, preferred_element_type=jnp.float32)
-            s = s * scale - slope * distance
-            if masked:
-                s = jnp.where(same, s, MASK_VALUE)
+            s = _alibi_logits(q_ref[h], k, scale, slope, distance, same)
             # Row statistics are stored as rows; the score tile needs them as columns.
             lse = jnp.expand_dims(lse_ref[h, 0], -1)
             delta = jnp.expand_dims(delta_ref[h, 0], -1)
