@@ -105,8 +105,12 @@ class Dropout(nn.Module):
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
         if self.rng not in DROPOUT_RNGS:
             raise ValueError(f"dropout rng {self.rng!r} is not one of {DROPOUT_RNGS}")
+        if not 0.0 <= self.rate <= 1.0:
+            raise ValueError(f"dropout rate={self.rate} must be in [0, 1]")
         if deterministic or self.rate == 0.0:
             return x
+        if self.rate == 1.0:  # as nn.Dropout: everything dropped
+            return jnp.zeros_like(x)
         key = self.make_rng("dropout")
         if self.rng == "threefry":  # what nn.Dropout computes
             keep = jax.random.bernoulli(key, 1.0 - self.rate, x.shape)

@@ -84,3 +84,14 @@ def test_unknown_dropout_rng_is_rejected():
     with pytest.raises(ValueError, match="'philox'"):
         Dropout(0.1, rng="philox").apply({}, jnp.ones(3), False,
                                          rngs={"dropout": jax.random.key(0)})
+
+
+def test_bad_rate_and_oversized_arrays_are_clear_errors():
+    with pytest.raises(ValueError, match=r"rate=1.5 must be in \[0, 1\]"):
+        Dropout(1.5).apply({}, jnp.ones(3), False, rngs={"dropout": jax.random.key(0)})
+    # Rate 1 drops everything, as nn.Dropout does.
+    np.testing.assert_array_equal(
+        Dropout(1.0).apply({}, jnp.ones(3), False, rngs={"dropout": jax.random.key(0)}), 0.0)
+    # 2**33 rows: refused before anything is allocated.
+    with pytest.raises(ValueError, match="exceeds the 2\\*\\*32 row/column counters"):
+        keep_mask(SEED, (2 ** 17, 2 ** 16, 2), 0.1)
