@@ -126,18 +126,43 @@ def test_sparse_mlm_head_equals_dense_at_masked_positions():
     np.testing.assert_allclose(sparse, want, atol=1e-5)
 
 
+def _mlm_logits_and_head_input(model, params, ids, seg):
+    """MLM logits and the MLM head's LayerNorm output (what the decoder multiplies)."""
+    is_head_norm = lambda module, _: module.name == "transform_LayerNorm"
+    logits, state = model.apply({"params": params}, ids, seg, capture_intermediates=is_head_norm)
+    (normed,) = state["intermediates"]["cls"]["transform_LayerNorm"]["__call__"]
+    return np.asarray(logits), np.asarray(normed)
+
+
 def test_decoder_is_tied_to_word_embeddings():
     model = MosaicBertForMaskedLM(TINY)
     params = _init(model, jax.random.key(0))
     assert "decoder_bias" in params["cls"] and "decoder" not in params["cls"]
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map(np.asarray, params)
+    params["cls"]["decoder_bias"] = rng.standard_normal(TINY.vocab_size).astype(np.float32)
     ids = jnp.array([[5, 6, 7]], jnp.int32)
     seg = jnp.ones_like(ids)
-    base = model.apply({"params": params}, ids, seg)
+    base, normed = _mlm_logits_and_head_input(model, params, ids, seg)
     emb = params["bert"]["embeddings"]["word_embeddings"]["embedding"]
+    # The logits are exactly the head's output times the word-embedding matrix plus the bias.
+    np.testing.assert_allclose(base, normed @ emb.T + params["cls"]["decoder_bias"],
+                               atol=1e-5, rtol=1e-5)
+    # Move word-embedding row 100 (not an input token, so the encoder is unchanged) by a
+    # random non-constant vector: logit column 100 moves by normed @ delta, of order 10,
+    # and no other column moves. An untied decoder would leave column 100 where it was.
+    delta = rng.standard_normal(TINY.hidden_size).astype(np.float32)
     bumped = jax.tree_util.tree_map(lambda x: x, params)
-    bumped["bert"]["embeddings"]["word_embeddings"]["embedding"] = emb.at[100].add(1.0)
-    moved = model.apply({"params": bumped}, ids, seg)
-    assert not np.allclose(base[..., 100], moved[..., 100])  # decoder row 100 moved too
+    bumped["bert"]["embeddings"]["word_embeddings"]["embedding"] = emb.copy()
+    bumped["bert"]["embeddings"]["word_embeddings"]["embedding"][100] += delta
+    moved, normed_after = _mlm_logits_and_head_input(model, bumped, ids, seg)
+    np.testing.assert_array_equal(normed_after, normed)
+    expected_change = normed @ delta
+    assert np.abs(expected_change).min() > 1.0  # a change no rounding can fake
+    np.testing.assert_allclose(moved[..., 100] - base[..., 100], expected_change,
+                               atol=1e-4, rtol=1e-4)
+    others = np.arange(TINY.vocab_size) != 100
+    np.testing.assert_allclose(moved[..., others], base[..., others], atol=1e-5, rtol=0)
 
 
 def test_dropout_only_when_not_deterministic_and_reproducible():
