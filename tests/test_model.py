@@ -33,13 +33,13 @@ def test_large_preset_sizes():
 
 def test_alibi_slopes_match_spec_for_12_heads():
     expected = [2.0 ** -e for e in (1, 2, 3, 4, 5, 6, 7, 8, 0.5, 1.5, 2.5, 3.5)]
-    np.testing.assert_allclose(alibi_slopes(12), expected, rtol=1e-7)
+    np.testing.assert_allclose(alibi_slopes(12), expected, rtol=1e-6)  # float32: 8 ulps
 
 
 @pytest.mark.parametrize("n", [1, 2, 4, 8, 16])
 def test_alibi_slopes_power_of_two(n):
     np.testing.assert_allclose(alibi_slopes(n), [2.0 ** (-8 * (k + 1) / n) for k in range(n)],
-                               rtol=1e-7)
+                               rtol=1e-6)
 
 
 def test_alibi_slopes_non_power_of_two_interleave():
@@ -226,7 +226,11 @@ def test_bf16_compute_keeps_fp32_params():
     hidden = MosaicBertModel(cfg).apply({"params": params["bert"]}, ids, jnp.ones_like(ids))
     assert hidden.dtype == jnp.bfloat16
     ref = MosaicBertModel(TINY).apply({"params": params["bert"]}, ids, jnp.ones_like(ids))
-    np.testing.assert_allclose(np.asarray(hidden, np.float32), ref, atol=0.1)
+    # bf16 rounding (unit roundoff 4e-3) gives a relative error of 5e-3 and at most 0.04 on
+    # values up to 4; a real bug gives errors of order 1.
+    diff = np.asarray(hidden, np.float32) - np.asarray(ref)
+    assert np.linalg.norm(diff) / np.linalg.norm(ref) < 0.02
+    assert np.abs(diff).max() < 0.25
 
 
 def test_remat_gives_same_gradients():
