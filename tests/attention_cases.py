@@ -27,22 +27,6 @@ def fresh_rng():
     return np.random.default_rng(seed), seed
 
 
-def segment_layout(kind: str, batch: int, seq: int, rng) -> np.ndarray:
-    """Segment ids [batch, seq]: 'one' document, 'many' short ones, or 'padded' rows."""
-    ids = np.zeros((batch, seq), np.int32)
-    for row in range(batch):
-        if kind == "one":
-            ids[row] = 1
-            continue
-        end = seq - int(rng.integers(seq // 4, seq // 2)) if kind == "padded" else seq
-        pos, doc = 0, 1
-        while pos < end:
-            length = int(rng.integers(1, max(2, seq // 5)))
-            ids[row, pos:min(end, pos + length)] = doc
-            pos, doc = pos + length, doc + 1
-    return ids
-
-
 def layout_from_lengths(lengths, seq: int) -> np.ndarray:
     """Segment ids [seq]: documents 1, 2, ... of these lengths packed from 0, then padding."""
     ids = np.zeros(seq, np.int32)
