@@ -40,19 +40,21 @@ def _kernel(block_sizes=None):
 
 # Lengths: below one 64-block, a 64-block multiple, 77/100 (not multiples of any block),
 # 160 (the >128 defaults: 128-row blocks); head dims 16 and 64 are the two whose
-# scale * log2(e) made the old -1e30 mask overflow under FMA contraction (issue 14).
-@pytest.mark.parametrize("seq,head_dim,block_sizes", [
-    (40, 16, None),
-    (128, 16, None),
-    (128, 64, None),
-    (160, 16, None),
-    (100, 16, SMALL_BLOCKS),
-    (77, 16, dataclasses.replace(SMALL_BLOCKS, unmasked_interior=False)),
-    (64, 32, BlockSizes(block_q=32, block_k=16, block_q_dkv=16, block_k_dkv=64,
-                        block_q_dq=64, block_k_dq=16)),
+# scale * log2(e) made the old -1e30 mask overflow under FMA contraction (issue 14);
+# 128 gets 8 warps by default.
+@pytest.mark.parametrize("seq,heads,head_dim,block_sizes", [
+    (40, 2, 16, None),
+    (128, 2, 16, None),
+    (128, 3, 64, None),
+    (160, 2, 16, None),
+    (80, 3, 128, None),
+    (100, 2, 16, SMALL_BLOCKS),
+    (77, 2, 16, dataclasses.replace(SMALL_BLOCKS, unmasked_interior=False)),
+    (64, 2, 32, BlockSizes(block_q=32, block_k=16, block_q_dkv=16, block_k_dkv=64,
+                           block_q_dq=64, block_k_dq=16)),
 ])
-def test_random_packed_layouts_match_float64_reference(seq, head_dim, block_sizes):
-    check_random_packed_layouts(_kernel(block_sizes), seq, draws=4, batch=4, heads=2,
+def test_random_packed_layouts_match_float64_reference(seq, heads, head_dim, block_sizes):
+    check_random_packed_layouts(_kernel(block_sizes), seq, draws=4, batch=4, heads=heads,
                                 head_dim=head_dim, name=f"pallas_interpret {block_sizes}")
 
 

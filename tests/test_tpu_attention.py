@@ -44,6 +44,7 @@ def _kernel(sizes):
     (256, 2, 16, TpuBlockSizes(heads_per_block=1)),
     (200, 4, 32, TpuBlockSizes(heads_per_block=2, unmasked_interior=False)),
     (300, 2, 16, TpuBlockSizes(heads_per_block=2, **UNEVEN)),
+    (160, 3, 128, TpuBlockSizes(heads_per_block=3)),
 ])
 def test_random_packed_layouts_match_float64_reference(seq, heads, head_dim, sizes):
     check_random_packed_layouts(_kernel(sizes), seq, draws=5, batch=4, heads=heads,
