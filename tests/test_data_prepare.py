@@ -330,3 +330,19 @@ def test_a_directory_that_is_not_a_shards_dir(tmp_path, texts, tokenizer):
     with pytest.raises(UserError, match=r"the preparation of \S+half did not finish \(its "
                                         r"partial build is \S+\.half\.partial\); rerun the same"):
         read_metadata(str(tmp_path / "half"))
+
+
+def test_an_unfinished_dir_of_the_older_in_place_layout_resumes(tmp_path, texts, tokenizer):
+    """Older versions prepared in --out itself; such an unfinished dir is moved aside and resumed."""
+    out = str(tmp_path / "out")
+    options = dict(shard_documents=50, chunk_documents=20, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(out, tokenizer, FailingSource(texts, 170), **options)
+    os.rename(partial_dir(out), out)  # the layout an older version left behind
+    marker = os.path.join(out, "train", "00000.json")
+    mtime = os.stat(marker).st_mtime_ns
+    with pytest.raises(UserError, match="did not finish"):
+        read_metadata(out)
+    meta = prepare(out, tokenizer, DocumentList(texts), **options)
+    assert meta["splits"]["train"]["num_documents"] == len([t for t in texts if t])
+    assert os.stat(marker).st_mtime_ns == mtime and not os.path.exists(partial_dir(out))

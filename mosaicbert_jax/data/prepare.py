@@ -392,9 +392,11 @@ def _prepare_into(build_dir: str, tokenizer: Tokenizer, special: SpecialTokens,
     empty_documents = 0
     for label, source, splits in jobs:
         report = _Progress(f"prepare {label}", progress)
-        markers, empty = _tokenize_source(build_dir, encoder, source, splits, eval_fraction,
-                                          shard_documents, chunk_documents, report)
-        report.close()
+        try:
+            markers, empty = _tokenize_source(build_dir, encoder, source, splits, eval_fraction,
+                                              shard_documents, chunk_documents, report)
+        finally:
+            report.close()  # ends the progress line, so an error message starts a line
         if not any(m["num_documents"] for ms in markers.values() for m in ms):
             raise UserError(f"{label} corpus {getattr(source, 'spec', source)!r} has no "
                             f"documents (empty files?); give a corpus with text in it")
