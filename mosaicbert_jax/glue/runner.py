@@ -17,6 +17,7 @@ from typing import Any, Optional
 import flax.serialization
 import jax
 
+from mosaicbert_jax.checkpoint import checkpoint_root, find_tokenizer_files, load_pretrained
 from mosaicbert_jax.config import MosaicBertConfig
 from mosaicbert_jax.glue import report
 from mosaicbert_jax.glue.data import EncodedSplit, check_tokenizer, encode_split, load_split
@@ -66,7 +67,6 @@ def load_tokenizer_for(config: Any) -> Any:
     """config.tokenizer, else a tokenizer.json / vocab.txt saved next to the checkpoint."""
     path = config.tokenizer
     if not path and config.checkpoint:
-        from mosaicbert_jax.checkpoint import checkpoint_root, find_tokenizer_files
         found = [f for f in find_tokenizer_files(checkpoint_root(config.checkpoint))
                  if f.name in ("tokenizer.json", "vocab.txt")]
         path = os.fspath(found[0]) if found else None
@@ -80,7 +80,6 @@ def load_tokenizer_for(config: Any) -> Any:
 def load_start_point(config: Any) -> tuple[Optional[Any], MosaicBertConfig, str]:
     """(pretrained params or None, encoder config, description) from config.checkpoint."""
     if config.checkpoint:
-        from mosaicbert_jax.checkpoint import load_pretrained
         params, model_config = load_pretrained(config.checkpoint)
         if "bert" not in params:
             raise ValueError(f"checkpoint {config.checkpoint} has top-level keys "
