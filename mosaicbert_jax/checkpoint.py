@@ -8,7 +8,7 @@
   * a PyTorch folder (`config.json` + `model.safetensors` or `pytorch_model.bin`), converted
     on the fly by `mosaicbert_jax.param_layout`.
 The training workdir's names (`checkpoints/`, the items of a step) are defined here and used
-by `mosaicbert_jax.training.checkpoints`, which writes them.
+by `mosaicbert_jax.training.resume`, which writes them.
 Only the parameters are restored, never the optimizer state, as numpy arrays on the host.
 """
 

@@ -1,8 +1,9 @@
 """Device mesh and sharding rules: FSDP by default, optional tensor parallelism.
 
-Parameters and optimizer state are sharded by rules on parameter names (MaxText-style logical
-axes, written as path patterns): the tensor axis splits attention/MLP projections, the fsdp
-axis splits the largest remaining divisible dimension. Batches are split over data x fsdp.
+Parameters and optimizer state are sharded by regular-expression rules on their '/'-joined
+parameter paths (TENSOR_RULES): the tensor axis splits the attention/MLP projections those rules
+name, the fsdp axis splits the largest remaining divisible dimension. Batches are split over
+data x fsdp.
 """
 
 from __future__ import annotations

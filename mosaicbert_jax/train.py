@@ -22,7 +22,7 @@ from mosaicbert_jax.checkpoint import config_to_dict
 from mosaicbert_jax.model import MosaicBertForMaskedLM, count_params
 from mosaicbert_jax.optim import decoupled_adamw, warmup_linear_decay
 from mosaicbert_jax.sharding import batch_sharding, data_parallel_size, make_mesh
-from mosaicbert_jax.training.checkpoints import TrainCheckpoints
+from mosaicbert_jax.training.resume import TrainCheckpoints
 from mosaicbert_jax.training.defaults import validate_config
 from mosaicbert_jax.training.flops import peak_tflops, training_flops_per_token
 from mosaicbert_jax.training.inputs import fit_model_vocab, make_iterators

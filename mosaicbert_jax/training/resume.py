@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a training run: train state, data-iterator state and model config.
+"""Resuming a training run: Orbax checkpoints of the train state, data position and model config.
 
 Layout (spelled in `mosaicbert_jax.checkpoint`, whose `load_pretrained` reads it):
 <workdir>/checkpoints/<step>/ with items `state` ({"step", "params", "opt_state"}),
