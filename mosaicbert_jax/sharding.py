@@ -66,7 +66,8 @@ def make_mesh(axes: Mapping[str, int], devices: Optional[Sequence[Any]] = None) 
     return Mesh(grid, MESH_AXES)
 
 
-def _path_name(path: Sequence[Any]) -> str:
+def path_name(path: Sequence[Any]) -> str:
+    """A tree path as '/'-joined names (dict keys, attributes, indices), as the rules match."""
     parts = []
     for entry in path:
         for attr in ("key", "name", "idx"):
@@ -98,7 +99,7 @@ def tree_shardings(tree: Any, mesh: Mesh) -> Any:
     """NamedShardings for every leaf of a params/optimizer-state tree (scalars replicated)."""
     def leaf_sharding(path, leaf):
         shape = getattr(leaf, "shape", ())
-        return NamedSharding(mesh, partition_spec(_path_name(path), shape, mesh))
+        return NamedSharding(mesh, partition_spec(path_name(path), shape, mesh))
     return jax.tree_util.tree_map_with_path(leaf_sharding, tree)
 
 
