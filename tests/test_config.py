@@ -27,7 +27,7 @@ def test_configs_accept_pallas_tpu():
         .attention_implementation == "pallas_tpu"
     config = load_config("tpu_v5e")
     config.model.attention_implementation = "pallas_tpu"
-    assert model_config_from(config).attention_implementation == "pallas_tpu"
+    assert model_config_from(config, 30528).attention_implementation == "pallas_tpu"
 
 
 def test_a_registered_implementation_is_accepted_and_used():

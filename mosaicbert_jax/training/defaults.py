@@ -30,6 +30,7 @@ def get_default_config() -> ml_collections.ConfigDict:
         mask_prob=0.3,
         eval_mask_prob=0.15,
         synthetic_mean_doc_len=0,   # 0: one document per row
+        synthetic_vocab_size=30528,  # synthetic batches' vocab unless model.vocab_size is set
     ))
     c.train = ml_collections.ConfigDict(dict(
         global_batch_size=4096,
