@@ -21,7 +21,7 @@ from mosaicbert_jax.config import MosaicBertConfig
 from mosaicbert_jax.checkpoint import config_to_dict
 from mosaicbert_jax.data.training_data import make_training_data
 from mosaicbert_jax.model import MosaicBertForMaskedLM, count_params
-from mosaicbert_jax.optim import decoupled_adamw, warmup_linear_decay
+from mosaicbert_jax.optim import recipe_optimizer
 from mosaicbert_jax.sharding import batch_sharding, data_parallel_size, make_mesh
 from mosaicbert_jax.training.resume import TrainCheckpoints
 from mosaicbert_jax.training.defaults import validate_config
@@ -112,7 +112,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     """
     validate_config(config)
     maybe_initialize_distributed(config.train.distributed)
-    tc, oc = config.train, config.optimizer
+    tc = config.train
     mesh = make_mesh(dict(config.mesh))
     dp_size = data_parallel_size(mesh)
     process_count, process_index = jax.process_count(), jax.process_index()
@@ -128,9 +128,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         copy_data_tokenizer(data.tokenizer_file, workdir)
 
     log = MetricsLog(workdir, enabled=process_index == 0)
-    schedule = warmup_linear_decay(oc.lr, tc.steps, oc.warmup_fraction, oc.final_lr_fraction)
-    tx = decoupled_adamw(schedule, oc.lr, oc.b1, oc.b2, oc.eps, oc.weight_decay,
-                         oc.clip_norm or None)
+    schedule, tx = recipe_optimizer(config.optimizer, tc.steps)
     model = MosaicBertForMaskedLM(model_cfg)
     state, shardings = init_state(model, tx, tc.seed, mesh)
     n_params = count_params(state["params"])
