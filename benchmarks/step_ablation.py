@@ -99,7 +99,8 @@ def main():
         ("full step (the trainer's, hash dropout)", bench(full_step, steps=a.steps)),
     ]
     tokens = a.batch * a.seq
-    print(f"\n{a.preset} {a.batch}x{a.seq} on {jax.devices()[0].device_kind}, jax {jax.__version__}")
+    print(f"\n{a.preset} {a.batch}x{a.seq} on {jax.devices()[0].device_kind}, "
+          f"jax {jax.__version__}")
     print("| variant | ms | tokens/s |\n| --- | --- | --- |")
     for name, ms in rows:
         print(f"| {name} | {ms:.1f} | {tokens / ms * 1e3:,.0f} |")

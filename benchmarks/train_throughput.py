@@ -2,8 +2,8 @@
 
 Times the trainer's own jitted train step (training/step.py with the recipe optimizer of
 configs/base.py, overriding only the model preset, attention, dropout RNG, remat, sequence
-length, batch, mesh and microbatches) on the trainer's synthetic batches; reports tokens/s per device, step time and MFU against the bf16 matmul
-ceiling that this same run measures. Then (unless --no-torch) times transformers'
+length, batch, mesh and microbatches) on the trainer's synthetic batches; reports tokens/s
+per device, step time and MFU against the bf16 matmul ceiling that this same run measures. Then (unless --no-torch) times transformers'
 BertForMaskedLM (bf16 autocast, SDPA) at the same batch in a subprocess.
 
   PYTHONPATH=. python benchmarks/train_throughput.py --cases base:128:256,base:512:64
