@@ -2,7 +2,7 @@
 
   PYTHONPATH=. python benchmarks/profile_step.py --case base:128:256 --attention pallas
 
-Traces a few steps of the real train step (as benchmarks/train_throughput.py builds it), reads
+Traces a few steps of the trainer's own train step (train_throughput.build_train_step), reads
 the trace with jax.profiler.ProfileData and prints GPU time per step by kernel category and
 the top kernels, so optimisation targets are measured rather than guessed.
 """
@@ -104,7 +104,7 @@ def main() -> None:
     print("| category | ms/step | share |\n| --- | --- | --- |")
     for label, ms in by_cat.most_common():
         print(f"| {label} | {ms:.2f} | {ms / total:.1%} |")
-    print(f"\n| top kernels | calls/step | ms/step |\n| --- | --- | --- |")
+    print("\n| top kernels | calls/step | ms/step |\n| --- | --- | --- |")
     for name, ms in by_name.most_common(args.top):
         print(f"| {name[:110]} | {counts[name] / args.steps:.0f} | {ms:.2f} |")
 

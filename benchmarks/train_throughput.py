@@ -1,8 +1,9 @@
 """Training throughput of MosaicBERT on the GPUs present, beside a PyTorch reference point.
 
-Times the real jitted train step (model, sparse MLM head, AdamW update, sharding) on packed
-synthetic batches; reports tokens/s per device, step time and MFU against the bf16 matmul
-ceiling that this same run measures. Then (unless --no-torch) times transformers'
+Times the trainer's own jitted train step (training/step.py with the recipe optimizer of
+configs/base.py, overriding only the model preset, attention, dropout RNG, remat, sequence
+length, batch, mesh and microbatches) on the trainer's synthetic batches; reports tokens/s
+per device, step time and MFU against the bf16 matmul ceiling that this same run measures. Then (unless --no-torch) times transformers'
 BertForMaskedLM (bf16 autocast, SDPA) at the same batch in a subprocess.
 
   PYTHONPATH=. python benchmarks/train_throughput.py --cases base:128:256,base:512:64
@@ -13,6 +14,7 @@ data-parallel and an FSDP mesh, and prints per-GPU throughput and scaling effici
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import json
 import os
@@ -22,15 +24,20 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from mosaicbert_jax import MosaicBertConfig, MosaicBertForMaskedLM
-from mosaicbert_jax.optim import decoupled_adamw, warmup_linear_decay
+from mosaicbert_jax import MosaicBertForMaskedLM
+from mosaicbert_jax.data.training_data import make_training_data
+from mosaicbert_jax.optim import recipe_optimizer
 from mosaicbert_jax.sharding import batch_sharding, make_mesh
-from mosaicbert_jax.synthetic import SyntheticMLMBatches
+from mosaicbert_jax.train import model_config_from
 from mosaicbert_jax.training.flops import training_flops_per_token
 from mosaicbert_jax.training.step import init_state, make_train_step
 from mosaicbert_jax.xla_flags import apply_gpu_defaults
+
+RECIPE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             "configs", "base.py")
 
 
 def matmul_ceiling_tflops(n: int = 8192, reps: int = 20) -> float:
@@ -47,27 +54,50 @@ def matmul_ceiling_tflops(n: int = 8192, reps: int = 20) -> float:
     return 2 * n ** 3 / float(np.median(times)) / 1e12
 
 
+def recipe_config(preset: str, seq_len: int, global_batch: int, attention: str,
+                  mesh_axes: dict, microbatches: int = 1, remat: bool = False,
+                  mean_doc_len: int = 0, dropout_rng: str = "hash",
+                  fused: str = "auto") -> ml_collections.ConfigDict:
+    """configs/base.py (the recipe) with only what a benchmark varies overridden."""
+    spec = importlib.util.spec_from_file_location("recipe_config", RECIPE_CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.model.preset = preset
+    config.model.attention_implementation = attention
+    config.model.dropout_rng = dropout_rng
+    config.model.remat = remat
+    config.model.glu_implementation = fused
+    config.model.layernorm_implementation = fused
+    config.data.source = "synthetic"
+    config.data.seq_len = seq_len
+    config.data.synthetic_mean_doc_len = mean_doc_len
+    config.train.global_batch_size = global_batch
+    config.train.microbatches = microbatches
+    config.mesh.update(mesh_axes)
+    return config
+
+
 def build_train_step(preset: str, seq_len: int, batch_per_device: int, attention: str,
                      mesh_axes: dict, microbatches: int = 1, remat: bool = False,
                      mean_doc_len: int = 0, dropout_rng: str = "hash", devices=None,
                      fused: str = "auto"):
-    """The real jitted train step of a preset, its initial state and 4 sharded batches.
-
-    `fused` sets both fused-op switches (glu_implementation, layernorm_implementation)."""
+    """The trainer's jitted train step for a preset, its initial state and 4 sharded batches,
+    built as train.py builds them from the recipe config. `fused` sets both fused-op switches
+    (model.glu_implementation, model.layernorm_implementation)."""
     mesh = make_mesh(mesh_axes, devices)
-    cfg = MosaicBertConfig.from_preset(preset, dtype="bfloat16", remat=remat,
-                                       attention_implementation=attention,
-                                       dropout_rng=dropout_rng, glu_implementation=fused,
-                                       layernorm_implementation=fused)
-    model = MosaicBertForMaskedLM(cfg)
-    schedule = warmup_linear_decay(5e-4, 70_000)
-    tx = decoupled_adamw(schedule, 5e-4, 0.9, 0.98, 1e-6, 1e-5)
-    state, shardings = init_state(model, tx, 17, mesh)
-    step = make_train_step(model, tx, schedule, mesh, shardings, microbatches)
     global_batch = batch_per_device * mesh.devices.size
-    data = SyntheticMLMBatches(global_batch, seq_len, cfg.vocab_size, 0.3, seed=1,
-                               mean_doc_len=mean_doc_len or None)
-    batches = [jax.device_put(next(data), batch_sharding(mesh)) for _ in range(4)]
+    config = recipe_config(preset, seq_len, global_batch, attention, mesh_axes, microbatches,
+                           remat, mean_doc_len, dropout_rng, fused)
+    tc = config.train
+    data = make_training_data(config.data, global_batch, tc.seed, 0, 1, config.model.vocab_size)
+    cfg = model_config_from(config, data.vocab_size)
+    model = MosaicBertForMaskedLM(cfg)
+    schedule, tx = recipe_optimizer(config.optimizer, tc.steps)
+    state, shardings = init_state(model, tx, tc.seed, mesh)
+    step = make_train_step(model, tx, schedule, mesh, shardings, tc.microbatches,
+                           dropout_seed=tc.seed)
+    batches = [jax.device_put(next(data.train), batch_sharding(mesh)) for _ in range(4)]
     return step, state, batches, cfg, mesh
 
 

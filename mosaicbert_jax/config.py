@@ -7,10 +7,11 @@ from typing import Any, Optional
 
 import jax.numpy as jnp
 
+from mosaicbert_jax.attention import available_implementations
+
 DROPOUT_RNGS = ("hash", "threefry")
 # Fused memory-bound ops (mosaicbert_jax/fused): auto = Pallas kernels on CUDA GPUs, else XLA.
 FUSED_IMPLEMENTATIONS = ("auto", "xla", "pallas", "pallas_interpret")
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas", "pallas_interpret", "triton")
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -68,10 +69,11 @@ class MosaicBertConfig:
                      "intermediate_size", "type_vocab_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
-        if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
+        if self.attention_implementation not in available_implementations():
             raise ValueError(
                 f"attention_implementation={self.attention_implementation!r} is not one of "
-                f"{ATTENTION_IMPLEMENTATIONS}")
+                f"{available_implementations()} (add one with "
+                f"mosaicbert_jax.attention.register_implementation)")
         if self.dropout_rng not in DROPOUT_RNGS:
             raise ValueError(f"dropout_rng={self.dropout_rng!r} is not one of {DROPOUT_RNGS}")
         for name in ("glu_implementation", "layernorm_implementation"):

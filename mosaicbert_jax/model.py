@@ -8,8 +8,7 @@ Module and parameter names follow the PyTorch reference so conversion is a renam
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax

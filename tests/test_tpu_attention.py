@@ -21,7 +21,8 @@ from attention_cases import (ISSUE_14_DOCUMENT_LENGTHS, assert_close_to_fp32_ref
                              random_packed_layouts, relative_error)
 from mosaicbert_jax.attention import (alibi_slopes, attention, available_implementations,
                                       resolve_implementation)
-from mosaicbert_jax.attention.pallas_tpu import (TpuBlockSizes, default_block_sizes,
+from mosaicbert_jax.attention.pallas_tpu import (TpuBlockSizes,
+                                                 default_block_sizes_for_head_count,
                                                  flash_attention_tpu)
 from mosaicbert_jax.attention.reference import xla_attention
 
@@ -158,7 +159,7 @@ def test_block_sizes_must_suit_tpu_tiles():
 @pytest.mark.parametrize("seq,heads,block,heads_per_block", [
     (128, 12, 128, 12), (100, 16, 128, 8), (512, 12, 256, 6), (2048, 16, 256, 4)])
 def test_default_block_sizes(seq, heads, block, heads_per_block):
-    sizes = default_block_sizes(seq, heads)
+    sizes = default_block_sizes_for_head_count(seq, heads)
     assert set(sizes.blocks()) == {block}
     assert sizes.heads_per_block == heads_per_block
 

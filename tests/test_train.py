@@ -123,14 +123,19 @@ def test_tiny_config_learns_on_the_embedded_corpus(tmp_path):
 
 
 def test_model_vocab_follows_the_data_or_must_hold_it(tmp_path):
-    from mosaicbert_jax import MosaicBertConfig
-    from mosaicbert_jax.data import MLMBatches
-    from mosaicbert_jax.data.embedded import prepare_embedded
-    from mosaicbert_jax.training.inputs import fit_model_vocab
+    from mosaicbert_jax.data.training_data import make_training_data
 
-    shards = prepare_embedded(str(tmp_path / "cache"), vocab_size=1000)
-    batches = MLMBatches(shards, split="train", batch_size=2, seq_len=32)
-    cfg = fit_model_vocab(MosaicBertConfig.tiny(), batches, explicit=False)
-    assert cfg.vocab_size == batches.vocab_size and cfg.vocab_size % 64 == 0
+    config = tiny.get_config()
+    config.data.cache_dir = str(tmp_path / "cache")
+    config.data.embedded_vocab_size = 1000
+    data = make_training_data(config.data, 2, 0, 0, 1)
+    assert data.vocab_size == data.train.vocab_size and data.vocab_size % 64 == 0
+    assert data.vocab_size >= 1000 and os.path.basename(data.tokenizer_file) == "tokenizer.json"
+    assert make_training_data(config.data, 2, 0, 0, 1, model_vocab_size=2048).vocab_size == 2048
     with pytest.raises(ValueError, match="too large for the model's vocab_size=512"):
-        fit_model_vocab(MosaicBertConfig.tiny(vocab_size=512), batches, explicit=True)
+        make_training_data(config.data, 2, 0, 0, 1, model_vocab_size=512)
+    config.data.source = "synthetic"
+    assert make_training_data(config.data, 2, 0, 0, 1).vocab_size == 30528
+    synthetic = make_training_data(config.data, 2, 0, 0, 1, model_vocab_size=256)
+    assert synthetic.vocab_size == 256 and synthetic.tokenizer_file is None
+    assert next(synthetic.train)["input_ids"].max() < 256

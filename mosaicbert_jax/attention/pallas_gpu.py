@@ -83,7 +83,7 @@ class BlockSizes:
             if f.name.startswith("block_")})
 
 
-def default_block_sizes(seq_len: int, head_dim: int) -> BlockSizes:
+def default_block_sizes_for_head_dim(seq_len: int, head_dim: int) -> BlockSizes:
     """Block sizes for a sequence length and head dim (see docs/attention.md).
 
     From 256 tokens up: the large blocks measured on an H100. Up to 128 tokens: 64-blocks,
@@ -392,7 +392,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
     """
     _check_inputs(q)
     seq = q.shape[1]
-    sizes = block_sizes or default_block_sizes(seq, q.shape[-1])
+    sizes = block_sizes or default_block_sizes_for_head_dim(seq, q.shape[-1])
     q, k, v, segment_ids = pad_sequence(q, k, v, segment_ids, max(sizes.blocks()))
     out = _flash(q, k, v, segment_ids, jnp.asarray(slopes, jnp.float32), float(scale), sizes,
                  interpret)

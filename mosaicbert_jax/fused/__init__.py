@@ -15,9 +15,8 @@ from typing import Optional
 
 import jax
 
+from mosaicbert_jax.config import FUSED_IMPLEMENTATIONS as IMPLEMENTATIONS
 from mosaicbert_jax.fused import reference
-
-IMPLEMENTATIONS = ("auto", "xla", "pallas", "pallas_interpret")
 
 
 def _gpu_runs_pallas() -> bool:

@@ -1,0 +1,50 @@
+"""Resuming a training run: Orbax checkpoints of the train state, data position and model config.
+
+Layout (spelled in `mosaicbert_jax.checkpoint`, whose `load_pretrained` reads it):
+<workdir>/checkpoints/<step>/ with items `state` ({"step", "params", "opt_state"}),
+`data_state` and `model_config` (JSON).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+from mosaicbert_jax.checkpoint import (DATA_STATE_ITEM, MODEL_CONFIG_ITEM, STATE_ITEM,
+                                       TRAIN_CHECKPOINT_ITEMS, checkpoints_dir)
+
+
+class TrainCheckpoints:
+    """Saves asynchronously, keeps the newest `keep`, restores into the given shardings."""
+
+    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+        self.directory = checkpoints_dir(workdir)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(self.directory, item_names=TRAIN_CHECKPOINT_ITEMS,
+                                             options=options)
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_state: dict, model_config: dict) -> None:
+        self.manager.save(step, args=ocp.args.Composite(**{
+            STATE_ITEM: ocp.args.StandardSave(state),
+            DATA_STATE_ITEM: ocp.args.JsonSave(data_state),
+            MODEL_CONFIG_ITEM: ocp.args.JsonSave(model_config)}), force=True)
+
+    def restore(self, step: int, state_like: Any, shardings: Any) -> tuple[Any, dict]:
+        """Restores state with the structure, dtypes and shardings of `state_like`."""
+        abstract = jax.tree_util.tree_map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_like,
+            shardings)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**{
+            STATE_ITEM: ocp.args.StandardRestore(abstract),
+            DATA_STATE_ITEM: ocp.args.JsonRestore()}))
+        return restored[STATE_ITEM], restored[DATA_STATE_ITEM]
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
