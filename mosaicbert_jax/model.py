@@ -8,7 +8,7 @@ Module and parameter names follow the PyTorch reference so conversion is a renam
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax

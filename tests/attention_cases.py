@@ -144,6 +144,24 @@ def assert_matches_float64_reference(got, segment_ids, q, k, v, d_out, slopes, s
                                      f"{np.asarray(segment_ids)[row].tolist()}")
 
 
+def check_issue_14_layouts(implementation: str, head_dim: int) -> None:
+    """The rows issue 14 found wrong under JAX 0.10 (the third document; tokens 77..101), run
+    through the attention dispatcher, against the float64 reference."""
+    from mosaicbert_jax.attention import alibi_slopes, attention
+    rng, seed = fresh_rng()
+    seq, heads = 128, 2
+    segment_ids = np.stack([layout_from_lengths(lengths, seq)
+                            for lengths in ISSUE_14_DOCUMENT_LENGTHS])
+    slopes, scale = jnp.asarray(alibi_slopes(heads)), head_dim ** -0.5
+    q, k, v, d_out = random_inputs(len(segment_ids), seq, heads, head_dim, rng)
+    run = jitted_output_and_grads(
+        lambda q, k, v, s: attention(q, k, v, s, slopes, implementation))
+    got = run(q, k, v, jnp.asarray(segment_ids), d_out)
+    assert_matches_float64_reference(got, segment_ids, q, k, v, d_out, slopes, scale,
+                                     f"{implementation}, issue 14 layouts, head_dim {head_dim}, "
+                                     f"seed {seed}")
+
+
 def check_random_packed_layouts(fn: Callable, seq: int, *, draws: int, batch: int = 4,
                                 heads: int = 2, head_dim: int = 16, dtype=jnp.float32,
                                 seed: Optional[int] = None, name: str = "kernel",

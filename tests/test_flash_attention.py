@@ -8,16 +8,13 @@ the cuDNN baseline agrees.
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attention_cases import (ISSUE_14_DOCUMENT_LENGTHS, assert_close_to_fp32_reference,
-                             assert_matches_float64_reference, assert_padding_rows_are_zero,
-                             check_random_packed_layouts, fresh_rng, jitted_output_and_grads,
-                             layout_from_lengths, output_and_grads, random_inputs,
-                             random_packed_layouts, relative_error)
+from attention_cases import (assert_close_to_fp32_reference, assert_padding_rows_are_zero,
+                             check_issue_14_layouts, check_random_packed_layouts, fresh_rng,
+                             output_and_grads, random_inputs, random_packed_layouts, relative_error)
 from mosaicbert_jax.attention import (alibi_slopes, attention, available_implementations,
                                       resolve_implementation)
 from mosaicbert_jax.attention.block_sparsity import (fully_visible_block_ranges,
@@ -61,17 +58,7 @@ def test_random_packed_layouts_match_float64_reference(seq, heads, head_dim, blo
 @pytest.mark.parametrize("head_dim", [16, 64])
 def test_issue_14_layouts_match_float64_reference(head_dim):
     """The rows issue 14 found wrong under JAX 0.10 (third document, tokens 77..101)."""
-    rng, seed = fresh_rng()
-    seq, heads = 128, 2
-    segment_ids = np.stack([layout_from_lengths(lengths, seq)
-                            for lengths in ISSUE_14_DOCUMENT_LENGTHS])
-    slopes, scale = jnp.asarray(alibi_slopes(heads)), head_dim ** -0.5
-    q, k, v, d_out = random_inputs(len(segment_ids), seq, heads, head_dim, rng)
-    run = jitted_output_and_grads(
-        lambda q, k, v, s: attention(q, k, v, s, slopes, "pallas_interpret"))
-    got = run(q, k, v, jnp.asarray(segment_ids), d_out)
-    assert_matches_float64_reference(got, segment_ids, q, k, v, d_out, slopes, scale,
-                                     f"issue 14 layouts, head_dim {head_dim}, seed {seed}")
+    check_issue_14_layouts("pallas_interpret", head_dim)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])

@@ -9,7 +9,7 @@ import pytest
 
 from mosaicbert_jax import MosaicBertConfig, MosaicBertForMaskedLM, fused
 from mosaicbert_jax.fused import pallas_gpu
-from tests.attention_cases import fresh_rng, relative_error
+from attention_cases import fresh_rng, relative_error
 
 # fp32: both paths drop the same elements, so only float rounding separates them.
 # bf16: the kernels round once (float32 in registers), the composition at every op.

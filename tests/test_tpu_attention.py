@@ -14,11 +14,9 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from attention_cases import (ISSUE_14_DOCUMENT_LENGTHS, assert_close_to_fp32_reference,
-                             assert_matches_float64_reference, assert_padding_rows_are_zero,
-                             check_random_packed_layouts, fresh_rng, jitted_output_and_grads,
-                             layout_from_lengths, output_and_grads, random_inputs,
-                             random_packed_layouts, relative_error)
+from attention_cases import (assert_close_to_fp32_reference, assert_padding_rows_are_zero,
+                             check_issue_14_layouts, check_random_packed_layouts, fresh_rng,
+                             output_and_grads, random_inputs, random_packed_layouts, relative_error)
 from mosaicbert_jax.attention import (alibi_slopes, attention, available_implementations,
                                       resolve_implementation)
 from mosaicbert_jax.attention.pallas_tpu import (TpuBlockSizes,
@@ -53,17 +51,7 @@ def test_random_packed_layouts_match_float64_reference(seq, heads, head_dim, siz
 
 
 def test_issue_14_layouts_match_float64_reference():
-    rng, seed = fresh_rng()
-    seq, heads, head_dim = 128, 2, 64
-    segment_ids = np.stack([layout_from_lengths(lengths, seq)
-                            for lengths in ISSUE_14_DOCUMENT_LENGTHS])
-    slopes, scale = jnp.asarray(alibi_slopes(heads)), head_dim ** -0.5
-    q, k, v, d_out = random_inputs(len(segment_ids), seq, heads, head_dim, rng)
-    run = jitted_output_and_grads(
-        lambda q, k, v, s: attention(q, k, v, s, slopes, "pallas_tpu_interpret"))
-    got = run(q, k, v, jnp.asarray(segment_ids), d_out)
-    assert_matches_float64_reference(got, segment_ids, q, k, v, d_out, slopes, scale,
-                                     f"issue 14 layouts, seed {seed}")
+    check_issue_14_layouts("pallas_tpu_interpret", 64)
 
 
 def test_bfloat16_within_2e_2_of_fp32_reference_through_dispatcher():

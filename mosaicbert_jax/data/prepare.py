@@ -366,7 +366,7 @@ def prepare(out_dir: str, tokenizer: Tokenizer, train: Iterable[str],
         if not finished:
             shutil.rmtree(partial, ignore_errors=True)
         if isinstance(error, UserError):
-            kept = (f"nothing was written, so the corrected command starts afresh" if not finished
+            kept = ("nothing was written, so the corrected command starts afresh" if not finished
                     else f"the {finished} shard(s) finished so far are kept in {partial}: the "
                          f"same command resumes there, a different one (or `rm -r {partial}`) "
                          f"starts over")
