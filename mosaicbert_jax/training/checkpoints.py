@@ -2,6 +2,8 @@
 
 Layout (what `mosaicbert_jax.checkpoint.load_pretrained` reads): <workdir>/checkpoints/<step>/
 with items `state` ({"step", "params", "opt_state"}), `data_state` and `model_config` (JSON).
+`data_state` is the data iterator's position, the same on every process (each derives its own
+rows from it), so process 0 writes it once and every process reads it back.
 """
 
 from __future__ import annotations
@@ -33,14 +35,22 @@ class TrainCheckpoints:
             data_state=ocp.args.JsonSave(data_state),
             model_config=ocp.args.JsonSave(model_config)), force=True)
 
-    def restore(self, step: int, state_like: Any, shardings: Any) -> tuple[Any, dict]:
-        """Restores state with the structure, dtypes and shardings of `state_like`."""
+    def restore_data_state(self, step: int) -> dict:
+        """The data position saved at `step`; read first, so that a resume the data layout does
+        not allow fails on every process before anything is compiled or restored."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            data_state=ocp.args.JsonRestore()))
+        return restored["data_state"]
+
+    def restore_state(self, step: int, state_like: Any, shardings: Any) -> Any:
+        """Restores state with the structure, dtypes and shardings of `state_like` (any mesh
+        and process count: Orbax reshards)."""
         abstract = jax.tree_util.tree_map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_like,
             shardings)
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), data_state=ocp.args.JsonRestore()))
-        return restored["state"], restored["data_state"]
+            state=ocp.args.StandardRestore(abstract)))
+        return restored["state"]
 
     def close(self) -> None:
         self.manager.wait_until_finished()

@@ -39,8 +39,8 @@ def make_iterators(data: ml_collections.ConfigDict, per_process_batch: int, voca
     if data.source == "synthetic":
         mean = data.synthetic_mean_doc_len or None
         make = lambda prob, s: SyntheticMLMBatches(
-            per_process_batch, data.seq_len, vocab_size, prob, seed=s * 1000 + process_index,
-            mean_doc_len=mean)
+            per_process_batch, data.seq_len, vocab_size, prob, seed=s * 1000,
+            mean_doc_len=mean, process_index=process_index, process_count=process_count)
         return make(data.mask_prob, seed), make(data.eval_mask_prob, seed + 1)
     from mosaicbert_jax.data import MLMBatches
     shards = resolve_shards_dir(data)
