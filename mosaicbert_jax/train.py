@@ -222,6 +222,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and TensorBoard.")
+    flags.DEFINE_integer("stop_after", None, "End after this step's checkpoint, as a job "
+                         "preempted there would (the schedule still spans train.steps).")
     flags.mark_flags_as_required(["config", "workdir"])
 
     def run(_):
@@ -232,7 +234,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         try:
             maybe_initialize_distributed(config.train.distributed)
             start_error_watcher()
-            train_and_evaluate(config, os.path.expanduser(flags.FLAGS.workdir))
+            train_and_evaluate(config, os.path.expanduser(flags.FLAGS.workdir),
+                               stop_after=flags.FLAGS.stop_after)
         except (Exception, KeyboardInterrupt) as error:
             exit_on_error(error)  # every process ends, none waits in the shutdown barrier
         stop_error_watcher()

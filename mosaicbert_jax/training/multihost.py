@@ -62,6 +62,13 @@ def coordination_client():
     return distributed.global_state.client
 
 
+def _process_id_and_count() -> tuple[int, int]:
+    """From the distributed state, not jax.process_index(): that would initialise the backend,
+    which waits for every process, so it must not run on a path where another one has failed."""
+    from jax._src import distributed
+    return distributed.global_state.process_id, distributed.global_state.num_processes
+
+
 def check_same_on_every_process(what: str, value: str, hint: str) -> None:
     """Raises the same one-line ValueError on every process if `value` differs between them.
 
@@ -71,9 +78,10 @@ def check_same_on_every_process(what: str, value: str, hint: str) -> None:
     if client is None:
         return
     key = AGREE_KEY + what.replace(" ", "_") + "/"
-    client.key_value_set(key + str(jax.process_index()), value)
+    me, count = _process_id_and_count()
+    client.key_value_set(key + str(me), value)
     values = [client.blocking_key_value_get(key + str(p), int(AGREE_TIMEOUT_S * 1000))
-              for p in range(jax.process_count())]
+              for p in range(count)]
     if len(set(values)) > 1:
         seen = ", ".join(f"process {p}: {v}" for p, v in enumerate(values))
         raise ValueError(f"the processes disagree on {what} ({seen}); {hint}")
@@ -136,7 +144,7 @@ def _exit_everywhere(line: str, client, posted: bool) -> NoReturn:
             time.sleep(60)
     print(line, file=sys.stderr, flush=True)
     sys.stdout.flush()
-    me = jax.process_index()
+    me, count = _process_id_and_count()
     try:
         if not posted:
             try:  # the first error posted wins; the others still print their own
@@ -146,7 +154,7 @@ def _exit_everywhere(line: str, client, posted: bool) -> NoReturn:
         client.key_value_set(SEEN_KEY + str(me), "1")
         if me == 0:  # keep the service up until the others have read the error
             deadline = time.monotonic() + EXIT_GRACE_S
-            for p in range(1, jax.process_count()):
+            for p in range(1, count):
                 remaining_ms = int((deadline - time.monotonic()) * 1000)
                 if remaining_ms <= 0:
                     break
