@@ -131,3 +131,17 @@ def test_model_vocab_follows_the_data_or_must_hold_it(tmp_path):
     assert cfg.vocab_size == batches.vocab_size and cfg.vocab_size % 64 == 0
     with pytest.raises(ValueError, match="too large for the model's vocab_size=512"):
         fit_model_vocab(MosaicBertConfig.tiny(vocab_size=512), batches, explicit=True)
+
+
+def test_the_command_line_reports_a_user_error_in_one_line(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=root)
+    result = subprocess.run(
+        [sys.executable, "-m", "mosaicbert_jax.train", "--config=configs/tiny.py",
+         f"--workdir={tmp_path}", "--config.data.source=nope"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: config.data.source='nope'; use one of ('shards', 'embedded', 'synthetic')")
