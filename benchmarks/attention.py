@@ -37,7 +37,8 @@ import numpy as np
 
 from mosaicbert_jax.attention import alibi_slopes
 from mosaicbert_jax.attention.cudnn import materialised_bias
-from mosaicbert_jax.attention.pallas_gpu import BlockSizes, default_block_sizes, flash_attention
+from mosaicbert_jax.attention.pallas_gpu import (BlockSizes, default_block_sizes_for_head_dim,
+                                                 flash_attention)
 from mosaicbert_jax.attention.reference import xla_attention
 
 # Block-size variants timed by --sweep (next to the default for each length).
@@ -184,8 +185,8 @@ def pallas_variants(args, slopes, scale) -> list[Case]:
     cases = []
     for name in args.sweep_variants.split(","):
         def variant(q, k, v, s, b, overrides=SWEEP[name]):
-            sizes = dataclasses.replace(default_block_sizes(q.shape[1], q.shape[-1]),
-                                        **overrides)
+            defaults = default_block_sizes_for_head_dim(q.shape[1], q.shape[-1])
+            sizes = dataclasses.replace(defaults, **overrides)
             return flash_attention(q, k, v, s, slopes, scale,
                                    block_sizes=sizes.shrunk_to(q.shape[1]),
                                    interpret=args.interpret)

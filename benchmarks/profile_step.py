@@ -2,7 +2,7 @@
 
   PYTHONPATH=. python benchmarks/profile_step.py --case base:128:256 --attention pallas
 
-Traces a few steps of the real train step (as benchmarks/train_throughput.py builds it), reads
+Traces a few steps of the trainer's own train step (train_throughput.build_train_step), reads
 the trace with jax.profiler.ProfileData and prints GPU time per step by kernel category and
 the top kernels, so optimisation targets are measured rather than guessed.
 """
@@ -22,6 +22,7 @@ from train_throughput import build_train_step
 
 CATEGORIES = [  # first match wins; matched against the lower-cased kernel name
     ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "wgmma", "dot")),
+    ("fused glu/layernorm (pallas)", ("glu_dropout", "layernorm_fwd", "layernorm_bwd")),
     ("attention (pallas/triton)", ("mha", "flash", "attention", "pallas", "_fwd", "_bwd")),
     ("reduction fusion", ("reduce", "reduction")),
     ("copy/transpose", ("copy", "transpose", "concatenate", "dynamic_update", "slice")),
@@ -62,14 +63,24 @@ def main() -> None:
     parser.add_argument("--case", default="base:128:256", help="preset:seq_len:batch")
     parser.add_argument("--attention", default="auto")
     parser.add_argument("--dropout-rng", default="hash")
+    parser.add_argument("--fused", default="auto", help="fused-op implementation: auto, xla, pallas")
+    parser.add_argument("--fused-blocks", default="", help="e.g. glu_rows=8,ln_rows=4")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--hlo-out", default="", help="also write the compiled step's HLO here")
     args = parser.parse_args()
     apply_gpu_defaults()  # profile what the train command runs
+    if args.fused_blocks:
+        from mosaicbert_jax.fused import pallas_gpu
+        pallas_gpu.set_default_blocks(pallas_gpu.parse_blocks(args.fused_blocks))
     preset, seq, batch = args.case.split(":")
     step, state, batches, _, _ = build_train_step(preset, int(seq), int(batch), args.attention,
                                                   {"data": 1, "fsdp": -1, "tensor": 1},
-                                                  dropout_rng=args.dropout_rng)
+                                                  dropout_rng=args.dropout_rng,
+                                                  fused=args.fused)
+    if args.hlo_out:  # to look up what each top fusion computes
+        with open(args.hlo_out, "w") as f:
+            f.write(step.lower(state, batches[0]).compile().as_text())
     for i in range(3):  # compile and warm up outside the trace
         state, metrics = step(state, batches[i % 4])
     jax.block_until_ready(metrics)
@@ -86,13 +97,14 @@ def main() -> None:
         by_name[name] += ms * per_step
         counts[name] += 1
     total = sum(by_cat.values())
-    print(f"\n{args.case} attention={args.attention} dropout={args.dropout_rng} on "
+    print(f"\n{args.case} attention={args.attention} dropout={args.dropout_rng} "
+          f"fused={args.fused} on "
           f"{jax.devices()[0].device_kind}: {total:.1f} ms of kernels per step, "
           f"{len(events) / args.steps:.0f} kernels per step")
     print("| category | ms/step | share |\n| --- | --- | --- |")
     for label, ms in by_cat.most_common():
         print(f"| {label} | {ms:.2f} | {ms / total:.1%} |")
-    print(f"\n| top kernels | calls/step | ms/step |\n| --- | --- | --- |")
+    print("\n| top kernels | calls/step | ms/step |\n| --- | --- | --- |")
     for name, ms in by_name.most_common(args.top):
         print(f"| {name[:110]} | {counts[name] / args.steps:.0f} | {ms:.2f} |")
 

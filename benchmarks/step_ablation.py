@@ -2,6 +2,8 @@
 
   PYTHONPATH=. python benchmarks/step_ablation.py --preset base --seq 128 --batch 256
 Each row times one variant (median of 3 x --steps); differences between rows locate the cost.
+The model, batch, optimizer and the "full step" row are the trainer's own, built by
+train_throughput.build_train_step from the recipe config; the other rows take it apart.
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mosaicbert_jax import MosaicBertConfig, MosaicBertForMaskedLM, alibi_slopes, attention
-from mosaicbert_jax.optim import decoupled_adamw, warmup_linear_decay
-from mosaicbert_jax.synthetic import SyntheticMLMBatches
+from mosaicbert_jax import MosaicBertForMaskedLM, alibi_slopes, attention
+from mosaicbert_jax.optim import recipe_optimizer
 from mosaicbert_jax.training.step import masked_lm_sums
 from mosaicbert_jax.xla_flags import apply_gpu_defaults
+from train_throughput import build_train_step, recipe_config
 
 
 def bench(fn, *args, steps=10):
@@ -42,15 +44,15 @@ def main():
     p.add_argument("--steps", type=int, default=10)
     a = p.parse_args()
     apply_gpu_defaults()  # time what the train command runs
-    cfg = MosaicBertConfig.from_preset(a.preset, dtype="bfloat16",
-                                       attention_implementation=a.attention)
-    model = MosaicBertForMaskedLM(cfg)
-    batch = {k: jnp.asarray(v) for k, v in
-             next(SyntheticMLMBatches(a.batch, a.seq, cfg.vocab_size, seed=0)).items()}
-    params = jax.jit(lambda: model.init(jax.random.key(0), batch["input_ids"][:1],
-                                        batch["segment_ids"][:1])["params"])()
-    tx = decoupled_adamw(warmup_linear_decay(5e-4, 1000), 5e-4)
-    opt_state = jax.jit(tx.init)(params)
+    one_device = {"data": 1, "fsdp": 1, "tensor": 1}
+    train_step, state, batches, cfg, _ = build_train_step(
+        a.preset, a.seq, a.batch, a.attention, one_device, devices=jax.devices()[:1])
+    batch = batches[0]
+    recipe = recipe_config(a.preset, a.seq, a.batch, a.attention, one_device)
+    _, tx = recipe_optimizer(recipe.optimizer, recipe.train.steps)
+    # Copies: the trainer's step donates its state, and the other rows reuse these.
+    params = jax.tree_util.tree_map(jnp.copy, state["params"])
+    opt_state = jax.tree_util.tree_map(jnp.copy, state["opt_state"])
 
     hash_model = MosaicBertForMaskedLM(cfg.replace(dropout_rng="hash"))
     threefry_model = MosaicBertForMaskedLM(cfg.replace(dropout_rng="threefry"))
@@ -67,11 +69,10 @@ def main():
     grad_drop = jax.jit(jax.grad(lambda p, r: loss(p, r, False)))
     grad_threefry = jax.jit(jax.grad(lambda p, r: loss(p, r, False, threefry_model)))
 
-    @jax.jit
-    def full(p, o, r):
-        g = jax.grad(lambda q: loss(q, r, False))(p)
-        u, o = tx.update(g, o, p)
-        return jax.tree_util.tree_map(jnp.add, p, u), o
+    def full_step():
+        nonlocal state
+        state, metrics = train_step(state, batch)
+        return metrics
 
     upd = jax.jit(lambda g, o, p: tx.update(g, o, p))
     tkey, rkey = jax.random.key(1), jax.random.key(1, impl="rbg")
@@ -91,14 +92,15 @@ def main():
         ("fwd+bwd, threefry dropout, rbg keys",
          bench(grad_threefry, params, rkey, steps=a.steps)),
         ("optimizer update only", bench(upd, params, opt_state, params, steps=a.steps)),
-        ("full step, hash dropout", bench(full, params, opt_state, tkey, steps=a.steps)),
         (f"attention {a.attention} fwd x{cfg.num_hidden_layers}",
          cfg.num_hidden_layers * bench(att_f, q, steps=a.steps)),
         (f"attention {a.attention} fwd+bwd x{cfg.num_hidden_layers}",
          cfg.num_hidden_layers * bench(att_fb, q, steps=a.steps)),
+        ("full step (the trainer's, hash dropout)", bench(full_step, steps=a.steps)),
     ]
     tokens = a.batch * a.seq
-    print(f"\n{a.preset} {a.batch}x{a.seq} on {jax.devices()[0].device_kind}, jax {jax.__version__}")
+    print(f"\n{a.preset} {a.batch}x{a.seq} on {jax.devices()[0].device_kind}, "
+          f"jax {jax.__version__}")
     print("| variant | ms | tokens/s |\n| --- | --- | --- |")
     for name, ms in rows:
         print(f"| {name} | {ms:.1f} | {tokens / ms * 1e3:,.0f} |")

@@ -1,8 +1,9 @@
 """Training throughput of MosaicBERT on the GPUs present, beside a PyTorch reference point.
 
-Times the real jitted train step (model, sparse MLM head, AdamW update, sharding) on packed
-synthetic batches; reports tokens/s per device, step time and MFU against the bf16 matmul
-ceiling that this same run measures. Then (unless --no-torch) times transformers'
+Times the trainer's own jitted train step (training/step.py with the recipe optimizer of
+configs/base.py, overriding only the model preset, attention, dropout RNG, remat, sequence
+length, batch, mesh and microbatches) on the trainer's synthetic batches; reports tokens/s
+per device, step time and MFU against the bf16 matmul ceiling that this same run measures. Then (unless --no-torch) times transformers'
 BertForMaskedLM (bf16 autocast, SDPA) at the same batch in a subprocess.
 
   PYTHONPATH=. python benchmarks/train_throughput.py --cases base:128:256,base:512:64
@@ -13,6 +14,7 @@ data-parallel and an FSDP mesh, and prints per-GPU throughput and scaling effici
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import json
 import os
@@ -22,15 +24,20 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from mosaicbert_jax import MosaicBertConfig, MosaicBertForMaskedLM
-from mosaicbert_jax.optim import decoupled_adamw, warmup_linear_decay
+from mosaicbert_jax import MosaicBertForMaskedLM
+from mosaicbert_jax.data.training_data import make_training_data
+from mosaicbert_jax.optim import recipe_optimizer
 from mosaicbert_jax.sharding import batch_sharding, make_mesh
-from mosaicbert_jax.synthetic import SyntheticMLMBatches
+from mosaicbert_jax.train import model_config_from
 from mosaicbert_jax.training.flops import training_flops_per_token
 from mosaicbert_jax.training.step import init_state, make_train_step
 from mosaicbert_jax.xla_flags import apply_gpu_defaults
+
+RECIPE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             "configs", "base.py")
 
 
 def matmul_ceiling_tflops(n: int = 8192, reps: int = 20) -> float:
@@ -47,32 +54,60 @@ def matmul_ceiling_tflops(n: int = 8192, reps: int = 20) -> float:
     return 2 * n ** 3 / float(np.median(times)) / 1e12
 
 
+def recipe_config(preset: str, seq_len: int, global_batch: int, attention: str,
+                  mesh_axes: dict, microbatches: int = 1, remat: bool = False,
+                  mean_doc_len: int = 0, dropout_rng: str = "hash",
+                  fused: str = "auto") -> ml_collections.ConfigDict:
+    """configs/base.py (the recipe) with only what a benchmark varies overridden."""
+    spec = importlib.util.spec_from_file_location("recipe_config", RECIPE_CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.model.preset = preset
+    config.model.attention_implementation = attention
+    config.model.dropout_rng = dropout_rng
+    config.model.remat = remat
+    config.model.glu_implementation = fused
+    config.model.layernorm_implementation = fused
+    config.data.source = "synthetic"
+    config.data.seq_len = seq_len
+    config.data.synthetic_mean_doc_len = mean_doc_len
+    config.train.global_batch_size = global_batch
+    config.train.microbatches = microbatches
+    config.mesh.update(mesh_axes)
+    return config
+
+
 def build_train_step(preset: str, seq_len: int, batch_per_device: int, attention: str,
                      mesh_axes: dict, microbatches: int = 1, remat: bool = False,
-                     mean_doc_len: int = 0, dropout_rng: str = "hash", devices=None):
-    """The real jitted train step of a preset, its initial state and 4 sharded batches."""
+                     mean_doc_len: int = 0, dropout_rng: str = "hash", devices=None,
+                     fused: str = "auto"):
+    """The trainer's jitted train step for a preset, its initial state and 4 sharded batches,
+    built as train.py builds them from the recipe config. `fused` sets both fused-op switches
+    (model.glu_implementation, model.layernorm_implementation)."""
     mesh = make_mesh(mesh_axes, devices)
-    cfg = MosaicBertConfig.from_preset(preset, dtype="bfloat16", remat=remat,
-                                       attention_implementation=attention,
-                                       dropout_rng=dropout_rng)
-    model = MosaicBertForMaskedLM(cfg)
-    schedule = warmup_linear_decay(5e-4, 70_000)
-    tx = decoupled_adamw(schedule, 5e-4, 0.9, 0.98, 1e-6, 1e-5)
-    state, shardings = init_state(model, tx, 17, mesh)
-    step = make_train_step(model, tx, schedule, mesh, shardings, microbatches)
     global_batch = batch_per_device * mesh.devices.size
-    data = SyntheticMLMBatches(global_batch, seq_len, cfg.vocab_size, 0.3, seed=1,
-                               mean_doc_len=mean_doc_len or None)
-    batches = [jax.device_put(next(data), batch_sharding(mesh)) for _ in range(4)]
+    config = recipe_config(preset, seq_len, global_batch, attention, mesh_axes, microbatches,
+                           remat, mean_doc_len, dropout_rng, fused)
+    tc = config.train
+    data = make_training_data(config.data, global_batch, tc.seed, 0, 1, config.model.vocab_size)
+    cfg = model_config_from(config, data.vocab_size)
+    model = MosaicBertForMaskedLM(cfg)
+    schedule, tx = recipe_optimizer(config.optimizer, tc.steps)
+    state, shardings = init_state(model, tx, tc.seed, mesh)
+    step = make_train_step(model, tx, schedule, mesh, shardings, tc.microbatches,
+                           dropout_seed=tc.seed)
+    batches = [jax.device_put(next(data.train), batch_sharding(mesh)) for _ in range(4)]
     return step, state, batches, cfg, mesh
 
 
 def time_train_step(preset: str, seq_len: int, batch_per_device: int, attention: str,
                     mesh_axes: dict, steps: int, microbatches: int, remat: bool,
-                    mean_doc_len: int, dropout_rng: str = "hash", devices=None) -> dict:
+                    mean_doc_len: int, dropout_rng: str = "hash", devices=None,
+                    fused: str = "auto") -> dict:
     step, state, batches, cfg, mesh = build_train_step(
         preset, seq_len, batch_per_device, attention, mesh_axes, microbatches, remat,
-        mean_doc_len, dropout_rng, devices)
+        mean_doc_len, dropout_rng, devices, fused)
     n_dev = mesh.devices.size
     global_batch = batch_per_device * n_dev
     t0 = time.perf_counter()
@@ -95,7 +130,7 @@ def time_train_step(preset: str, seq_len: int, batch_per_device: int, attention:
         raise RuntimeError(f"non-finite loss {loss} for {preset}:{seq_len}")
     tokens_per_s = global_batch * seq_len / step_s
     return {"preset": preset, "seq_len": seq_len, "batch_per_device": batch_per_device,
-            "devices": n_dev, "attention": attention, "dropout_rng": dropout_rng,
+            "devices": n_dev, "attention": attention, "dropout_rng": dropout_rng, "fused": fused,
             "mesh": dict(mesh.shape), "step_ms": step_s * 1e3,
             "tokens_per_s_per_device": tokens_per_s / n_dev,
             "flops_per_token": training_flops_per_token(cfg, seq_len, 0.3),
@@ -106,11 +141,14 @@ TORCH_SNIPPET = r"""
 import json, sys, time, torch
 from transformers import BertConfig, BertForMaskedLM
 preset, seq, batch, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+compile_model = sys.argv[5] == "1"
 sizes = dict(base=(768, 12, 12, 3072), large=(1024, 24, 16, 4096))[preset]
 cfg = BertConfig(vocab_size=30528, hidden_size=sizes[0], num_hidden_layers=sizes[1],
                  num_attention_heads=sizes[2], intermediate_size=sizes[3],
                  max_position_embeddings=max(512, seq), attn_implementation="sdpa")
 model = BertForMaskedLM(cfg).cuda().train()
+if compile_model:
+    model = torch.compile(model)
 opt = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.9, 0.98), eps=1e-6,
                         weight_decay=1e-5, fused=True)
 g = torch.Generator(device="cuda").manual_seed(0)
@@ -134,12 +172,13 @@ print("TORCH_RESULT " + json.dumps({"step_ms": times[1] * 1e3,
 """
 
 
-def time_torch_reference(preset: str, seq_len: int, batch: int, steps: int) -> dict | None:
+def time_torch_reference(preset: str, seq_len: int, batch: int, steps: int,
+                         compile_model: bool = True) -> dict | None:
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0"))
     try:
         out = subprocess.run([sys.executable, "-c", TORCH_SNIPPET, preset, str(seq_len),
-                              str(batch), str(steps)], capture_output=True, text=True,
-                             timeout=300, env=env)
+                              str(batch), str(steps), "1" if compile_model else "0"],
+                             capture_output=True, text=True, timeout=480, env=env)
     except subprocess.TimeoutExpired:
         return None
     for line in out.stdout.splitlines():
@@ -176,6 +215,11 @@ def main() -> None:
                         help="comma list of preset:seq_len:batch_per_device")
     parser.add_argument("--attention", default="auto", help="comma list of implementations")
     parser.add_argument("--dropout-rng", default="hash", help="comma list: hash, threefry")
+    parser.add_argument("--fused", default="auto",
+                        help="comma list of fused-op implementations: auto, xla, pallas")
+    parser.add_argument("--fused-blocks", default="",
+                        help="fused-kernel tile sizes, e.g. glu_rows=8,ln_rows=4 (see "
+                             "benchmarks/fused_ops.py)")
     parser.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1")
     parser.add_argument("--scaling", action="store_true",
                         help="time each case on 1 device, then on all with a data-parallel and "
@@ -186,20 +230,25 @@ def main() -> None:
     parser.add_argument("--mean-doc-len", type=int, default=0,
                         help="0: one document per row; else exponential doc lengths")
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--torch-eager", action="store_true",
+                        help="time transformers BERT without torch.compile")
     parser.add_argument("--json", default="", help="also write results to this file")
     parser.add_argument("--no-xla-defaults", action="store_true",
                         help="leave XLA_FLAGS as given (default: add mosaicbert_jax.xla_flags)")
     args = parser.parse_args()
     if not args.no_xla_defaults:
         apply_gpu_defaults()  # what the train command runs with
+    if args.fused_blocks:
+        from mosaicbert_jax.fused import pallas_gpu
+        pallas_gpu.set_default_blocks(pallas_gpu.parse_blocks(args.fused_blocks))
 
     # The torch reference runs first, in its own process, before JAX takes the GPU memory.
     cases = [(p, int(s), int(b)) for p, s, b in (c.split(":") for c in args.cases.split(","))]
     torch_results = {}
     if not args.no_torch and jax.default_backend() == "gpu":
         for preset, seq, batch in cases:
-            torch_results[(preset, seq, batch)] = time_torch_reference(preset, seq, batch,
-                                                                       args.steps)
+            torch_results[(preset, seq, batch)] = time_torch_reference(
+                preset, seq, batch, args.steps, not args.torch_eager)
     meshes = [(args.mesh, parse_mesh(args.mesh), None)]
     if args.scaling:
         meshes = [("1 device", parse_mesh("data=1,fsdp=1,tensor=1"), jax.devices()[:1]),
@@ -211,14 +260,15 @@ def main() -> None:
           f"matmul ceiling {ceiling:.0f} TFLOP/s (bf16 8192^3, measured now)")
     rows = []
     for preset, seq, batch in cases:
-        for attention, dropout_rng, (mesh_name, mesh_axes, devices) in itertools.product(
-                args.attention.split(","), args.dropout_rng.split(","), meshes):
+        for attention, dropout_rng, fused, (mesh_name, mesh_axes, devices) in itertools.product(
+                args.attention.split(","), args.dropout_rng.split(","), args.fused.split(","),
+                meshes):
             try:
                 r = time_train_step(preset, seq, batch, attention, mesh_axes, args.steps,
                                     args.microbatches, args.remat, args.mean_doc_len,
-                                    dropout_rng, devices)
+                                    dropout_rng, devices, fused)
             except Exception as e:  # report and go on to the next case
-                print(f"{preset}:{seq}:{batch} {attention} {dropout_rng}: FAILED "
+                print(f"{preset}:{seq}:{batch} {attention} {dropout_rng} {fused}: FAILED "
                       f"{type(e).__name__}: {str(e)[:300]}")
                 continue
             r["mesh_name"] = mesh_name
@@ -227,15 +277,16 @@ def main() -> None:
             r["torch_tokens_per_s"] = ref["tokens_per_s"] if ref else None
             rows.append(r)
             print(json.dumps(r), flush=True)
-    print(f"\n| model | seq | batch/dev | attention | dropout | step ms | tokens/s/dev | MFU (vs "
-          f"{ceiling:.0f}) | HF BERT torch tokens/s | ratio |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"\n| model | seq | batch/dev | attention | dropout | fused | step ms | tokens/s/dev | "
+          f"MFU (vs {ceiling:.0f}) | HF BERT torch{'' if args.torch_eager else ' compiled'} "
+          f"tokens/s | ratio |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         ref = r["torch_tokens_per_s"]
         ref_text = f"{ref:,.0f}" if ref else "-"
         ratio = f"{r['tokens_per_s_per_device'] / ref:.2f}x" if ref else "-"
         print(f"| {r['preset']} | {r['seq_len']} | {r['batch_per_device']} | {r['attention']} | "
-              f"{r['dropout_rng']} | "
+              f"{r['dropout_rng']} | {r['fused']} | "
               f"{r['step_ms']:.1f} | {r['tokens_per_s_per_device']:,.0f} | {r['mfu']:.1%} | "
               f"{ref_text} | {ratio} |")
     if args.scaling:

@@ -41,8 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.tasks = "mnli,qqp,qnli,sst2,cola,stsb,mrpc,rte"
     # These start from the MNLI-finetuned weights (MNLI's first seed) instead of pretrained.
     config.start_from_mnli = ("rte", "mrpc", "stsb")
-    # Without MNLI among the tasks, start those from saved MNLI weights (a .msgpack that a
-    # run with MNLI writes to workdir when save_mnli_checkpoint is True).
+    # Without MNLI among the tasks, start those from saved MNLI weights (the save_pretrained
+    # folder <workdir>/mnli_finetuned_seed<S> that a run with MNLI writes when
+    # save_mnli_checkpoint is True; `convert to-torch` converts it too).
     config.mnli_checkpoint = config_dict.placeholder(str)
     config.save_mnli_checkpoint = True
 
@@ -80,7 +81,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.parallel_tasks = False
 
     # Output: progress every log_every_steps, eval after each epoch (the final one is reported),
-    # results JSON (default <workdir>/glue_results.json), dev predictions per task and seed.
+    # results JSON (default <workdir>/glue_results.json), dev predictions per task and seed,
+    # metrics.jsonl + TensorBoard events per job in <workdir>/logs/<task>/seed_<seed>/.
     config.workdir = "workdir_glue"
     config.results_json = config_dict.placeholder(str)
     config.log_every_steps = 100

@@ -14,14 +14,15 @@
 #
 # Variables (required: WORKDIR):
 #   WORKDIR      run directory: checkpoints, metrics.jsonl, TensorBoard; a rerun resumes there
-#   CONFIG       config file (default: configs/base.py of this checkout)
+#   CONFIG       config file (default: configs/base.py of this checkout); a relative path is
+#                looked up in the current directory, then in this checkout
 #   SHARDS_DIR   prepared shards (python -m mosaicbert_jax.data.prepare); sets
 #                --config.data.shards_dir (configs/base.py needs it; configs/tiny.py does not)
 #   MESH_DATA, MESH_FSDP, MESH_TENSOR   mesh axis sizes (-1: the rest of the devices);
 #                unset: the config's mesh
 #   PYTHON       interpreter with mosaicbert-jax installed (default: python3)
 #   XLA_FLAGS, XLA_PYTHON_CLIENT_MEM_FRACTION, NCCL_*   kept if set; defaults below on GPUs
-#   DRY_RUN=1    print the command instead of running it
+#   DRY_RUN=1    print the command instead of running it (nothing is created)
 # Arguments are appended to the command, so they override everything above.
 set -euo pipefail
 
@@ -30,8 +31,13 @@ REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CONFIG=${CONFIG:-$REPO_DIR/configs/base.py}
 PYTHON=${PYTHON:-python3}
 
+# A relative CONFIG is a file of the current directory, else of this checkout (configs/tiny.py
+# works from anywhere).
+if [[ ! -f $CONFIG && $CONFIG != /* && -f $REPO_DIR/$CONFIG ]]; then
+  CONFIG=$REPO_DIR/$CONFIG
+fi
 if [[ ! -f $CONFIG ]]; then
-  echo "single_host.sh: CONFIG=$CONFIG does not exist (try configs/base.py or configs/tiny.py)" >&2
+  echo "single_host.sh: CONFIG=$CONFIG does not exist in $PWD or in $REPO_DIR (try configs/base.py or configs/tiny.py)" >&2
   exit 2
 fi
 

@@ -13,7 +13,9 @@
 #   WORKDIR        required; on storage every node sees (checked before training starts).
 #                  Checkpoints land there; resubmitting (or --requeue) resumes from the newest.
 #   SHARDS_DIR     prepared shards, readable from every node (configs/base.py needs it)
-#   CONFIG         config file (default configs/base.py)
+#   CONFIG         config file (default configs/base.py; relative: in the submit directory,
+#                  else in the checkout)
+#   DRY_RUN=1      print each task's command instead of training; creates nothing
 #   REPO_DIR       this checkout, same path on every node (default: the submit directory)
 #   PYTHON         interpreter with mosaicbert-jax installed on every node (default python3);
 #                  or activate your environment before sbatch
@@ -52,16 +54,28 @@ export MESH_FSDP=${MESH_FSDP:--1}
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 
 # Every process writes its part of each checkpoint into WORKDIR: it must be one shared directory.
-mkdir -p "$WORKDIR"
-marker="$WORKDIR/.slurm-shared-check-$SLURM_JOB_ID"
-touch "$marker"
-if ! srun --nodes="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 test -e "$marker"; then
-  echo "slurm.sh: WORKDIR=$WORKDIR is not visible from every node; put it on shared storage" >&2
+# (DRY_RUN=1 creates nothing: it skips this check, and the tasks only print their commands.)
+if [[ ${DRY_RUN:-0} == 1 ]]; then
+  echo "mosaicbert: DRY_RUN=1: not creating WORKDIR=$WORKDIR nor checking that every node sees it"
+else
+  mkdir -p "$WORKDIR"
+  marker="$WORKDIR/.slurm-shared-check-$SLURM_JOB_ID"
+  touch "$marker"
+  if ! srun --nodes="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 test -e "$marker"; then
+    echo "slurm.sh: WORKDIR=$WORKDIR is not visible from every node; put it on shared storage" >&2
+    rm -f "$marker"
+    exit 2
+  fi
   rm -f "$marker"
-  exit 2
 fi
-rm -f "$marker"
+
+# Since SLURM 22.05 srun no longer inherits sbatch's --cpus-per-task: pass it on, or every task
+# gets one CPU (and the data pipeline and XLA's host threads crawl).
+task_options=(--kill-on-bad-exit=1)
+if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then
+  task_options+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+fi
 
 echo "mosaicbert: job $SLURM_JOB_ID, $nodes node(s), ${SLURM_NTASKS:-?} process(es)," \
   "coordinator $COORDINATOR, workdir $WORKDIR"
-srun --kill-on-bad-exit=1 bash "$REPO_DIR/launch/multinode.sh" "$@"
+srun "${task_options[@]}" bash "$REPO_DIR/launch/multinode.sh" "$@"

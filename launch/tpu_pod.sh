@@ -25,7 +25,7 @@
 #   REMOTE_DIR   checkout location under the workers' home (default mosaicbert-jax)
 #   JAX_SPEC     pip requirement for JAX on TPU (default "jax[tpu]")
 #   DETACH=1     train in the background (survives a dropped ssh connection)
-#   DRY_RUN=1    print the gcloud commands instead of running them
+#   DRY_RUN=1    print the tar and gcloud commands instead of running them (creates nothing)
 set -euo pipefail
 
 REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -62,9 +62,13 @@ on_workers() {  # on_workers <worker> <remote shell command>
 
 case $command_name in
   setup)
-    tarball=$(mktemp "${TMPDIR:-/tmp}/mosaicbert-jax.XXXXXX.tar.gz")
-    trap 'rm -f "$tarball"' EXIT
-    tar -czf "$tarball" --exclude=.git --exclude=.venv --exclude=__pycache__ \
+    if [[ ${DRY_RUN:-0} == 1 ]]; then  # creates nothing: the archive's name only
+      tarball="${TMPDIR:-/tmp}/mosaicbert-jax.XXXXXX.tar.gz"
+    else
+      tarball=$(mktemp "${TMPDIR:-/tmp}/mosaicbert-jax.XXXXXX.tar.gz")
+      trap 'rm -f "$tarball"' EXIT
+    fi
+    run tar -czf "$tarball" --exclude=.git --exclude=.venv --exclude=__pycache__ \
       --exclude='workdir*' -C "$REPO_DIR" .
     run gcloud compute tpus tpu-vm scp "$tarball" "$TPU_NAME:mosaicbert-jax.tar.gz" \
       "${gcloud_target[@]}" --worker=all

@@ -1,12 +1,14 @@
-"""Saving and loading MosaicBERT weights: config dicts, pretrained folders, training checkpoints.
+"""Saving and loading MosaicBERT weights, and the one spelling of the on-disk layouts.
 
-Layouts `load_pretrained` reads:
+`save_pretrained` writes a pretrained folder. Layouts `load_pretrained` reads:
   * a pretrained folder written by `save_pretrained`: `config.json` + Orbax `params/`;
   * a training workdir (holding `checkpoints/`), its `checkpoints/` folder (latest step is
     used) or one step folder `checkpoints/<step>` of the training CheckpointManager, whose
     items are `state` ({"params", "opt_state", "step"}), `model_config` and `data_state`;
   * a PyTorch folder (`config.json` + `model.safetensors` or `pytorch_model.bin`), converted
-    on the fly by `mosaicbert_jax.convert`.
+    on the fly by `mosaicbert_jax.param_layout`.
+The training workdir's names (`checkpoints/`, the items of a step) are defined here and used
+by `mosaicbert_jax.training.resume`, which writes them.
 Only the parameters are restored, never the optimizer state, as numpy arrays on the host.
 """
 
@@ -24,16 +26,19 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from mosaicbert_jax.config import MosaicBertConfig
+from mosaicbert_jax.param_layout import (CONFIG_FILE, TORCH_WEIGHT_FILES, Params,
+                                         check_flax_params, config_from_hf_json,
+                                         infer_model_kind, read_torch_folder,
+                                         torch_state_dict_to_flax, unwrap_variables)
 
-Params = Any
-
-MODEL_KINDS = ("mlm", "classification")
-CONFIG_FILE = "config.json"
+# A pretrained folder: CONFIG_FILE (config fields + model_kind) and the Orbax params tree.
 PARAMS_DIR = "params"
+# A training workdir: <workdir>/CHECKPOINTS_DIR/<step>/ with these Orbax items.
 CHECKPOINTS_DIR = "checkpoints"
-STATE_ITEM = "state"
-MODEL_CONFIG_ITEM = "model_config"
-TORCH_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+STATE_ITEM = "state"            # {"step", "params", "opt_state"}
+DATA_STATE_ITEM = "data_state"  # the data iterators' position (JSON)
+MODEL_CONFIG_ITEM = "model_config"  # config_to_dict of the model (JSON)
+TRAIN_CHECKPOINT_ITEMS = (STATE_ITEM, DATA_STATE_ITEM, MODEL_CONFIG_ITEM)
 # Files a tokenizer may come as; copied along with weights when present.
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json",
                    "special_tokens_map.json")
@@ -59,17 +64,6 @@ def config_from_dict(values: dict[str, Any]) -> MosaicBertConfig:
         raise ValueError(f"unknown MosaicBertConfig keys {unknown}; known keys are "
                          f"{sorted(known)}. Was this config written by another version?")
     return MosaicBertConfig(**fields)
-
-
-def infer_model_kind(params: Params) -> str:
-    """'mlm' if the tree has the MLM head `cls`, 'classification' if it has `classifier`."""
-    if not hasattr(params, "keys"):
-        raise ValueError(f"params must be the Flax params dict; got {type(params).__name__}")
-    has_mlm, has_cls = "cls" in params, "classifier" in params
-    if has_mlm == has_cls:
-        raise ValueError(f"cannot tell the model kind from top-level params {sorted(params)}: "
-                         f"expected exactly one of 'cls' (MLM head) or 'classifier'")
-    return "mlm" if has_mlm else "classification"
 
 
 def _abs_path(path: str | os.PathLike) -> epath.Path:
@@ -112,8 +106,7 @@ def save_pretrained(directory: str, params: Params, config: MosaicBertConfig,
     if (directory / PARAMS_DIR).exists():
         raise ValueError(f"{directory / PARAMS_DIR} already exists; save to a new directory or "
                          f"delete the old one first")
-    if "params" in params and len(params) == 1:  # a variables dict: keep its params
-        params = params["params"]
+    params = unwrap_variables(params)
     model_kind = infer_model_kind(params)
     directory.mkdir(parents=True, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
@@ -159,13 +152,6 @@ def _restore_numpy_tree(directory: epath.Path, subtree: Optional[str] = None) ->
     return restored[subtree]
 
 
-def _unwrap_variables(params: Params) -> Params:
-    """Accepts {'params': tree} (a Flax variables dict) as well as the params tree itself."""
-    if isinstance(params, dict) and set(params) == {"params"}:
-        return params["params"]
-    return params
-
-
 def _step_dirs(checkpoints_dir: epath.Path) -> list[tuple[int, epath.Path]]:
     """Finished step folders (orbax names them by the step; unfinished ones carry a suffix)."""
     steps = [(int(p.name), p) for p in checkpoints_dir.iterdir()
@@ -181,20 +167,18 @@ def _load_training_step(step_dir: epath.Path) -> tuple[Params, MosaicBertConfig]
     json_checkpointer = ocp.Checkpointer(ocp.JsonCheckpointHandler())
     config = config_from_dict(json_checkpointer.restore(config_dir))
     params = _restore_numpy_tree(step_dir / STATE_ITEM, subtree="params")
-    return _unwrap_variables(params), config
+    return unwrap_variables(params), config
 
 
 def _load_pretrained_folder(directory: epath.Path) -> tuple[Params, MosaicBertConfig]:
     config = config_from_dict(json.loads((directory / CONFIG_FILE).read_text()))
-    return _unwrap_variables(_restore_numpy_tree(directory / PARAMS_DIR)), config
+    return unwrap_variables(_restore_numpy_tree(directory / PARAMS_DIR)), config
 
 
 def _load_torch_folder(directory: epath.Path) -> tuple[Params, MosaicBertConfig]:
-    from mosaicbert_jax import convert  # convert imports this module; import it late
-
-    state_dict, hf_config = convert.read_torch_folder(directory)
-    config = convert.config_from_hf_json(hf_config)
-    return convert.torch_state_dict_to_flax(state_dict, config), config
+    state_dict, hf_config = read_torch_folder(directory)
+    config = config_from_hf_json(hf_config)
+    return torch_state_dict_to_flax(state_dict, config), config
 
 
 def _expected_layouts() -> str:
@@ -234,6 +218,11 @@ def checkpoint_kind(path: str | os.PathLike) -> tuple[str, epath.Path]:
     return "step", steps[-1][1]
 
 
+def checkpoints_dir(workdir: str | os.PathLike) -> str:
+    """The folder of a training workdir that holds its numbered step checkpoints."""
+    return os.path.join(os.path.abspath(os.fspath(workdir)), CHECKPOINTS_DIR)
+
+
 def checkpoint_root(path: str | os.PathLike) -> epath.Path:
     """The folder a checkpoint belongs to: itself, or the training workdir of a step folder."""
     kind, directory = checkpoint_kind(path)
@@ -244,17 +233,15 @@ def checkpoint_root(path: str | os.PathLike) -> epath.Path:
 
 def load_pretrained(path: str) -> tuple[Params, MosaicBertConfig]:
     """Loads (params as numpy arrays, config) from any layout in the module docstring."""
-    from mosaicbert_jax import convert  # convert imports this module; import it late
-
     kind, directory = checkpoint_kind(path)
     logging.info("loading %s checkpoint from %s", kind, directory)
     loaders = {"pretrained": _load_pretrained_folder, "torch": _load_torch_folder,
                "step": _load_training_step}
     params, config = loaders[kind](directory)
-    convert.check_flax_params(params, config)
+    check_flax_params(params, config)
     return params, config
 
 
-__all__ = ["MODEL_KINDS", "TOKENIZER_FILES", "checkpoint_kind", "checkpoint_root",
-           "config_from_dict", "config_to_dict", "copy_tokenizer_file", "find_tokenizer_files",
-           "infer_model_kind", "load_pretrained", "save_pretrained"]
+__all__ = ["TOKENIZER_FILES", "TRAIN_CHECKPOINT_ITEMS", "checkpoint_kind", "checkpoint_root",
+           "checkpoints_dir", "config_from_dict", "config_to_dict", "copy_tokenizer_file",
+           "find_tokenizer_files", "load_pretrained", "save_pretrained"]

@@ -7,8 +7,11 @@ from typing import Any, Optional
 
 import jax.numpy as jnp
 
+from mosaicbert_jax.attention import available_implementations
+
 DROPOUT_RNGS = ("hash", "threefry")
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas", "pallas_interpret", "triton")
+# Fused memory-bound ops (mosaicbert_jax/fused): auto = Pallas kernels on CUDA GPUs, else XLA.
+FUSED_IMPLEMENTATIONS = ("auto", "xla", "pallas", "pallas_interpret")
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -46,6 +49,10 @@ class MosaicBertConfig:
     # Dropout masks: "hash" (fused, recomputed in the backward; see dropout.py) or "threefry"
     # (flax nn.Dropout).
     dropout_rng: str = "hash"
+    # GLU activation + dropout, and dropout + residual + LayerNorm: fused kernels or the plain
+    # XLA composition (see mosaicbert_jax/fused). The fused kernels draw hash dropout masks.
+    glu_implementation: str = "auto"
+    layernorm_implementation: str = "auto"
     # Rematerialise each layer's activations in the backward pass (saves memory).
     remat: bool = False
     num_labels: int = 2
@@ -62,12 +69,20 @@ class MosaicBertConfig:
                      "intermediate_size", "type_vocab_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
-        if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
+        if self.attention_implementation not in available_implementations():
             raise ValueError(
                 f"attention_implementation={self.attention_implementation!r} is not one of "
-                f"{ATTENTION_IMPLEMENTATIONS}")
+                f"{available_implementations()} (add one with "
+                f"mosaicbert_jax.attention.register_implementation)")
         if self.dropout_rng not in DROPOUT_RNGS:
             raise ValueError(f"dropout_rng={self.dropout_rng!r} is not one of {DROPOUT_RNGS}")
+        for name in ("glu_implementation", "layernorm_implementation"):
+            value = getattr(self, name)
+            if value not in FUSED_IMPLEMENTATIONS:
+                raise ValueError(f"{name}={value!r} is not one of {FUSED_IMPLEMENTATIONS}")
+            if value.startswith("pallas") and self.dropout_rng != "hash":
+                raise ValueError(f"{name}={value!r} draws hash dropout masks but dropout_rng="
+                                 f"{self.dropout_rng!r}; use dropout_rng='hash' or {name}='xla'")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")

@@ -47,6 +47,20 @@ def _row_index(shape: tuple[int, ...]) -> jax.Array:
     return index
 
 
+def _threshold(rate: float) -> np.uint32:
+    return np.uint32(min(round(rate * 2.0 ** 32), 2 ** 32 - 1))
+
+
+def keep_from_position(row: jax.Array, column: jax.Array, seed0: jax.Array, seed1: jax.Array,
+                       rate: float) -> jax.Array:
+    """True where the element at (row, column) is kept: uint32 positions (broadcastable),
+    seed words seed0/seed1. The one definition of the mask, shared by `keep_mask` and the
+    fused kernels (mosaicbert_jax/fused), so every path drops the same elements."""
+    row_hash = _mix32(row ^ seed0)
+    bits = _mix32(row_hash ^ (column * _GOLDEN + seed1))
+    return bits >= _threshold(rate)
+
+
 def keep_mask(seed: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
     """Boolean mask of `shape`, True with probability 1 - rate, a function of `seed` (uint32[2]).
 
@@ -59,10 +73,7 @@ def keep_mask(seed: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array
                          "reshape it or use dropout_rng='threefry'")
     seed = seed.astype(jnp.uint32)
     column = jax.lax.broadcasted_iota(jnp.uint32, shape, len(shape) - 1) if shape else 0
-    row_hash = _mix32(_row_index(shape) ^ seed[0])
-    bits = _mix32(row_hash ^ (column * _GOLDEN + seed[1]))
-    threshold = np.uint32(min(round(rate * 2.0 ** 32), 2 ** 32 - 1))
-    return bits >= threshold
+    return keep_from_position(_row_index(shape), column, seed[0], seed[1], rate)
 
 
 def _apply(x: jax.Array, seed: jax.Array, rate: float) -> jax.Array:
@@ -101,12 +112,26 @@ class Dropout(nn.Module):
     rate: float
     rng: str = "hash"
 
-    @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    def _check(self) -> None:
         if self.rng not in DROPOUT_RNGS:
             raise ValueError(f"dropout rng {self.rng!r} is not one of {DROPOUT_RNGS}")
         if not 0.0 <= self.rate <= 1.0:
             raise ValueError(f"dropout rate={self.rate} must be in [0, 1]")
+
+    def hash_seed(self, deterministic: bool) -> tuple[jax.Array, float]:
+        """(seed, rate) for a fused kernel that applies this layer's hash dropout itself:
+        the seed `__call__` would draw, and rate 0 when nothing is dropped."""
+        self._check()
+        if self.rng != "hash" or self.rate >= 1.0:
+            raise ValueError(f"fused dropout needs rng='hash' and rate < 1; got rng="
+                             f"{self.rng!r}, rate={self.rate}")
+        if deterministic or self.rate == 0.0:
+            return jnp.zeros((2,), jnp.uint32), 0.0
+        return jax.random.bits(self.make_rng("dropout"), (2,), jnp.uint32), float(self.rate)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        self._check()
         if deterministic or self.rate == 0.0:
             return x
         if self.rate == 1.0:  # as nn.Dropout: everything dropped

@@ -22,8 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mosaicbert_jax.checkpoint import checkpoint_root, find_tokenizer_files, load_pretrained
 from mosaicbert_jax.config import MosaicBertConfig
 from mosaicbert_jax.model import MosaicBertForMaskedLM
+from mosaicbert_jax.param_layout import infer_model_kind
 
 MASK_TOKEN = "[MASK]"
 _LENGTH_MULTIPLE = 16  # texts are padded to a multiple of this so similar lengths share a compile
@@ -78,7 +80,6 @@ def predict_masks(params: Any, config: MosaicBertConfig, tokenizer: Any, text: s
     vocab_limit = _check_tokenizer_fits(tokenizer, config)
     if top_k > vocab_limit:
         raise ValueError(f"top_k={top_k} is larger than the vocabulary ({vocab_limit} tokens)")
-    from mosaicbert_jax.checkpoint import infer_model_kind
     if infer_model_kind(params) != "mlm":
         raise ValueError("this checkpoint is a classification model (no MLM head 'cls'); "
                          "fill-mask needs a pretrained MLM checkpoint")
@@ -113,7 +114,6 @@ def fill_text(tokenizer: Any, ids: np.ndarray, positions: np.ndarray,
 
 def find_tokenizer(checkpoint: str) -> str:
     """The tokenizer.json / vocab.txt saved with a checkpoint (or its training workdir)."""
-    from mosaicbert_jax.checkpoint import checkpoint_root, find_tokenizer_files
     root = checkpoint_root(checkpoint)
     found = [f for f in find_tokenizer_files(root) if f.name in _TOKENIZER_NAMES]
     if found:
@@ -171,7 +171,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from mosaicbert_jax.checkpoint import load_pretrained
         from mosaicbert_jax.data.tokenizer import load_tokenizer
 
         tokenizer_path = args.tokenizer or find_tokenizer(args.checkpoint)

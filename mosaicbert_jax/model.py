@@ -8,7 +8,6 @@ Module and parameter names follow the PyTorch reference so conversion is a renam
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -16,22 +15,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mosaicbert_jax import fused
 from mosaicbert_jax.attention import alibi_slopes, attention
 from mosaicbert_jax.config import MosaicBertConfig
 from mosaicbert_jax.dropout import Dropout
+from mosaicbert_jax.fused.reference import gelu
 
 
 def _dense_init(config: MosaicBertConfig):
     return nn.initializers.normal(stddev=config.initializer_range)
-
-
-def gelu(x: jax.Array) -> jax.Array:
-    """Exact (erf) GELU, as the reference uses, evaluated in float32 whatever x's dtype.
-
-    In bf16 jax.nn.gelu would round its constants and erf to 8 bits (PyTorch's bf16 GELU
-    computes in float32 too); the upcast fuses into the neighbouring kernels for free.
-    """
-    return jax.nn.gelu(x.astype(jnp.float32), approximate=False)
 
 
 def check_inputs(config: MosaicBertConfig, input_ids: Any, segment_ids: Any,
@@ -119,6 +111,61 @@ class MosaicBertSelfAttention(nn.Module):
         return out.reshape(batch, seq, cfg.hidden_size)
 
 
+class LayerNormParams(nn.Module):
+    """The scale and bias of an nn.LayerNorm (same names and inits), for the fused kernels."""
+
+    config: MosaicBertConfig
+
+    @nn.compact
+    def __call__(self) -> tuple[jax.Array, jax.Array]:
+        cfg = self.config
+        features = (cfg.hidden_size,)
+        return (self.param("scale", nn.initializers.ones, features, cfg.param_dtype),
+                self.param("bias", nn.initializers.zeros, features, cfg.param_dtype))
+
+
+def _fused_impl(name: str, cfg: MosaicBertConfig, width: int) -> str:
+    return fused.resolve(getattr(cfg, name), width, cfg.dropout_rng)
+
+
+class DenseBiasApart(nn.Module):
+    """nn.Dense's parameters (same names, shapes, inits) and matmul, returning the bias
+    instead of adding it, so the fused LayerNorm kernel adds it without another pass."""
+
+    features: int
+    config: MosaicBertConfig
+
+    @nn.compact
+    def __call__(self, x) -> tuple[jax.Array, jax.Array]:
+        cfg = self.config
+        kernel = self.param("kernel", _dense_init(cfg), (x.shape[-1], self.features),
+                            cfg.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), cfg.param_dtype)
+        y = jax.lax.dot_general(x.astype(cfg.dtype), kernel.astype(cfg.dtype),
+                                (((x.ndim - 1,), (0,)), ((), ())))
+        return y, bias
+
+
+def _dense_add_layernorm(cfg: MosaicBertConfig, x, residual, dropout: Optional[Dropout],
+                         deterministic: bool, dense_name: str, norm_name: str):
+    """LayerNorm(dropout(Dense(x)) + residual): one fused kernel after the matmul, or the
+    plain flax composition."""
+    impl = _fused_impl("layernorm_implementation", cfg, cfg.hidden_size)
+    if impl == "xla":
+        x = nn.Dense(cfg.hidden_size, kernel_init=_dense_init(cfg), dtype=cfg.dtype,
+                     param_dtype=cfg.param_dtype, name=dense_name)(x)
+        if dropout is not None:
+            x = dropout(x, deterministic)
+        return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype,
+                            param_dtype=cfg.param_dtype, name=norm_name)(x + residual)
+    x, x_bias = DenseBiasApart(cfg.hidden_size, cfg, name=dense_name)(x)
+    seed, rate = (dropout.hash_seed(deterministic) if dropout is not None
+                  else (jnp.zeros((2,), jnp.uint32), 0.0))
+    scale, bias = LayerNormParams(cfg, name=norm_name)()
+    return fused.dropout_add_layernorm(x, residual, scale, bias, seed, rate, cfg.layer_norm_eps,
+                                       x_bias, implementation=impl)
+
+
 class MosaicBertSelfOutput(nn.Module):
     """Output dense, dropout, residual add, post-LN."""
 
@@ -127,11 +174,9 @@ class MosaicBertSelfOutput(nn.Module):
     @nn.compact
     def __call__(self, hidden, residual, deterministic: bool):
         cfg = self.config
-        hidden = nn.Dense(cfg.hidden_size, kernel_init=_dense_init(cfg), dtype=cfg.dtype,
-                          param_dtype=cfg.param_dtype, name="dense")(hidden)
-        hidden = Dropout(cfg.hidden_dropout_prob, cfg.dropout_rng)(hidden, deterministic)
-        return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype,
-                            param_dtype=cfg.param_dtype, name="LayerNorm")(hidden + residual)
+        dropout = Dropout(cfg.hidden_dropout_prob, cfg.dropout_rng)
+        return _dense_add_layernorm(cfg, hidden, residual, dropout, deterministic, "dense",
+                                    "LayerNorm")
 
 
 class MosaicBertGatedMLP(nn.Module):
@@ -144,13 +189,16 @@ class MosaicBertGatedMLP(nn.Module):
         cfg = self.config
         h = nn.Dense(2 * cfg.intermediate_size, use_bias=False, kernel_init=_dense_init(cfg),
                      dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="gated_layers")(x)
-        gated, non_gated = h[..., :cfg.intermediate_size], h[..., cfg.intermediate_size:]
-        h = (gelu(gated) * non_gated.astype(jnp.float32)).astype(cfg.dtype)
-        h = Dropout(cfg.hidden_dropout_prob, cfg.dropout_rng)(h, deterministic)
-        h = nn.Dense(cfg.hidden_size, kernel_init=_dense_init(cfg), dtype=cfg.dtype,
-                     param_dtype=cfg.param_dtype, name="wo")(h)
-        return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype,
-                            param_dtype=cfg.param_dtype, name="layernorm")(h + x)
+        dropout = Dropout(cfg.hidden_dropout_prob, cfg.dropout_rng)
+        impl = _fused_impl("glu_implementation", cfg, cfg.intermediate_size)
+        if impl == "xla":
+            gated, non_gated = h[..., :cfg.intermediate_size], h[..., cfg.intermediate_size:]
+            h = (gelu(gated) * non_gated.astype(jnp.float32)).astype(cfg.dtype)
+            h = dropout(h, deterministic)
+        else:
+            seed, rate = dropout.hash_seed(deterministic)
+            h = fused.glu_dropout(h, seed, rate, impl)
+        return _dense_add_layernorm(cfg, h, x, None, deterministic, "wo", "layernorm")
 
 
 def gather_positions(x: jax.Array, positions: jax.Array) -> jax.Array:

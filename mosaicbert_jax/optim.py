@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import optax
 
@@ -40,3 +40,14 @@ def decoupled_adamw(schedule: optax.Schedule, peak_lr: float, b1: float = 0.9,
     parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps,
                              weight_decay=weight_decay / peak_lr))
     return optax.chain(*parts)
+
+
+def recipe_optimizer(optimizer: Any, total_steps: int
+                     ) -> tuple[optax.Schedule, optax.GradientTransformation]:
+    """(schedule, optimizer) of a training config's `optimizer` section over `total_steps`:
+    what train.py trains with and the benchmarks time."""
+    schedule = warmup_linear_decay(optimizer.lr, total_steps, optimizer.warmup_fraction,
+                                   optimizer.final_lr_fraction)
+    tx = decoupled_adamw(schedule, optimizer.lr, optimizer.b1, optimizer.b2, optimizer.eps,
+                         optimizer.weight_decay, optimizer.clip_norm or None)
+    return schedule, tx

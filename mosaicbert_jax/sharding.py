@@ -1,8 +1,9 @@
 """Device mesh and sharding rules: FSDP by default, optional tensor parallelism.
 
-Parameters and optimizer state are sharded by rules on parameter names (MaxText-style logical
-axes, written as path patterns): the tensor axis splits attention/MLP projections, the fsdp
-axis splits the largest remaining divisible dimension. Batches are split over data x fsdp.
+Parameters and optimizer state are sharded by regular-expression rules on their '/'-joined
+parameter paths (TENSOR_RULES): the tensor axis splits the attention/MLP projections those rules
+name, the fsdp axis splits the largest remaining divisible dimension. Batches are split over
+data x fsdp.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def make_mesh(axes: Mapping[str, int], devices: Optional[Sequence[Any]] = None) 
     return Mesh(grid, MESH_AXES)
 
 
-def _path_name(path: Sequence[Any]) -> str:
+def path_name(path: Sequence[Any]) -> str:
+    """A tree path as '/'-joined names (dict keys, attributes, indices), as the rules match."""
     parts = []
     for entry in path:
         for attr in ("key", "name", "idx"):
@@ -97,7 +99,7 @@ def tree_shardings(tree: Any, mesh: Mesh) -> Any:
     """NamedShardings for every leaf of a params/optimizer-state tree (scalars replicated)."""
     def leaf_sharding(path, leaf):
         shape = getattr(leaf, "shape", ())
-        return NamedSharding(mesh, partition_spec(_path_name(path), shape, mesh))
+        return NamedSharding(mesh, partition_spec(path_name(path), shape, mesh))
     return jax.tree_util.tree_map_with_path(leaf_sharding, tree)
 
 

@@ -15,11 +15,11 @@ import math
 import os
 from typing import Any
 
-from mosaicbert_jax import convert
+from mosaicbert_jax import param_layout
 from mosaicbert_jax.attention.alibi import alibi_slopes
 from mosaicbert_jax.config import MosaicBertConfig
 
-torch = convert.import_torch()
+torch = param_layout.import_torch()
 nn = torch.nn
 F = torch.nn.functional
 
@@ -206,7 +206,7 @@ class _Pretrained(nn.Module):
     def from_state_dict(cls, state_dict: dict[str, Any], config: MosaicBertConfig,
                         dtype: "torch.dtype" = torch.float32) -> "_Pretrained":
         """A model in eval mode holding `state_dict` (validated, the tied weight filled in)."""
-        model_kind, arrays = convert.canonical_torch_state_dict(state_dict, config)
+        model_kind, arrays = param_layout.canonical_torch_state_dict(state_dict, config)
         if model_kind != cls.model_kind:
             raise ValueError(f"these weights are a {model_kind} model; load them with the "
                              f"{_CLASSES[model_kind].__name__} class, not {cls.__name__}")
@@ -222,8 +222,8 @@ class _Pretrained(nn.Module):
     def from_pretrained(cls, folder: str | os.PathLike,
                         dtype: "torch.dtype" = torch.float32) -> "_Pretrained":
         """Loads config.json + model.safetensors (or pytorch_model.bin) from `folder`."""
-        state_dict, hf_config = convert.read_torch_folder(folder)
-        return cls.from_state_dict(state_dict, convert.config_from_hf_json(hf_config), dtype)
+        state_dict, hf_config = param_layout.read_torch_folder(folder)
+        return cls.from_state_dict(state_dict, param_layout.config_from_hf_json(hf_config), dtype)
 
     def tie_weights(self) -> None:
         """Nothing is tied by default."""
@@ -273,10 +273,10 @@ _CLASSES = {"mlm": MosaicBertTorchForMaskedLM,
 def load_torch_model(folder: str | os.PathLike,
                      dtype: "torch.dtype" = torch.float32) -> _Pretrained:
     """The MLM or classification model a converted folder holds, whichever it is."""
-    state_dict, hf_config = convert.read_torch_folder(folder)
-    model_kind = convert.infer_torch_model_kind(convert._strip_prefix(state_dict))
+    state_dict, hf_config = param_layout.read_torch_folder(folder)
+    model_kind = param_layout.infer_torch_model_kind(param_layout.strip_composer_prefix(state_dict))
     return _CLASSES[model_kind].from_state_dict(state_dict,
-                                                convert.config_from_hf_json(hf_config), dtype)
+                                                param_layout.config_from_hf_json(hf_config), dtype)
 
 
 __all__ = ["MosaicBertTorchForMaskedLM", "MosaicBertTorchForSequenceClassification",

@@ -21,13 +21,13 @@ import ml_collections
 
 from mosaicbert_jax.config import MosaicBertConfig
 from mosaicbert_jax.checkpoint import config_to_dict
+from mosaicbert_jax.data.training_data import make_training_data
 from mosaicbert_jax.model import MosaicBertForMaskedLM, count_params
-from mosaicbert_jax.optim import decoupled_adamw, warmup_linear_decay
+from mosaicbert_jax.optim import recipe_optimizer
 from mosaicbert_jax.sharding import batch_sharding, data_parallel_size, make_mesh
-from mosaicbert_jax.training.checkpoints import TrainCheckpoints
+from mosaicbert_jax.training.resume import TrainCheckpoints
 from mosaicbert_jax.training.defaults import validate_config
 from mosaicbert_jax.training.flops import peak_tflops, training_flops_per_token
-from mosaicbert_jax.training.inputs import fit_model_vocab, make_iterators
 from mosaicbert_jax.training.metrics_log import MetricsLog, format_duration
 from mosaicbert_jax.training.multihost import (check_same_on_every_process, exit_on_error,
                                                maybe_initialize_distributed,
@@ -37,12 +37,10 @@ from mosaicbert_jax.training.step import (BATCH_KEYS, init_state, make_eval_step
 from mosaicbert_jax.xla_flags import apply_gpu_defaults
 
 
-def copy_data_tokenizer(shards_dir: str, workdir: str) -> None:
+def copy_data_tokenizer(tokenizer_file: str, workdir: str) -> None:
     """Keeps the data's tokenizer.json in the workdir, where fill-mask, convert and GLUE look."""
-    source = os.path.join(shards_dir, "tokenizer.json")
-    if os.path.isfile(source):
-        os.makedirs(workdir, exist_ok=True)
-        shutil.copyfile(source, os.path.join(workdir, "tokenizer.json"))
+    os.makedirs(workdir, exist_ok=True)
+    shutil.copyfile(tokenizer_file, os.path.join(workdir, "tokenizer.json"))
 
 
 def config_digest(config: ml_collections.ConfigDict) -> str:
@@ -51,13 +49,14 @@ def config_digest(config: ml_collections.ConfigDict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def model_config_from(config: ml_collections.ConfigDict) -> MosaicBertConfig:
+def model_config_from(config: ml_collections.ConfigDict, vocab_size: int) -> MosaicBertConfig:
+    """The model of config.model, with the vocab size the data calls for."""
     overrides: dict[str, Any] = dict(
         dtype=config.model.dtype, attention_implementation=config.model.attention_implementation,
         remat=config.model.remat, hidden_dropout_prob=config.model.hidden_dropout_prob,
-        dropout_rng=config.model.dropout_rng)
-    if config.model.vocab_size > 0:
-        overrides["vocab_size"] = config.model.vocab_size
+        dropout_rng=config.model.dropout_rng, vocab_size=vocab_size,
+        glu_implementation=config.model.glu_implementation,
+        layernorm_implementation=config.model.layernorm_implementation)
     return MosaicBertConfig.from_preset(config.model.preset, **overrides)
 
 
@@ -107,20 +106,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     maybe_initialize_distributed(config.train.distributed)
     check_same_on_every_process("the config", config_digest(config),
                                 "start every process with the same command line")
-    tc, oc = config.train, config.optimizer
+    tc = config.train
     mesh = make_mesh(dict(config.mesh))
     dp_size = data_parallel_size(mesh)
     process_count, process_index = jax.process_count(), jax.process_index()
     check_batch_layout(tc.global_batch_size, tc.microbatches, dp_size, process_count)
     if tc.steps <= 0:
         raise ValueError(f"train.steps={tc.steps} must be positive")
-    model_cfg = model_config_from(config)
     per_process = tc.global_batch_size // process_count
-    train_iter, eval_iter = make_iterators(config.data, per_process, model_cfg.vocab_size,
-                                           tc.seed, process_index, process_count)
-    model_cfg = fit_model_vocab(model_cfg, train_iter, explicit=config.model.vocab_size > 0)
-    if process_index == 0 and getattr(train_iter, "shards_dir", None):
-        copy_data_tokenizer(train_iter.shards_dir, workdir)
+    data = make_training_data(config.data, per_process, tc.seed, process_index, process_count,
+                              config.model.vocab_size)
+    train_iter, eval_iter = data.train, data.eval
+    model_cfg = model_config_from(config, data.vocab_size)
+    if process_index == 0 and data.tokenizer_file:
+        copy_data_tokenizer(data.tokenizer_file, workdir)
 
     # What could differ between processes is checked, and the data position restored, before
     # the first collective, so a mismatch is one error on every process instead of a hang.
@@ -133,9 +132,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         train_iter.set_state(ckpt.restore_data_state(start))
 
     log = MetricsLog(workdir, enabled=process_index == 0)
-    schedule = warmup_linear_decay(oc.lr, tc.steps, oc.warmup_fraction, oc.final_lr_fraction)
-    tx = decoupled_adamw(schedule, oc.lr, oc.b1, oc.b2, oc.eps, oc.weight_decay,
-                         oc.clip_norm or None)
+    schedule, tx = recipe_optimizer(config.optimizer, tc.steps)
     model = MosaicBertForMaskedLM(model_cfg)
     state, shardings = init_state(model, tx, tc.seed, mesh)
     n_params = count_params(state["params"])

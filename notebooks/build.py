@@ -15,12 +15,10 @@ import nbformat
 from nbformat import v4
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# Where Colab clones the package from when it is not installed (set to the repository's URL).
-REPO_URL = "https://github.com/OWNER/mosaicbert-jax"
 
 SETUP = '''\
-# Setup: use mosaicbert-jax if it is installed (a checkout, CI); otherwise (Colab) clone it
-# and install it with the JAX build that fits this runtime (CUDA on GPU, libtpu on TPU).
+# Setup: use mosaicbert-jax if this Python has it (a checkout, CI). Otherwise install it from
+# MOSAICBERT_SOURCE, with the JAX build for this runtime (CUDA on GPU, libtpu on TPU).
 import glob
 import importlib.util
 import os
@@ -29,19 +27,63 @@ import shutil
 import subprocess
 import sys
 
-REPO_URL = "{repo_url}"
-if importlib.util.find_spec("mosaicbert_jax") is None:
-    if not os.path.isdir("mosaicbert-jax"):
-        subprocess.run(["git", "clone", "--depth=1", REPO_URL, "mosaicbert-jax"], check=True)
-    extras = [{extras}] + (["gpu"] if shutil.which("nvidia-smi") else [])
+# Where to install mosaicbert-jax from when it is missing (or set the environment variable):
+#   a git URL        "https://github.com/<you>/mosaicbert-jax" (cloned to ./mosaicbert-jax)
+#   a checkout       "/content/mosaicbert-jax"
+#   a wheel          "/content/mosaicbert_jax-0.1.0-py3-none-any.whl" (upload it in the Files
+#                    pane; a wheel in the working directory is found without being named)
+MOSAICBERT_SOURCE = os.environ.get("MOSAICBERT_SOURCE", "")
+EXTRAS = [{extras}]
+NEEDS_CHECKOUT = {needs_checkout}  # this notebook reads configs/ (and sample data) of a checkout
+# MOSAICBERT_NOTEBOOK_SMALL=1: the smallest sizes that still run every cell (CI, a quick look).
+SMALL = os.environ.get("MOSAICBERT_NOTEBOOK_SMALL", "") == "1"
+
+
+def install_mosaicbert(source: str) -> None:
+    """pip installs mosaicbert-jax (with EXTRAS) from a git URL, a directory or a wheel."""
+    extras = EXTRAS + (["gpu"] if shutil.which("nvidia-smi") else [])
+    suffix = f"[{{','.join(extras)}}]" if extras else ""
     on_tpu = bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
-    package = "./mosaicbert-jax" + (f"[{{','.join(extras)}}]" if extras else "")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", package]
+    if source.startswith(("https://", "http://", "git@", "git+", "ssh://")):
+        if not os.path.isdir("mosaicbert-jax"):
+            url = source[len("git+"):] if source.startswith("git+") else source
+            subprocess.run(["git", "clone", "--depth=1", url, "mosaicbert-jax"], check=True)
+        source = "mosaicbert-jax"
+    path = os.path.abspath(os.path.expanduser(source))
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "pyproject.toml")):
+        requirement = ["-e", path + suffix]
+        sys.path.insert(0, path)  # this kernel started before the editable install
+    elif os.path.isfile(path) and path.endswith((".whl", ".tar.gz", ".zip")):
+        requirement = [f"mosaicbert-jax{{suffix}} @ file://{{path}}"]
+    else:
+        raise FileNotFoundError(
+            f"MOSAICBERT_SOURCE={{source!r}} is not a git URL, a mosaicbert-jax checkout (a "
+            f"directory with pyproject.toml) or a wheel file; fix it at the top of this cell")
+    print(f"installing mosaicbert-jax{{suffix}} from {{source}}", flush=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", *requirement]
                    + (["jax[tpu]"] if on_tpu else []), check=True)
-    sys.path.insert(0, os.path.abspath("mosaicbert-jax"))  # this kernel predates the install
+    importlib.invalidate_caches()
+
+
+if importlib.util.find_spec("mosaicbert_jax") is None:
+    uploaded = sorted(glob.glob("mosaicbert_jax-*.whl"))
+    source = MOSAICBERT_SOURCE or (uploaded[-1] if uploaded else "") or (
+        "mosaicbert-jax" if os.path.isdir("mosaicbert-jax") else "")
+    if not source:
+        raise RuntimeError(
+            "mosaicbert-jax is not installed in this runtime. Set MOSAICBERT_SOURCE at the top "
+            "of this cell to a git URL of the repository, the path of a checkout, or a wheel "
+            "you uploaded (or upload mosaicbert_jax-*.whl to the working directory), then run "
+            "this cell again.")
+    install_mosaicbert(source)
 import mosaicbert_jax
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(mosaicbert_jax.__file__)))
+if NEEDS_CHECKOUT and not os.path.isdir(os.path.join(REPO_DIR, "configs")):
+    raise RuntimeError(
+        f"mosaicbert_jax is installed in {{REPO_DIR}} without the repository's configs/ (a wheel "
+        f"install); this notebook needs a checkout: set MOSAICBERT_SOURCE to a git URL or a "
+        f"checkout path and run this cell again in a new runtime")
 PY = shlex.quote(sys.executable)  # this notebook's Python ("python" in a terminal)
 
 
@@ -56,11 +98,11 @@ def sh(command: str) -> None:
         raise RuntimeError(f"exit code {{process.returncode}}: {{command}}")
 
 
-print("mosaicbert_jax", mosaicbert_jax.__version__, "from", REPO_DIR)'''
+print("mosaicbert_jax", mosaicbert_jax.__version__, "from", REPO_DIR, "(small sizes)" * SMALL)'''
 
 
-def setup_cell(*extras: str) -> str:
-    return SETUP.format(repo_url=REPO_URL, extras=", ".join(f'"{e}"' for e in extras))
+def setup_cell(*extras: str, needs_checkout: bool = True) -> str:
+    return SETUP.format(extras=", ".join(f'"{e}"' for e in extras), needs_checkout=needs_checkout)
 
 
 QUICKSTART = [
@@ -96,7 +138,7 @@ import jax
 from mosaicbert_jax.train import train_and_evaluate
 
 BACKEND = jax.default_backend()
-STEPS = 60 if BACKEND == "cpu" else 600
+STEPS = 20 if SMALL else 60 if BACKEND == "cpu" else 600
 WORKDIR = os.path.abspath("mosaicbert-tiny")
 print(f"{BACKEND}: {jax.devices()}; training {STEPS} steps into {WORKDIR}")
 
@@ -197,12 +239,17 @@ GLUE = [
 then linear decay) and writes the dev metrics to a JSON file. This notebook runs it on SST-2
 (binary sentiment of movie-review sentences).
 
+- **Data:** without `GLUE_DIR` it runs offline on a small synthetic sample in the SST-2 layout
+  that ships with the repository (`notebooks/glue_sample`: 480 train and 120 dev sentences
+  made from templates; not SST-2's sentences). Set `GLUE_DIR` to a folder holding
+  `SST-2/train.tsv` and `SST-2/dev.tsv` for the real task, or `GLUE_DIR=download` to fetch it.
 - **CPU runtime:** starts from the tiny model of `01_quickstart.ipynb` (pretrained here if its
-  workdir is missing) and fine-tunes on 8,000 training sentences for one epoch in float32,
-  with a learning rate for its size (1e-3): about a minute of training. Do not expect much
-  from a 1.4M-parameter model pretrained for a minute on Python's documentation.
+  workdir is missing) and fine-tunes in float32, with a learning rate for its size (1e-3); on
+  real SST-2, on 8,000 training sentences for one epoch. Do not expect much from a
+  1.4M-parameter model pretrained for a minute on Python's documentation.
 - **GPU / TPU runtime:** starts from the released MosaicBERT-base (`mosaicml/mosaic-bert-base`,
-  converted from PyTorch) and runs the full recipe (67k sentences, 3 epochs, bfloat16).
+  converted from PyTorch; downloaded) and runs the full recipe (3 epochs, bfloat16; on real
+  SST-2 its 67k sentences).
 
 All heavy work runs in subprocesses, so the accelerator stays free for them."""),
     ("code", setup_cell("torch")),
@@ -214,12 +261,14 @@ BACKEND, CAPABILITY = subprocess.run([sys.executable, "-c", probe], capture_outp
                                      text=True, check=True).stdout.split()[-2:]
 ON_CPU = BACKEND == "cpu"
 OLD_GPU = BACKEND == "gpu" and float(CAPABILITY) < 8.0  # e.g. a T4: no bf16, no Pallas kernel
-START_FROM = "tiny" if ON_CPU else "mosaic-bert-base"  # either works anywhere
-TRAIN_EXAMPLES = 8000 if ON_CPU else None  # None: all 67,349
-EPOCHS = 1 if ON_CPU else 3  # the recipe: 3
+START_FROM = "tiny" if ON_CPU or SMALL else "mosaic-bert-base"  # either works anywhere
+GLUE_DIR = os.environ.get("GLUE_DIR", "")  # "": the sample; "download": real SST-2
+TRAIN_EXAMPLES = 8000 if ON_CPU and GLUE_DIR else None  # None: all (67,349 in real SST-2)
+EPOCHS = 1 if SMALL or (ON_CPU and GLUE_DIR) else 3  # the recipe: 3
+PRETRAIN_STEPS = 20 if SMALL else 60  # for the tiny start point, when it is not there yet
 DTYPE = "float32" if ON_CPU or OLD_GPU else "bfloat16"
 ATTENTION = "xla" if OLD_GPU else "auto"
-print(BACKEND, START_FROM, TRAIN_EXAMPLES, EPOCHS, DTYPE, ATTENTION)"""),
+print(BACKEND, START_FROM, GLUE_DIR or "sample", TRAIN_EXAMPLES, EPOCHS, DTYPE, ATTENTION)"""),
     ("markdown", """\
 ## 1. The pretrained start point
 
@@ -231,8 +280,9 @@ if START_FROM == "tiny":
     CHECKPOINT = os.path.abspath("mosaicbert-tiny")  # the quickstart's workdir
     if not os.path.isdir(os.path.join(CHECKPOINT, "checkpoints")):
         sh(f"{PY} -m mosaicbert_jax.train --config={REPO_DIR}/configs/tiny.py "
-           f"--workdir={CHECKPOINT} --config.train.steps=60 --config.train.eval_every=60 "
-           f"--config.train.checkpoint_every=60 "
+           f"--workdir={CHECKPOINT} --config.train.steps={PRETRAIN_STEPS} "
+           f"--config.train.eval_every={PRETRAIN_STEPS} "
+           f"--config.train.checkpoint_every={PRETRAIN_STEPS} "
            f"--config.model.attention_implementation={ATTENTION}")
     TOKENIZER = os.path.join(CHECKPOINT, "tokenizer.json")
 else:
@@ -249,19 +299,28 @@ print(CHECKPOINT, TOKENIZER)"""),
 ## 2. SST-2 in the GLUE layout
 
 `--config.data_dir` is a folder in the official GLUE TSV layout (`SST-2/train.tsv`,
-`SST-2/dev.tsv`). Without it the command reads `glue/sst2` from tensorflow-datasets instead.
-Set `GLUE_DIR` to use a copy you already have."""),
+`SST-2/dev.tsv`: a header, then `sentence<TAB>label` rows). Without it the command reads
+`glue/sst2` from tensorflow-datasets instead. Here it is the synthetic sample, unless
+`GLUE_DIR` names a copy of SST-2 (or is `download`)."""),
     ("code", """\
 import csv
 import io
 import urllib.request
 import zipfile
 
-GLUE_DIR = os.path.abspath(os.environ.get("GLUE_DIR", "glue_data"))
-if not os.path.isfile(os.path.join(GLUE_DIR, "SST-2", "dev.tsv")):
-    url = "https://dl.fbaipublicfiles.com/glue/data/SST-2.zip"
-    with urllib.request.urlopen(url, timeout=120) as response:
-        zipfile.ZipFile(io.BytesIO(response.read())).extractall(GLUE_DIR)
+if not GLUE_DIR:  # offline: the synthetic sample of the checkout
+    GLUE_DIR = os.path.join(REPO_DIR, "notebooks", "glue_sample")
+    print(f"no GLUE_DIR: using the synthetic SST-2-format sample in {GLUE_DIR}")
+elif GLUE_DIR == "download":
+    GLUE_DIR = os.path.abspath("glue_data")
+    if not os.path.isfile(os.path.join(GLUE_DIR, "SST-2", "dev.tsv")):
+        url = "https://dl.fbaipublicfiles.com/glue/data/SST-2.zip"
+        with urllib.request.urlopen(url, timeout=120) as response:
+            zipfile.ZipFile(io.BytesIO(response.read())).extractall(GLUE_DIR)
+GLUE_DIR = os.path.abspath(GLUE_DIR)
+if not os.path.isfile(os.path.join(GLUE_DIR, "SST-2", "train.tsv")):
+    raise FileNotFoundError(f"GLUE_DIR={GLUE_DIR} has no SST-2/train.tsv; point it at a GLUE "
+                            f"folder, or unset it to use the sample")
 
 DATA_DIR = GLUE_DIR
 if TRAIN_EXAMPLES:  # a smaller training set, same dev set: a copy in the same layout
@@ -327,7 +386,7 @@ token inside its own document when several documents are packed into one row (an
 padding). This notebook builds that up from the pieces in `mosaicbert_jax.attention`, checks the
 implementations against each other and times them. On a CPU runtime it times the XLA
 reference; on a GPU it adds the Pallas flash kernel and cuDNN."""),
-    ("code", setup_cell()),
+    ("code", setup_cell("notebooks", needs_checkout=False)),
     ("code", """\
 import time
 
@@ -465,8 +524,11 @@ def time_ms(fn, *args, repeats=5):
     return 1e3 * float(np.median(times))
 
 
+repeats = 2 if SMALL else 5
 if BACKEND == "cpu":
     impls, tokens, seq_lens, dtype = ["xla"], 2048, [128, 256, 512, 1024], jnp.float32
+    if SMALL:
+        tokens, seq_lens = 1024, [128, 256]
 else:
     impls = ["xla"] + (["cudnn"] if BACKEND == "gpu" else []) + (["pallas"] if KERNEL else [])
     tokens, seq_lens, dtype = 16384, [128, 256, 512, 1024, 2048, 4096], jnp.bfloat16
@@ -482,7 +544,7 @@ for seq_len in seq_lens:
             attention(q, k, v, ids, slopes, implementation=impl).astype(jnp.float32)),
             argnums=(0, 1, 2)))
         try:
-            timings[impl].append(time_ms(step, q, k, v))
+            timings[impl].append(time_ms(step, q, k, v, repeats=repeats))
         except jax.errors.JaxRuntimeError as error:  # e.g. XLA's [heads, seq, seq] tensors OOM
             print(f"{impl} at {seq_len}: {str(error).splitlines()[0][:100]}")
             timings[impl].append(float("nan"))

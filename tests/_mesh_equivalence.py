@@ -15,7 +15,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 from mosaicbert_jax import MosaicBertConfig, MosaicBertForMaskedLM  # noqa: E402
 from mosaicbert_jax.optim import decoupled_adamw, warmup_linear_decay  # noqa: E402
 from mosaicbert_jax.sharding import batch_sharding, make_mesh  # noqa: E402
-from mosaicbert_jax.synthetic import SyntheticMLMBatches  # noqa: E402
+from mosaicbert_jax.data.synthetic import SyntheticMLMBatches  # noqa: E402
 from mosaicbert_jax.training.step import init_state, make_train_step  # noqa: E402
 
 

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
@@ -37,3 +39,23 @@ def test_profile_categories_sort_h100_kernel_names():
     assert category("input_add_reduce_fusion_26") == "reduction fusion"
     assert category("loop_compare_convert_select_fusion") == "elementwise fusion"
     assert category("loop_slice_fusion_11") == "copy/transpose"
+
+
+def test_benchmarks_time_the_trainers_step_on_the_trainers_batches():
+    import jax
+    from train_throughput import build_train_step, recipe_config
+
+    from mosaicbert_jax.optim import recipe_optimizer
+
+    config = recipe_config("tiny", 128, 2, "xla", {"data": 1, "fsdp": 1, "tensor": 1})
+    assert config.optimizer.lr == 5e-4 and config.train.steps == 70_000  # configs/base.py
+    step, state, batches, cfg, mesh = build_train_step(
+        "tiny", 128, 2, "xla", {"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    assert cfg.dtype.__name__ == "bfloat16" and cfg.vocab_size == 30528
+    assert batches[0]["masked_positions"].shape == (2, 38)  # the real pipeline's K at 128
+    schedule, _ = recipe_optimizer(config.optimizer, config.train.steps)
+    for expected_step in range(2):
+        state, metrics = step(state, batches[expected_step])
+        # The recipe's warmup (6% of 70k steps): 0 at step 0, 5e-4 / 4200 at step 1.
+        assert float(metrics["lr"]) == pytest.approx(float(schedule(expected_step)), rel=1e-3)
+    assert int(state["step"]) == 2 and float(metrics["lr"]) > 0

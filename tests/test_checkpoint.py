@@ -11,8 +11,9 @@ import pytest
 
 from mosaicbert_jax import (MosaicBertConfig, MosaicBertForMaskedLM,
                             MosaicBertForSequenceClassification)
-from mosaicbert_jax.checkpoint import (config_from_dict, config_to_dict, infer_model_kind,
-                                       load_pretrained, save_pretrained)
+from mosaicbert_jax.checkpoint import (config_from_dict, config_to_dict, load_pretrained,
+                                       save_pretrained)
+from mosaicbert_jax.param_layout import infer_model_kind
 
 TINY = MosaicBertConfig.tiny(vocab_size=256, num_labels=3)
 

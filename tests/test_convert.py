@@ -16,9 +16,9 @@ safetensors = pytest.importorskip("safetensors")
 from mosaicbert_jax import (MosaicBertConfig, MosaicBertForMaskedLM,  # noqa: E402
                             MosaicBertForSequenceClassification)
 from mosaicbert_jax.checkpoint import load_pretrained, save_pretrained  # noqa: E402
-from mosaicbert_jax.convert import (build_parser, config_from_hf_json,  # noqa: E402
-                                    config_to_hf_json, export_torch_folder,
-                                    flax_to_torch_state_dict, main, torch_state_dict_to_flax)
+from mosaicbert_jax.convert import build_parser, export_torch_folder, main  # noqa: E402
+from mosaicbert_jax.param_layout import (config_from_hf_json, config_to_hf_json,  # noqa: E402
+                                         flax_to_torch_state_dict, torch_state_dict_to_flax)
 from mosaicbert_jax.torch_model import (MosaicBertTorchForMaskedLM,  # noqa: E402
                                         MosaicBertTorchForSequenceClassification,
                                         load_torch_model)
@@ -226,7 +226,7 @@ def test_base_classification_parity(base_mlm_params):
 
 
 def test_large_mapping_covers_the_flax_tree():
-    from mosaicbert_jax.convert import check_flax_params, expected_torch_shapes
+    from mosaicbert_jax.param_layout import check_flax_params, expected_torch_shapes
 
     config = MosaicBertConfig.large()
     ids = jnp.zeros((1, 4), jnp.int32)

@@ -1,7 +1,9 @@
 """MLMBatches: packing fill, exact coverage of an epoch, masking statistics, resume, multi-host
-(disjoint rows per process, states that resume on any process count)."""
+(disjoint rows per process, states that resume on any process count). The masking statistics
+hold for SyntheticMLMBatches too: the same packing and masking code."""
 
 import collections
+import itertools
 import json
 
 import numpy as np
@@ -9,7 +11,7 @@ import pytest
 
 from mosaicbert_jax.data import MLMBatches, read_documents
 from mosaicbert_jax.data.synthetic import SYNTHETIC_SPECIAL as SPECIAL
-from mosaicbert_jax.data.synthetic import write_synthetic_shards
+from mosaicbert_jax.data.synthetic import SyntheticMLMBatches, write_synthetic_shards
 
 VOCAB = 8192
 
@@ -111,8 +113,17 @@ def test_packing_fill_on_long_tailed_corpus(corpus):
     assert (steady > 0).mean() >= 0.99
 
 
-def test_masking_statistics_on_a_million_tokens(million):
-    it = MLMBatches(million, "train", batch_size=64, seq_len=128, repeat=False)
+def million_token_batches(source, million):
+    """About a million maskable tokens of 64 x 128 batches from `source`."""
+    if source == "shards":
+        return MLMBatches(million, "train", batch_size=64, seq_len=128, repeat=False)
+    return itertools.islice(SyntheticMLMBatches(64, 128, VOCAB, seed=2, mean_doc_len=230), 125)
+
+
+@pytest.mark.parametrize("source", ["shards", "synthetic"])
+def test_masking_statistics_on_a_million_tokens(source, request):
+    it = million_token_batches(source, request.getfixturevalue("million")
+                               if source == "shards" else None)
     maskable = selected = as_mask = as_random = unchanged = 0
     for batch in it:
         original = unmasked(batch)
@@ -143,10 +154,15 @@ def test_masking_statistics_on_a_million_tokens(million):
     assert abs(unchanged / selected - 0.10) < 0.005
 
 
-def test_eval_masking_rate(corpus):
-    it = MLMBatches(corpus, "eval", batch_size=16, seq_len=128, mask_prob=0.15, repeat=False)
+@pytest.mark.parametrize("source", ["shards", "synthetic"])
+def test_eval_masking_rate(source, corpus):
+    if source == "shards":
+        it = MLMBatches(corpus, "eval", batch_size=16, seq_len=128, mask_prob=0.15, repeat=False)
+        batches = list(it)
+    else:
+        it = SyntheticMLMBatches(16, 128, VOCAB, mask_prob=0.15, seed=1, mean_doc_len=230)
+        batches = [next(it) for _ in range(12)]
     assert it.max_predictions == 19  # ceil(0.15 * 126)
-    batches = list(it)
     selected = sum(b["masked_weights"].sum() for b in batches)
     maskable = sum(np.count_nonzero(~np.isin(unmasked(b), SPECIAL.ids)) for b in batches)
     assert abs(selected / maskable - 0.15) < 0.003
@@ -273,3 +289,28 @@ def test_clear_errors(corpus, tmp_path):
     state = MLMBatches(corpus, "train", 4, 128).get_state()
     with pytest.raises(ValueError, match="global_batch_size"):
         MLMBatches(corpus, "train", 8, 128).set_state(state)
+
+
+@pytest.mark.parametrize("mean_doc_len", [None, 40])
+def test_synthetic_batches_have_the_real_layout_and_resume(mean_doc_len):
+    it = SyntheticMLMBatches(8, 128, VOCAB, seed=5, mean_doc_len=mean_doc_len)
+    assert it.max_predictions == 38  # ceil(0.3 * 126), as MLMBatches; not ceil(0.3 * 128)
+    batches = [next(it) for _ in range(6)]
+    shapes = {k: (v.shape, v.dtype) for k, v in batches[0].items()}
+    assert shapes == {"input_ids": ((8, 128), np.int32), "segment_ids": ((8, 128), np.int32),
+                      "masked_positions": ((8, 38), np.int32),
+                      "masked_weights": ((8, 38), np.float32),
+                      "masked_labels": ((8, 38), np.int32)}
+    found = list(segments(batches))  # every segment is [CLS] content [SEP], padding at the end
+    if mean_doc_len is None:  # one full-row segment per row
+        assert len(found) == 6 * 8 and all(len(content) == 126 for content, _, _ in found)
+    else:
+        assert len(found) > 6 * 8 * 2
+    fill = np.mean([(b["segment_ids"] > 0).mean() for b in batches])
+    assert fill >= 0.98
+    state = json.loads(json.dumps(it.get_state()))
+    following = next(it)
+    resumed = SyntheticMLMBatches(8, 128, VOCAB, seed=5, mean_doc_len=mean_doc_len)
+    resumed.set_state(state)
+    for key, value in next(resumed).items():
+        np.testing.assert_array_equal(value, following[key])

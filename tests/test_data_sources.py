@@ -2,6 +2,9 @@
 
 import gzip
 import json
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -49,6 +52,23 @@ def test_parquet_column(tmp_path):
     assert list(open_source(f"parquet:{tmp_path}/docs.parquet")) == DOCS
     with pytest.raises(ValueError, match="no column 'body'"):
         list(open_source(f"parquet:{tmp_path}?column=body"))
+
+
+def test_parquet_missing_column_in_prepare_is_one_line_without_traceback(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"content": DOCS}), tmp_path / "docs.parquet")
+    result = subprocess.run(
+        [sys.executable, "-m", "mosaicbert_jax.data.prepare", "--out", str(tmp_path / "out"),
+         "--train", f"parquet:{tmp_path}/docs.parquet", "--train-tokenizer", "200", "--quiet"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "docs.parquet has no column 'text' (columns: " \
+        "['content']); pass ?column=NAME" in last, result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["docs.parquet"]
 
 
 def test_huggingface_datasets_local_json(tmp_path):

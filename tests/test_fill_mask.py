@@ -14,7 +14,7 @@ from mosaicbert_jax import MosaicBertConfig, MosaicBertForMaskedLM
 from mosaicbert_jax.checkpoint import config_to_dict, save_pretrained
 from mosaicbert_jax.data.tokenizer import load_tokenizer
 from mosaicbert_jax.fill_mask import encode_masked, fill_mask, main
-from mosaicbert_jax.training.checkpoints import TrainCheckpoints
+from mosaicbert_jax.training.resume import TrainCheckpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

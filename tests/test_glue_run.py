@@ -1,12 +1,14 @@
 """GLUE end to end: the command line on GLUE-layout TSVs (SST-2, MNLI, STS-B) from a saved
 checkpoint, jobs run in parallel threads, and a tiny model learning a synthetic pair task."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 import scipy.stats
@@ -15,7 +17,7 @@ import sklearn.metrics
 from mosaicbert_jax import MosaicBertConfig, MosaicBertForMaskedLM
 from mosaicbert_jax.checkpoint import load_pretrained, save_pretrained
 from mosaicbert_jax.glue.data import RawSplit, encode_split
-from mosaicbert_jax.glue.finetune import FinetuneHparams, finetune, initial_params, make_mesh
+from mosaicbert_jax.glue.finetune import data_parallel_mesh, finetune, initial_params
 from mosaicbert_jax.glue.schedule import Job, run_jobs
 from mosaicbert_jax.glue.tasks import GlueTask
 
@@ -74,6 +76,22 @@ def save_tiny_mlm(directory, tokenizer_dir, **overrides):
     return params
 
 
+def glue_config(**shared):
+    """configs/glue.py with a per_task entry for PAIR_TASK and the given shared keys."""
+    spec = importlib.util.spec_from_file_location("glue_config_file",
+                                                  os.path.join(ROOT, "configs", "glue.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.update(shared)
+    return config
+
+
+def pair_task_settings(config, **values):
+    config.per_task[PAIR_TASK.name] = ml_collections.ConfigDict(dict(seeds=(0,), **values))
+    return config
+
+
 def _read_predictions(path):
     rows = np.loadtxt(path, delimiter="\t", skiprows=1)
     return rows[:, 1], rows[:, 2]
@@ -114,7 +132,31 @@ def test_command_line_end_to_end_on_glue_tsvs(tmp_path):
     assert results["tasks"]["sst2"]["init"] == "pretrained"
     assert results["tasks"]["mnli"]["train_examples"] == 48
     assert results["tasks"]["mnli"]["steps"] == 12  # 2 epochs x 48 / 8
-    assert os.path.exists(workdir / "mnli_finetuned_seed19.msgpack")
+    # Every job logs like pretraining: metrics.jsonl with train and eval records, TensorBoard.
+    for task, seed in (("mnli", 19), ("sst2", 19), ("stsb", 19), ("stsb", 8364)):
+        job_dir = workdir / "logs" / task / f"seed_{seed}"
+        records = [json.loads(line) for line in open(job_dir / "metrics.jsonl")]
+        train_steps = [r["step"] for r in records if r["kind"] == "train"]
+        evals = [r for r in records if r["kind"] == "eval"]
+        assert train_steps and train_steps == sorted(train_steps) and len(evals) == 1
+        assert all(np.isfinite(r["loss"]) for r in records if r["kind"] == "train")
+        assert list((job_dir / "tensorboard").glob("events.out.tfevents.*"))
+    mnli_evals = [json.loads(line) for line in open(workdir / "logs/mnli/seed_19/metrics.jsonl")]
+    assert mnli_evals[-1]["matched_accuracy"] == pytest.approx(
+        results["tasks"]["mnli"]["metrics"]["matched_accuracy"])
+    # The fine-tuned MNLI checkpoint is a pretrained folder that `convert to-torch` converts.
+    finetuned, finetuned_config = load_pretrained(str(workdir / "mnli_finetuned_seed19"))
+    assert finetuned_config.num_labels == 3 and set(finetuned) == {"bert", "pooler_dense",
+                                                                   "classifier"}
+    convert = subprocess.run([sys.executable, "-m", "mosaicbert_jax.convert", "to-torch",
+                              "--checkpoint", str(workdir / "mnli_finetuned_seed19"),
+                              "--out", str(tmp_path / "mnli_torch")], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert convert.returncode == 0, convert.stderr[-2000:]
+    assert "wrote classification model" in convert.stdout
+    hf_config = json.load(open(tmp_path / "mnli_torch" / "config.json"))
+    assert hf_config["architectures"] == ["BertForSequenceClassification"]
+    assert (tmp_path / "mnli_torch" / "vocab.txt").exists()  # the run's tokenizer came along
 
     def preds(task, seed, stem="dev"):
         return _read_predictions(workdir / "predictions" / task / f"seed_{seed}" / f"{stem}.tsv")
@@ -168,11 +210,12 @@ def test_tiny_model_learns_a_synthetic_pair_task(tmp_path):
     dev = encode_split(tok, _pair_task(rng, 256), 16)
     config = tiny_config(hidden_size=64, num_attention_heads=4, intermediate_size=128,
                          num_labels=2, hidden_dropout_prob=0.0)
-    hp = FinetuneHparams(learning_rate=2e-3, weight_decay=0.0, epochs=12, batch_size=32,
-                         eval_batch_size=128, max_seq_len=16, bucket_lengths=(16,),
-                         log_every_steps=1000, eval_every_epoch=False)
+    settings = pair_task_settings(
+        glue_config(eval_batch_size=128, max_seq_len=16, bucket_lengths=(16,),
+                    log_every_steps=1000, eval_every_epoch=False),
+        learning_rate=2e-3, weight_decay=0.0, epochs=12, batch_size=32)
     lines = []
-    result = finetune(PAIR_TASK, train, {"dev": dev}, config, None, hp, seed=0,
+    result = finetune(PAIR_TASK, train, {"dev": dev}, config, None, settings, seed=0,
                       devices=jax.devices(), log=lines.append)
     assert result.steps == 768
     assert result.metrics["accuracy"] > 0.95, lines  # chance is 0.5
@@ -185,7 +228,7 @@ def test_parallel_jobs_in_threads_start_from_the_checkpoint(tmp_path):
     saved = save_tiny_mlm(str(tmp_path / "ckpt"), str(tmp_path))
     loaded, config = load_pretrained(str(tmp_path / "ckpt"))
     config = config.replace(num_labels=2, dtype="float32")
-    mesh = make_mesh(jax.devices(), 8)
+    mesh = data_parallel_mesh(jax.devices(), 8)
     start = initial_params(config, {"bert": loaded["bert"]}, 0, mesh)
     jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(start["bert"]),
                            jax.device_get(saved["bert"]))
@@ -198,12 +241,13 @@ def test_parallel_jobs_in_threads_start_from_the_checkpoint(tmp_path):
     rng = np.random.default_rng(2)
     train, dev = encode_split(tok, _pair_task(rng, 32), 16), encode_split(tok, _pair_task(rng, 16),
                                                                            16)
-    hp = FinetuneHparams(learning_rate=1e-3, weight_decay=1e-4, epochs=1, batch_size=8,
-                         eval_batch_size=16, max_seq_len=16, bucket_lengths=(16,))
+    settings = pair_task_settings(
+        glue_config(eval_batch_size=16, max_seq_len=16, bucket_lengths=(16,)),
+        learning_rate=1e-3, weight_decay=1e-4, epochs=1, batch_size=8)
 
     def run(job, devices, done):
         init = done[job.depends_on].params if job.depends_on else {"bert": loaded["bert"]}
-        return finetune(PAIR_TASK, train, {"dev": dev}, config, init, hp, seed=job.key[1],
+        return finetune(PAIR_TASK, train, {"dev": dev}, config, init, settings, seed=job.key[1],
                         devices=devices, log=lambda m: None, keep_params=True)
 
     device = jax.devices()[0]  # two "device sets" sharing the one CPU: two threads at once
@@ -217,3 +261,34 @@ def test_parallel_jobs_in_threads_start_from_the_checkpoint(tmp_path):
     again = run(Job(("a", 1)), [device], {})
     np.testing.assert_array_equal(again.params["classifier"]["kernel"],
                                   results[("a", 1)].params["classifier"]["kernel"])
+
+
+def test_finetuned_checkpoint_loads_and_converts_to_torch(tmp_path):
+    """The fine-tuned MNLI weights a run saves are a save_pretrained folder: load_pretrained
+    reads them back exactly and `convert to-torch` writes the classification model."""
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    from mosaicbert_jax.convert import main as convert_main
+    from mosaicbert_jax.glue.runner import save_finetuned
+    from mosaicbert_jax.param_layout import expected_torch_shapes
+
+    make_tokenizer(str(tmp_path), WORDS)
+    config = tiny_config(num_labels=3)
+    mesh = data_parallel_mesh(jax.devices(), 8)
+    params = jax.device_get(initial_params(config, None, 5, mesh))
+    folder = str(tmp_path / "mnli_finetuned_seed19")
+    save_finetuned(folder, params, config, str(tmp_path / "vocab.txt"))
+    save_finetuned(folder, params, config, str(tmp_path / "vocab.txt"))  # a rerun replaces it
+    loaded, loaded_config = load_pretrained(folder)
+    assert loaded_config == config
+    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)
+
+    out = tmp_path / "torch"
+    assert convert_main(["to-torch", "--checkpoint", folder, "--out", str(out)]) == 0
+    hf_config = json.load(open(out / "config.json"))
+    assert hf_config["architectures"] == ["BertForSequenceClassification"]
+    assert len(hf_config["id2label"]) == 3 and (out / "vocab.txt").exists()
+    state_dict = safetensors_numpy.load_file(str(out / "model.safetensors"))
+    assert {k: v.shape for k, v in state_dict.items()} == expected_torch_shapes(
+        config, "classification")
+    np.testing.assert_array_equal(state_dict["classifier.weight"],
+                                  params["classifier"]["kernel"].T)

@@ -99,6 +99,42 @@ def test_single_host_launcher_errors_and_dry_run(tmp_path):
         "--config.train.steps=7"]
 
 
+def test_relative_config_is_found_in_the_checkout_from_any_directory(tmp_path):
+    script = os.path.join(ROOT, "launch", "single_host.sh")
+
+    def config_argument(cwd):
+        result = subprocess.run(["bash", script], capture_output=True, text=True, cwd=cwd,
+                                env=_env(WORKDIR="w", DRY_RUN="1", CONFIG="configs/tiny.py"))
+        assert result.returncode == 0, result.stderr
+        return next(a for a in shlex.split(result.stdout) if a.startswith("--config="))
+
+    assert config_argument(tmp_path) == f"--config={ROOT}/configs/tiny.py"
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "tiny.py").write_text("# my own tiny config\n")
+    assert config_argument(tmp_path) == "--config=configs/tiny.py", "the current directory first"
+    missing = subprocess.run(["bash", script], capture_output=True, text=True, cwd=tmp_path,
+                             env=_env(WORKDIR="w", CONFIG="configs/nope.py"))
+    assert missing.returncode == 2
+    assert f"CONFIG=configs/nope.py does not exist in {tmp_path} or in {ROOT}" in missing.stderr
+
+
+@pytest.mark.parametrize("script, argv, extra", [
+    ("single_host.sh", [], {}),
+    ("multinode.sh", [], dict(COORDINATOR="node1:1234", NUM_PROCESSES="2", PROCESS_ID="1")),
+    ("tpu_pod.sh", ["setup"], dict(TPU_NAME="t", ZONE="z")),
+    ("tpu_pod.sh", ["train"], dict(TPU_NAME="t", ZONE="z")),
+])
+def test_dry_run_creates_nothing(tmp_path, script, argv, extra):
+    (tmp_path / "tmp").mkdir()
+    env = _env(DRY_RUN="1", WORKDIR=str(tmp_path / "run"), TMPDIR=str(tmp_path / "tmp"),
+               HOME=str(tmp_path), **extra)
+    result = subprocess.run(["bash", os.path.join(ROOT, "launch", script), *argv], env=env,
+                            capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    assert sorted(os.listdir(tmp_path)) == ["tmp"] and os.listdir(tmp_path / "tmp") == []
+
+
 def test_multinode_launcher_runs_two_processes_on_cpu(tmp_path):
     """Two local processes joined by JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID:
     one global mesh over both processes' CPU devices, one shared checkpoint."""
@@ -163,11 +199,13 @@ def _fake_slurm_bin(directory, nodes):
         f.write(f"""#!/usr/bin/env bash
 # Minimal srun: SLURM_NTASKS tasks (or one per node with --ntasks-per-node=1), locally.
 ntasks=$SLURM_NTASKS
+options=()
 while [[ $1 == --* ]]; do
   [[ $1 == --ntasks-per-node=1 ]] && ntasks={len(nodes)}
+  options+=("$1")
   shift
 done
-echo "srun $ntasks task(s): $*" >> "$SRUN_LOG"
+echo "srun $ntasks task(s) [${{options[*]}}]: $*" >> "$SRUN_LOG"
 pids=()
 for ((i = 0; i < ntasks; i++)); do
   SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_STEP_TASKS_PER_NODE=$ntasks "$@" &
@@ -181,23 +219,28 @@ exit $status
         os.chmod(os.path.join(directory, name), 0o755)
 
 
-def test_slurm_script_checks_workdir_and_launches_every_task(tmp_path):
+def _slurm_env(tmp_path, **extra):
     bin_dir = str(tmp_path / "bin")
     _fake_slurm_bin(bin_dir, ["gpu-node-17", "gpu-node-18"])
-    srun_log = tmp_path / "srun.log"
-    env = _env(PATH=bin_dir + os.pathsep + os.environ["PATH"], SLURM_JOB_ID="4242",
-               SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="gpu-node-[17-18]",
-               SLURM_NTASKS="2", SLURM_SUBMIT_DIR=ROOT, WORKDIR=str(tmp_path / "run"),
-               SRUN_LOG=str(srun_log), DRY_RUN="1")
+    return _env(PATH=bin_dir + os.pathsep + os.environ["PATH"], SLURM_JOB_ID="4242",
+                SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="gpu-node-[17-18]",
+                SLURM_NTASKS="2", SLURM_CPUS_PER_TASK="8", SLURM_SUBMIT_DIR=ROOT,
+                WORKDIR=str(tmp_path / "run"), SRUN_LOG=str(tmp_path / "srun.log"), **extra)
+
+
+def test_slurm_script_dry_run_launches_every_task_and_creates_nothing(tmp_path):
+    env = _slurm_env(tmp_path, DRY_RUN="1")
+    before = sorted(os.listdir(tmp_path))
     result = subprocess.run(["bash", os.path.join(ROOT, "launch", "slurm.sh"),
                              "--config.train.steps=9"], env=env, capture_output=True,
-                            text=True, timeout=60)
+                            text=True, timeout=60, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "coordinator gpu-node-17:24242" in result.stdout
-    steps = srun_log.read_text().splitlines()
-    assert steps[0] == f"srun 2 task(s): test -e {tmp_path}/run/.slurm-shared-check-4242"
-    assert steps[1].startswith("srun 2 task(s): bash ") and steps[1].endswith(
-        "launch/multinode.sh --config.train.steps=9")
+    steps = (tmp_path / "srun.log").read_text().splitlines()
+    assert len(steps) == 1, "no WORKDIR check in a dry run"
+    # srun does not inherit sbatch's --cpus-per-task (SLURM >= 22.05): passed on explicitly.
+    assert steps[0].startswith("srun 2 task(s) [--kill-on-bad-exit=1 --cpus-per-task=8]: bash ")
+    assert steps[0].endswith("launch/multinode.sh --config.train.steps=9")
     env_lines = sorted(line for line in result.stdout.splitlines()
                        if line.startswith("JAX_COORDINATOR_ADDRESS"))
     assert env_lines == [
@@ -210,7 +253,25 @@ def test_slurm_script_checks_workdir_and_launches_every_task(tmp_path):
         "-m", "mosaicbert_jax.train", f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}",
         f"--workdir={tmp_path}/run", "--config.mesh.data=2", "--config.mesh.fsdp=-1",
         "--config.train.steps=9"]
-    assert not any(name.startswith(".slurm-shared-check") for name in os.listdir(tmp_path / "run"))
+    assert sorted(os.listdir(tmp_path)) == before + ["srun.log"], "DRY_RUN=1 created something"
+
+
+def test_slurm_script_checks_the_shared_workdir_then_trains(tmp_path):
+    """A real (not dry) run, with echo standing in for Python: the WORKDIR check runs on every
+    node, then each task runs the train command."""
+    env = _slurm_env(tmp_path, PYTHON="echo", CONFIG="configs/tiny.py")
+    del env["SLURM_CPUS_PER_TASK"]  # an allocation without --cpus-per-task: no option passed
+    result = subprocess.run(["bash", os.path.join(ROOT, "launch", "slurm.sh")], env=env,
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    steps = (tmp_path / "srun.log").read_text().splitlines()
+    assert steps[0] == (f"srun 2 task(s) [--nodes=2 --ntasks-per-node=1 --kill-on-bad-exit=1]: "
+                        f"test -e {tmp_path}/run/.slurm-shared-check-4242")
+    assert steps[1].startswith("srun 2 task(s) [--kill-on-bad-exit=1]: bash ")
+    trains = [line for line in result.stdout.splitlines() if "mosaicbert_jax.train" in line]
+    assert trains == [f"-m mosaicbert_jax.train --config={ROOT}/configs/tiny.py "
+                      f"--workdir={tmp_path}/run --config.mesh.data=2 --config.mesh.fsdp=-1"] * 2
+    assert os.listdir(tmp_path / "run") == [], "the check's marker is removed"
 
 
 def test_tpu_pod_script_runs_the_train_command_on_every_worker(tmp_path):

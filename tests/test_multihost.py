@@ -157,6 +157,7 @@ def test_another_process_count_resumes_and_a_changed_batch_fails_on_every_proces
     outputs = finish(start(workdir, 2, shards=shards,
                            args=["--config.train.global_batch_size=4"]), expect_ok=False)
     assert time.monotonic() - began < 60
+    assert sorted(p.returncode for p in procs) in ([1, 2], [2, 2])  # 2: a user error
     for (_, err) in outputs:
         assert error_line(err) == (
             "error: saved data state has global_batch_size=8 but this iterator has "
@@ -192,14 +193,15 @@ def test_two_processes_give_the_one_process_loss_on_the_same_global_batch(tmp_pa
 
 ONE_FAILS = """
 import os, time
+from mosaicbert_jax.cli_errors import UserError
 from mosaicbert_jax.training import multihost
 multihost.maybe_initialize_distributed("yes")
 multihost.start_error_watcher()
 try:
     if os.environ["JAX_PROCESS_ID"] == "1":
-        raise ValueError("process one cannot read its data")
+        raise UserError("process one cannot read its data")
     time.sleep(120)  # process 0 would wait here, as in a collective, for a long time
-except ValueError as error:
+except UserError as error:
     multihost.exit_on_error(error)
 """
 
@@ -214,7 +216,7 @@ def test_an_error_in_one_process_ends_every_process_promptly():
                               stderr=subprocess.PIPE) for rank in range(2)]
     outputs = finish(procs, expect_ok=False)
     assert time.monotonic() - began < 60
-    assert [p.returncode for p in procs] == [1, 1]
+    assert [p.returncode for p in procs] == [1, 2]  # 2: a user error
     assert last_line(outputs[1][1]) == "error: process one cannot read its data"
     assert last_line(outputs[0][1]) == "error: process 1: process one cannot read its data"
     assert "Fatal Python error" not in outputs[0][1] + outputs[1][1]

@@ -15,6 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from attention_cases import (ISSUE_14_DOCUMENT_LENGTHS, assert_matches_float64_reference,
+                             fresh_rng, layout_from_lengths, random_inputs,
+                             random_packed_layouts)
 from mosaicbert_jax.attention import alibi_slopes, attention
 from mosaicbert_jax.attention import triton_kernels
 from mosaicbert_jax.attention.pallas_gpu import BlockSizes
@@ -23,6 +26,8 @@ SMALL_BLOCKS = BlockSizes(block_q=16, block_k=16, block_q_dkv=16, block_k_dkv=32
                           block_q_dq=32, block_k_dq=16)
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_TORCH = importlib.util.find_spec("torch") is not None
+# Batches of random packed layouts each interpreter test checks (after the issue-14 layouts).
+INTERPRETER_DRAWS = 4
 
 
 def _small_inputs(batch=2, seq=96, heads=3, head_dim=16, seed=0):
@@ -88,15 +93,16 @@ def test_kernels_compile_for_h100():
 
 
 @pytest.mark.skipif(not (HAS_TRITON and HAS_TORCH), reason="needs triton and torch")
-@pytest.mark.parametrize("split", ["split", "masked"])
-def test_kernels_match_reference_in_triton_interpreter(split):
-    result = subprocess.run([sys.executable, __file__, "interpret", split],
+@pytest.mark.parametrize("blocks", ["small_split", "small_masked", "default"])
+def test_kernels_match_float64_reference_in_triton_interpreter(blocks):
+    """Random packed layouts (and, first, the layouts of issue 14) of random lengths, forward
+    and gradients against the float64 reference, in Triton's interpreter."""
+    _, seed = fresh_rng()
+    result = subprocess.run([sys.executable, __file__, "interpret", blocks, str(seed)],
                             capture_output=True, text=True, timeout=300,
                             env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    errors = dict(line.split() for line in result.stdout.strip().splitlines())
-    for name, tol in (("out", 1e-5), ("dq", 1e-4), ("dk", 1e-4), ("dv", 1e-4)):
-        assert float(errors[name]) < tol, errors
+    assert result.returncode == 0, f"seed {seed}: {result.stderr[-3000:]}"
+    assert result.stdout.split() == ["checked", str(INTERPRETER_DRAWS + 1), "batches"]
 
 
 # ----------------------------------------------------------------------------- subprocesses
@@ -136,7 +142,7 @@ def _triton_dtype(dtype) -> str:
         jnp.dtype(dtype).name]
 
 
-def _interpret(split: bool) -> None:
+def _interpret(blocks: str, seed: int) -> None:
     import dataclasses
 
     import torch
@@ -159,25 +165,42 @@ def _interpret(split: bool) -> None:
         getattr(lang, launch.kernel)[launch.grid](*inputs, *outputs, **launch.constexprs)
         return [jnp.asarray(x.numpy()) for x in outputs]
 
-    from mosaicbert_jax.attention.reference import xla_attention
-    q, k, v, d_out, segment_ids = _small_inputs()
-    slopes, scale = jnp.asarray(alibi_slopes(3)), 16 ** -0.5
-    sizes = dataclasses.replace(SMALL_BLOCKS, unmasked_interior=split)
-    out, lse = run(triton_kernels.forward_launch(q, k, v, segment_ids, slopes, scale, sizes))
-    dkdv, dq = triton_kernels.backward_launches(q, k, v, segment_ids, slopes, out, lse, d_out,
-                                                scale, sizes)
-    dk, dv = run(dkdv)
-    (dq,) = run(dq)
-    want_out, vjp = jax.vjp(lambda q, k, v: xla_attention(q, k, v, segment_ids, slopes, scale),
-                            q, k, v)
-    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv),
-                               (want_out, *vjp(d_out))):
-        error = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
-        print(name, error if np.all(np.isfinite(np.asarray(got))) else float("inf"))
+    def outputs_and_grads(q, k, v, d_out, segment_ids, slopes, scale, sizes):
+        seq = q.shape[1]
+        q, k, v, segment_ids, sizes = triton_kernels.prepare_inputs(
+            q, k, v, jnp.asarray(segment_ids), sizes)
+        d_out = jnp.pad(d_out, [(0, 0), (0, q.shape[1] - seq), (0, 0), (0, 0)])
+        out, lse = run(triton_kernels.forward_launch(q, k, v, segment_ids, slopes, scale,
+                                                     sizes))
+        dkdv, dq = triton_kernels.backward_launches(q, k, v, segment_ids, slopes, out, lse,
+                                                    d_out, scale, sizes)
+        dk, dv = run(dkdv)
+        (dq,) = run(dq)
+        return [x[:, :seq] for x in (out, dq, dk, dv)]
+
+    sizes = {"small_split": SMALL_BLOCKS,
+             "small_masked": dataclasses.replace(SMALL_BLOCKS, unmasked_interior=False),
+             "default": None}[blocks]
+    rng = np.random.default_rng(seed)
+    heads, head_dim = 2, 16
+    slopes, scale = jnp.asarray(alibi_slopes(heads)), head_dim ** -0.5
+    issue_14 = np.stack([layout_from_lengths(lengths, 128)
+                         for lengths in ISSUE_14_DOCUMENT_LENGTHS])
+    layouts = [issue_14] + [random_packed_layouts(rng, 3, int(rng.integers(16, 161)))
+                            for _ in range(INTERPRETER_DRAWS)]
+    for draw, segment_ids in enumerate(layouts):
+        q, k, v, d_out = random_inputs(len(segment_ids), segment_ids.shape[1], heads,
+                                       head_dim, rng)
+        got = outputs_and_grads(q, k, v, d_out, segment_ids, slopes, scale, sizes)
+        assert_matches_float64_reference(
+            got, segment_ids, q, k, v, d_out, slopes, scale,
+            f"triton interpreter, {blocks} blocks, seed {seed}, draw {draw}, "
+            f"seq {segment_ids.shape[1]}")
+    print("checked", len(layouts), "batches")
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "compile":
         _compile_for_h100()
     else:
-        _interpret(split=sys.argv[2] == "split")
+        _interpret(sys.argv[2], int(sys.argv[3]))

@@ -35,7 +35,14 @@ warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecat
                         category=DeprecationWarning)
 
 LOG2_E = math.log2(math.e)
-# Finite, so a fully masked tile gives exp2(0) junk that the next real max rescales to 0.
+# Masked logits of the forward are -inf, so exp2 of them is exactly 0 however the compiler
+# fuses s * c - m * c. A finite mask such as -1e30 is not safe there: XLA (CPU, JAX 0.10) and
+# ptxas may contract it into fma(s, c, -round(m * c)), and for a row that has seen only
+# masked keys (s = m = -1e30) that leaves the rounding error of a 1e29-sized product,
+# about +-1e21, in exp2: inf, then 0 * inf = NaN at the next rescale (issue 14).
+FORWARD_MASK_VALUE = -math.inf
+# Backward masks stay finite: there s * c - lse never cancels (lse is a real logsumexp or
+# EMPTY_ROW_LSE), so exp2 underflows to 0 under any contraction.
 MASK_VALUE = -1e30
 # Stored logsumexp of query rows that see no key: exp2(anything - this) = 0 in backward.
 EMPTY_ROW_LSE = 1e30
@@ -76,7 +83,7 @@ class BlockSizes:
             if f.name.startswith("block_")})
 
 
-def default_block_sizes(seq_len: int, head_dim: int) -> BlockSizes:
+def default_block_sizes_for_head_dim(seq_len: int, head_dim: int) -> BlockSizes:
     """Block sizes for a sequence length and head dim (see docs/attention.md).
 
     From 256 tokens up: the large blocks measured on an H100. Up to 128 tokens: 64-blocks,
@@ -131,17 +138,22 @@ def _forward_kernel(plan_ref, slopes_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_re
         s = _alibi_logits(q, k_ref[keys, :], q_pos, _positions(k_block * block_k, block_k),
                           slope_over_scale)
         if masked:
-            s = jnp.where(q_seg[:, None] == kseg_ref[keys][None, :], s, MASK_VALUE)
+            s = jnp.where(q_seg[:, None] == kseg_ref[keys][None, :], s, FORWARD_MASK_VALUE)
         new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
-        rescale = jnp.exp2((row_max - new_max) * log2_scale)
-        p = jnp.exp2(s * log2_scale - (new_max * log2_scale)[:, None])
+        # A row that has seen no key yet keeps max -inf (carried on as is); it is shifted by
+        # 0 instead, so its exp2(-inf - shift) is 0 rather than NaN. One select per row; an
+        # unmasked tile has finite logits, so its max is finite and needs none.
+        shift = jnp.where(new_max == FORWARD_MASK_VALUE, 0.0, new_max) if masked else new_max
+        rescale = jnp.exp2((row_max - shift) * log2_scale)
+        p = jnp.exp2(s * log2_scale - (shift * log2_scale)[:, None])
         row_sum = row_sum * rescale + jnp.sum(p, axis=1)
         v = v_ref[keys, :]
         pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                              preferred_element_type=jnp.float32)
         return acc * rescale[:, None] + pv, new_max, row_sum
 
-    carry = (jnp.zeros(q_ref.shape, jnp.float32), jnp.full((block_q,), MASK_VALUE, jnp.float32),
+    carry = (jnp.zeros(q_ref.shape, jnp.float32),
+             jnp.full((block_q,), FORWARD_MASK_VALUE, jnp.float32),
              jnp.zeros((block_q,), jnp.float32))
     acc, row_max, row_sum = _visit_blocks(plan_ref, q_block, visit_key_block, carry, split)
     sees_keys = (q_seg != _PAD_QUERY_SEGMENT) & (row_sum > 0.0)
@@ -380,7 +392,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
     """
     _check_inputs(q)
     seq = q.shape[1]
-    sizes = block_sizes or default_block_sizes(seq, q.shape[-1])
+    sizes = block_sizes or default_block_sizes_for_head_dim(seq, q.shape[-1])
     q, k, v, segment_ids = pad_sequence(q, k, v, segment_ids, max(sizes.blocks()))
     out = _flash(q, k, v, segment_ids, jnp.asarray(slopes, jnp.float32), float(scale), sizes,
                  interpret)

@@ -92,7 +92,7 @@ class TpuBlockSizes:
         return math.lcm(*self.blocks())
 
 
-def default_block_sizes(seq_len: int, num_heads: int) -> TpuBlockSizes:
+def default_block_sizes_for_head_count(seq_len: int, num_heads: int) -> TpuBlockSizes:
     """Block sizes for a sequence length and head count (a starting point, not yet tuned).
 
     Up to 256 tokens: 128-blocks (a 128-token row is one block). Longer: 256-blocks, so each
@@ -524,7 +524,7 @@ def flash_attention_tpu(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: j
                          f"{jax.default_backend()!r}); use implementation='pallas_tpu_interpret' "
                          "to interpret it here, or 'pallas' / 'xla'")
     seq, num_heads = q.shape[1], q.shape[2]
-    sizes = block_sizes or default_block_sizes(seq, num_heads)
+    sizes = block_sizes or default_block_sizes_for_head_count(seq, num_heads)
     _check_inputs(q, sizes)
     multiple = sizes.sequence_multiple()
     padded = -(-seq // multiple) * multiple

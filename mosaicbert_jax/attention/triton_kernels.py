@@ -22,7 +22,8 @@ import jax.numpy as jnp
 
 from mosaicbert_jax.attention.block_sparsity import (fully_visible_block_ranges, pad_sequence,
                                                     visible_block_ranges)
-from mosaicbert_jax.attention.pallas_gpu import BlockSizes, default_block_sizes
+from mosaicbert_jax.attention.pallas_gpu import (BlockSizes,
+                                                 default_block_sizes_for_head_dim)
 
 INSTALL_HINT = ("implementation='triton' needs a CUDA GPU, jax-triton and a Triton it supports "
                 "(jax-triton 0.3.1 pairs with triton 3.6; 0.4 needs triton >= 3.7 and JAX >= "
@@ -160,7 +161,7 @@ def prepare_inputs(q, k, v, segment_ids, block_sizes: Optional[BlockSizes]):
                          "be a power of two >= 16; use implementation='xla' for other sizes")
     if q.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
         raise ValueError(f"dtype {q.dtype} is not supported; use bfloat16, float16 or float32")
-    sizes = block_sizes or default_block_sizes(q.shape[1], head_dim)
+    sizes = block_sizes or default_block_sizes_for_head_dim(q.shape[1], head_dim)
     return (*pad_sequence(q, k, v, segment_ids, max(sizes.blocks())), sizes)
 
 

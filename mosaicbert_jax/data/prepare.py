@@ -5,9 +5,11 @@
 
 SOURCE is a spec such as jsonl:/data/c4/*.json.gz or tfds:c4/en?split=train (see sources.py).
 The source is read in order and cut into shards of --shard-documents documents; shard i always
-holds the same documents, so a rerun of the same command skips the shards already written and
-finishes the rest. Tokenization runs on all cores (the tokenizers library's parallel
-encode_batch), overlapped with reading the source and writing shards.
+holds the same documents. The shards dir is built in a hidden sibling directory (.NAME.partial)
+and renamed to --out when complete, so a failed run leaves nothing in --out; a rerun of the same
+command (after an error, Ctrl-C or kill -9) skips the shards already written and finishes the
+rest. Tokenization runs on all cores (the tokenizers library's parallel encode_batch),
+overlapped with reading the source and writing shards.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import itertools
 import json
 import os
 import queue
+import shutil
 import sys
 import threading
 import time
@@ -28,12 +31,13 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 from tokenizers import Tokenizer
 
+from mosaicbert_jax.cli_errors import UserError, as_user_error, run_main
 from mosaicbert_jax.data import shards as shards_lib
 from mosaicbert_jax.data.sources import open_source
 from mosaicbert_jax.data.tokenizer import (SpecialTokens, load_tokenizer, padded_vocab_size,
                                            tokenizer_vocab_size, train_wordpiece)
 
-PREPARE_FILE = "prepare.json"
+PREPARE_FILE = shards_lib.PREPARE_FILE
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -232,7 +236,7 @@ def _tokenize_source(out_dir: str, tokenizer: Tokenizer, source: Iterable[str],
             buffer, current = _ShardBuffer(splits), shard
         tokens, lengths = arrays
         if forbidden[tokens].any():
-            raise ValueError("the tokenizer produced [PAD]/[CLS]/[SEP]/[MASK] ids inside a "
+            raise UserError("the tokenizer produced [PAD]/[CLS]/[SEP]/[MASK] ids inside a "
                              "document; it must split special-token strings found in text")
         keep = lengths > 0
         empty += int(count - keep.sum())
@@ -256,49 +260,130 @@ def _tokenizer_for_documents(tokenizer: Tokenizer) -> Tokenizer:
     return copy
 
 
-def _check_same_preparation(out_dir: str, identity: dict) -> None:
-    path = os.path.join(out_dir, PREPARE_FILE)
-    if os.path.exists(path):
+def _read_identity(shards_dir: str) -> Optional[dict]:
+    path = os.path.join(shards_dir, PREPARE_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
         with open(path) as handle:
-            previous = json.load(handle)
-        if previous != identity:
-            changed = sorted(k for k in identity if previous.get(k) != identity[k])
-            raise ValueError(f"{out_dir} holds a different preparation (differs in {changed}); "
-                             f"use a new --out directory, or delete this one to start over")
-    else:
-        with open(path, "w") as handle:
+            return json.load(handle)
+    except ValueError:  # cut short by a kill during the first write: treat as unknown
+        return {}
+
+
+def _differences(previous: dict, identity: dict, only_known: bool = False) -> List[str]:
+    """Keys whose values differ; with `only_known`, keys absent from `previous` (a dir from an
+    older version) are not counted."""
+    return sorted(k for k in identity
+                  if previous.get(k) != identity[k] and not (only_known and k not in previous))
+
+
+def _start_or_resume(partial: str, identity: dict, progress: bool) -> None:
+    """Makes `partial` the build dir of this preparation: resumed when an earlier run of the same
+    command left it, started afresh (the stale one removed) when it is from another command."""
+    previous = _read_identity(partial)
+    if previous is not None and previous != identity:
+        if progress:
+            print(f"prepare: discarding the unfinished preparation in {partial} (made by a "
+                  f"different command: differs in {_differences(previous, identity)})",
+                  file=sys.stderr)
+        shutil.rmtree(partial)
+    elif previous is None and os.path.isdir(partial):
+        shutil.rmtree(partial)  # killed before it recorded what it was
+    if not os.path.isdir(partial):
+        os.makedirs(partial + ".new", exist_ok=True)
+        with open(os.path.join(partial + ".new", PREPARE_FILE), "w") as handle:
             json.dump(identity, handle, indent=1, sort_keys=True)
+        os.replace(partial + ".new", partial)
+
+
+def _finished_shards(partial: str) -> int:
+    return sum(name.endswith(".json") for split in ("train", "eval")
+               for name in (os.listdir(os.path.join(partial, split))
+                            if os.path.isdir(os.path.join(partial, split)) else []))
+
+
+def _check_out_dir(out_dir: str, partial: str) -> None:
+    """Refuses an --out that exists and holds something else; moves an unfinished preparation
+    made in place by an older version to the partial dir, where it resumes."""
+    if not os.path.isdir(out_dir):
+        if os.path.exists(out_dir):
+            raise UserError(f"--out {out_dir} is a file; give a directory path")
+        return
+    names = sorted(os.listdir(out_dir))
+    if not names:
+        return
+    if PREPARE_FILE in names and not os.path.exists(partial):
+        os.rename(out_dir, partial)
+        return
+    shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    raise UserError(f"--out {out_dir} exists and is not a prepared shards dir (it holds {shown}); "
+                    f"give a new --out directory (prepare creates it)")
 
 
 def prepare(out_dir: str, tokenizer: Tokenizer, train: Iterable[str],
             eval: Optional[Iterable[str]] = None, eval_fraction: float = 0.0,
             shard_documents: int = 100_000, chunk_documents: int = 1_000,
-            progress: bool = True) -> dict:
+            progress: bool = True, tokenizer_origin: Optional[dict] = None) -> dict:
     """Tokenizes `train` (and `eval`, or an `eval_fraction` held out of `train`) into a shards
-    dir; returns its metadata. Resumes a run interrupted in `out_dir`; a finished dir is reused.
+    dir; returns its metadata. A finished `out_dir` made the same way is reused.
 
-    Documents are stored without [CLS]/[SEP] (packing adds them); documents without any token
-    are dropped and counted in the metadata as `empty_documents_skipped`.
+    The shards are written to `shards.partial_dir(out_dir)` and that dir is renamed to `out_dir`
+    when complete. A failed run leaves nothing in `out_dir`; the same call again resumes from
+    the shards finished so far (a run that finished none leaves nothing at all), and a different
+    call starts afresh. Documents are stored without [CLS]/[SEP] (packing adds them); documents
+    without any token are dropped and counted in the metadata as `empty_documents_skipped`.
+    `tokenizer_origin` records how the tokenizer was made (e.g. trained on the corpus).
     """
     if eval is not None and eval_fraction > 0:
-        raise ValueError("give either an eval source or eval_fraction > 0, not both")
+        raise UserError("give either an eval source or eval_fraction > 0, not both")
     if not 0.0 <= eval_fraction < 1.0:
-        raise ValueError(f"eval_fraction={eval_fraction} must be in [0, 1)")
+        raise UserError(f"eval_fraction={eval_fraction} must be in [0, 1)")
     if shard_documents < 1 or chunk_documents < 1:
-        raise ValueError("shard_documents and chunk_documents must be positive")
+        raise UserError("shard_documents and chunk_documents must be positive")
     special = SpecialTokens.from_tokenizer(tokenizer)
     serialized = tokenizer.to_str()
     identity = {"format": shards_lib.FORMAT, "version": shards_lib.VERSION,
                 "tokenizer_sha256": hashlib.sha256(serialized.encode()).hexdigest(),
                 "train": getattr(train, "spec", "iterable"),
                 "eval": None if eval is None else getattr(eval, "spec", "iterable"),
-                "eval_fraction": eval_fraction, "shard_documents": shard_documents}
-    os.makedirs(out_dir, exist_ok=True)
-    _check_same_preparation(out_dir, identity)
-    meta_path = os.path.join(out_dir, shards_lib.META_FILE)
-    if os.path.exists(meta_path):
+                "eval_fraction": eval_fraction, "shard_documents": shard_documents,
+                "tokenizer_origin": tokenizer_origin}
+    if os.path.exists(os.path.join(out_dir, shards_lib.META_FILE)):
+        changed = _differences(_read_identity(out_dir) or {}, identity, only_known=True)
+        if changed:
+            raise UserError(f"{out_dir} holds a different preparation (differs in {changed}); "
+                            f"use a new --out directory, or delete this one to start over")
         return shards_lib.read_metadata(out_dir)
-    tokenizer.save(os.path.join(out_dir, shards_lib.TOKENIZER_FILE))
+    partial = shards_lib.partial_dir(out_dir)
+    _check_out_dir(out_dir, partial)
+    _start_or_resume(partial, identity, progress)
+    try:
+        meta = _prepare_into(partial, tokenizer, special, train, eval, eval_fraction,
+                             shard_documents, chunk_documents, progress, identity)
+    except BaseException as error:
+        finished = _finished_shards(partial)
+        if not finished:
+            shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(error, UserError):
+            kept = ("nothing was written, so the corrected command starts afresh" if not finished
+                    else f"the {finished} shard(s) finished so far are kept in {partial}: the "
+                         f"same command resumes there, a different one (or `rm -r {partial}`) "
+                         f"starts over")
+            raise UserError(f"{error} ({kept})") from error
+        raise
+    if os.path.isdir(out_dir):
+        os.rmdir(out_dir)  # empty (checked above); rename onto it is not portable
+    os.rename(partial, os.path.abspath(out_dir))
+    return meta
+
+
+def _prepare_into(build_dir: str, tokenizer: Tokenizer, special: SpecialTokens,
+                  train: Iterable[str], eval: Optional[Iterable[str]], eval_fraction: float,
+                  shard_documents: int, chunk_documents: int, progress: bool,
+                  identity: dict) -> dict:
+    """Writes (or finishes) every shard and the metadata into `build_dir`."""
+    tokenizer.save(os.path.join(build_dir, shards_lib.TOKENIZER_FILE))
     encoder = _tokenizer_for_documents(tokenizer)
     jobs = [("train", train, ("train", "eval") if eval_fraction > 0 else ("train",))]
     if eval is not None:
@@ -307,17 +392,19 @@ def prepare(out_dir: str, tokenizer: Tokenizer, train: Iterable[str],
     empty_documents = 0
     for label, source, splits in jobs:
         report = _Progress(f"prepare {label}", progress)
-        markers, empty = _tokenize_source(out_dir, encoder, source, splits, eval_fraction,
-                                          shard_documents, chunk_documents, report)
-        report.close()
+        try:
+            markers, empty = _tokenize_source(build_dir, encoder, source, splits, eval_fraction,
+                                              shard_documents, chunk_documents, report)
+        finally:
+            report.close()  # ends the progress line, so an error message starts a line
         if not any(m["num_documents"] for ms in markers.values() for m in ms):
-            raise ValueError(f"{label} corpus {getattr(source, 'spec', source)!r} has no "
-                             f"documents (empty files?); give a corpus with text in it")
+            raise UserError(f"{label} corpus {getattr(source, 'spec', source)!r} has no "
+                            f"documents (empty files?); give a corpus with text in it")
         for split, shard_list in markers.items():
             split_markers.setdefault(split, []).extend(shard_list)
         empty_documents += empty
     return shards_lib.write_metadata(
-        out_dir, tokenizer_vocab_size(tokenizer), special, split_markers,
+        build_dir, tokenizer_vocab_size(tokenizer), special, split_markers,
         tokenizer_file=shards_lib.TOKENIZER_FILE,
         extra={"sources": {"train": identity["train"], "eval": identity["eval"]},
                "eval_fraction": eval_fraction, "shard_documents": shard_documents,
@@ -369,25 +456,46 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         os.environ["RAYON_NUM_THREADS"] = str(args.threads)
     train = open_source(_with_text_field(args.train, args.text_field))
     evaluation = open_source(_with_text_field(args.eval, args.text_field)) if args.eval else None
-    saved = os.path.join(args.out, shards_lib.TOKENIZER_FILE)
+    origin = None if args.tokenizer else {"train_wordpiece": args.train_tokenizer,
+                                          "documents": args.tokenizer_documents}
     if args.tokenizer:
-        tokenizer = load_tokenizer(args.tokenizer)
-    elif os.path.exists(saved):  # resuming: reuse the vocabulary trained by the first run
-        tokenizer = load_tokenizer(saved)
+        with as_user_error(ValueError, OSError):
+            tokenizer = load_tokenizer(args.tokenizer)
     else:
-        if not args.quiet:
-            print(f"training a WordPiece vocabulary of {args.train_tokenizer} on up to "
-                  f"{args.tokenizer_documents:,} documents", file=sys.stderr)
-        tokenizer = train_wordpiece(
-            _training_texts(train, args.tokenizer_documents, args.eval_fraction),
-            args.train_tokenizer)
+        saved = _reusable_trained_tokenizer(args.out, origin, train, args.eval_fraction)
+        if saved:  # finished or resuming: the vocabulary trained by the first run
+            tokenizer = load_tokenizer(saved)
+        else:
+            if not args.quiet:
+                print(f"training a WordPiece vocabulary of {args.train_tokenizer} on up to "
+                      f"{args.tokenizer_documents:,} documents", file=sys.stderr)
+            with as_user_error(ValueError):  # e.g. a vocabulary size too small
+                tokenizer = train_wordpiece(
+                    _training_texts(train, args.tokenizer_documents, args.eval_fraction),
+                    args.train_tokenizer)
     meta = prepare(args.out, tokenizer, train, evaluation, args.eval_fraction,
-                   args.shard_documents, args.chunk_documents, progress=not args.quiet)
+                   args.shard_documents, args.chunk_documents, progress=not args.quiet,
+                   tokenizer_origin=origin)
     summary = {split: {k: info[k] for k in ("num_documents", "num_tokens")}
                | {"shards": len(info["shards"])} for split, info in meta["splits"].items()}
     print(json.dumps({"out": args.out, "vocab_size": meta["vocab_size"],
                       "padded_vocab_size": meta["padded_vocab_size"], "splits": summary}))
 
 
+def _reusable_trained_tokenizer(out_dir: str, origin: dict, train: Iterable[str],
+                                eval_fraction: float) -> Optional[str]:
+    """The tokenizer.json that an earlier run of the same command trained (in the finished
+    `out_dir` or in its partial dir), or None when there is none to reuse."""
+    for directory in (out_dir, shards_lib.partial_dir(out_dir)):
+        previous = _read_identity(directory) or {}
+        path = os.path.join(directory, shards_lib.TOKENIZER_FILE)
+        same = (previous.get("tokenizer_origin", origin) == origin
+                and previous.get("train") == getattr(train, "spec", "iterable")
+                and previous.get("eval_fraction") == eval_fraction)
+        if same and os.path.exists(path):
+            return path
+    return None
+
+
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -10,6 +10,8 @@
 
 A shard's marker is written after its arrays (each via a temporary file and a rename), so a
 shard with a marker is complete and an interrupted `prepare` redoes only unmarked shards.
+Opening a split checks every file against the metadata (npy header, dtype, length, byte size)
+and the token ids against the vocabulary, so a damaged shard is an error naming its file.
 """
 
 from __future__ import annotations
@@ -21,12 +23,24 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
+from mosaicbert_jax.cli_errors import UserError
 from mosaicbert_jax.data.tokenizer import SpecialTokens, padded_vocab_size
 
 FORMAT = "mosaicbert-jax-shards"
 VERSION = 1
 META_FILE = "meta.json"
 TOKENIZER_FILE = "tokenizer.json"
+PREPARE_FILE = "prepare.json"
+PARTIAL_SUFFIX = ".partial"
+# Splits up to this many tokens have their ids scanned when opened (a max over the memory map:
+# ~0.1 s per GB from the page cache); larger ones rely on each shard's max_id from prepare.
+FULL_SCAN_TOKENS = 1 << 30
+
+
+def partial_dir(shards_dir: str) -> str:
+    """Where `prepare` builds `shards_dir` until it is complete: a hidden sibling directory."""
+    parent, name = os.path.split(os.path.abspath(shards_dir))
+    return os.path.join(parent, f".{name}{PARTIAL_SUFFIX}")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -66,7 +80,8 @@ def write_shard(shards_dir: str, split: str, index: int, tokens: np.ndarray,
     os.makedirs(os.path.dirname(stem), exist_ok=True)
     _save_npy_atomic(stem + ".tokens.npy", tokens)
     _save_npy_atomic(stem + ".offsets.npy", offsets)
-    marker = {"index": index, "num_documents": int(len(lengths)), "num_tokens": int(len(tokens))}
+    marker = {"index": index, "num_documents": int(len(lengths)), "num_tokens": int(len(tokens)),
+              "max_id": int(tokens.max()) if len(tokens) else -1}
     _write_json_atomic(stem + ".json", marker)
     return marker
 
@@ -92,8 +107,8 @@ def write_metadata(shards_dir: str, vocab_size: int, special: SpecialTokens,
         "splits": {
             name: {"num_documents": sum(s["num_documents"] for s in shards),
                    "num_tokens": sum(s["num_tokens"] for s in shards),
-                   "shards": [{"index": s["index"], "num_documents": s["num_documents"],
-                               "num_tokens": s["num_tokens"]} for s in shards]}
+                   "shards": [{k: s[k] for k in ("index", "num_documents", "num_tokens",
+                                                 "max_id") if k in s} for s in shards]}
             for name, shards in splits.items()},
     }
     meta.update(extra or {})
@@ -101,26 +116,47 @@ def write_metadata(shards_dir: str, vocab_size: int, special: SpecialTokens,
     return meta
 
 
+def _rerun_hint(shards_dir: str) -> str:
+    return (f"delete {shards_dir} and run its prepare command again (the settings are in "
+            f"{os.path.join(shards_dir, PREPARE_FILE)}): python -m mosaicbert_jax.data.prepare "
+            f"--out {shards_dir} ...")
+
+
 def read_metadata(shards_dir: str) -> dict:
-    """meta.json of a complete shards dir; a clear error for a missing or unfinished one."""
-    if not os.path.isdir(shards_dir):
-        raise ValueError(f"shards directory {shards_dir} does not exist; run "
-                         f"`python -m mosaicbert_jax.data.prepare --out {shards_dir} ...` first")
+    """meta.json of a complete shards dir; a clear error for a missing, unfinished or foreign one."""
+    partial = partial_dir(shards_dir)
+    unfinished = os.path.isdir(partial) or os.path.exists(os.path.join(shards_dir, PREPARE_FILE))
+    if os.path.isfile(shards_dir):
+        raise UserError(f"{shards_dir} is a file, not a prepared shards dir; pass the --out "
+                        f"directory of `python -m mosaicbert_jax.data.prepare`")
+    if not os.path.isdir(shards_dir) and not unfinished:
+        raise UserError(f"shards directory {shards_dir} does not exist; run "
+                        f"`python -m mosaicbert_jax.data.prepare --out {shards_dir} ...` first")
     path = os.path.join(shards_dir, META_FILE)
     if not os.path.exists(path):
-        raise ValueError(f"{shards_dir} has no {META_FILE}: its preparation did not finish; "
-                         f"rerun the same prepare command to resume it")
-    with open(path) as handle:
-        meta = json.load(handle)
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise ValueError(f"{path} is not a {FORMAT} v{VERSION} metadata file")
+        if unfinished:
+            raise UserError(f"the preparation of {shards_dir} did not finish (its partial build "
+                            f"is {partial if os.path.isdir(partial) else shards_dir}); rerun the "
+                            f"same prepare command to resume it")
+        raise UserError(f"{shards_dir} is not a prepared shards dir (it has no {META_FILE}); "
+                        f"make one with `python -m mosaicbert_jax.data.prepare --out DIR ...` "
+                        f"and pass that DIR")
+    try:
+        with open(path) as handle:
+            meta = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path} is damaged ({error}); {_rerun_hint(shards_dir)}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise UserError(f"{path} is not a {FORMAT} v{VERSION} metadata file, so {shards_dir} is "
+                        f"not a prepared shards dir of this version; prepare it again with "
+                        f"`python -m mosaicbert_jax.data.prepare --out NEW_DIR ...`")
     return meta
 
 
 def check_vocab_fits(data_vocab_size: int, model_vocab_size: int) -> None:
     """Raises when token ids of the data could exceed the model's embedding table."""
     if data_vocab_size > model_vocab_size:
-        raise ValueError(
+        raise UserError(
             f"the tokenizer's vocabulary ({data_vocab_size} ids, padded "
             f"{padded_vocab_size(data_vocab_size)}) is too large for the model's vocab_size="
             f"{model_vocab_size}; set the model's vocab_size to "
@@ -140,21 +176,76 @@ class Shard:
         return len(self.offsets) - 1
 
 
+def _npy_layout(path: str, shards_dir: str) -> tuple:
+    """(shape, dtype, data offset) from a .npy header; an error naming the file if unreadable."""
+    if not os.path.isfile(path):
+        raise UserError(f"shard file {path} is missing; {_rerun_hint(shards_dir)}")
+    try:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
+            else:
+                raise ValueError(f"npy format version {version}")
+            return shape, dtype, handle.tell()
+    except (OSError, ValueError) as error:
+        raise UserError(f"shard file {path} is damaged: not a readable .npy file ({error}); "
+                        f"{_rerun_hint(shards_dir)}") from None
+
+
+def _checked_npy(path: str, shards_dir: str, shape: tuple, dtype: np.dtype) -> int:
+    """Checks a .npy file holds an array of `shape` and `dtype`, all of its bytes present;
+    returns the data offset."""
+    found_shape, found_dtype, offset = _npy_layout(path, shards_dir)
+    if tuple(found_shape) != shape or found_dtype != dtype:
+        raise UserError(f"shard file {path} holds a {found_dtype} array of shape {found_shape}, "
+                        f"but the metadata says {dtype} {shape}; {_rerun_hint(shards_dir)}")
+    expected = offset + int(np.prod(shape)) * dtype.itemsize
+    size = os.path.getsize(path)
+    if size != expected:
+        state = "truncated" if size < expected else "longer than its header says"
+        raise UserError(f"shard file {path} is damaged ({state}: {size:,} bytes, expected "
+                        f"{expected:,}); {_rerun_hint(shards_dir)}")
+    return offset
+
+
+def _open_shard(shards_dir: str, split: str, info: dict, meta: dict, scan_ids: bool) -> Shard:
+    """Opens one shard after checking its files against `info` (its entry in meta.json)."""
+    stem = _stem(shards_dir, split, info["index"])
+    tokens_path, offsets_path = stem + ".tokens.npy", stem + ".offsets.npy"
+    vocab_size = int(meta["vocab_size"])
+    dtype = np.dtype(meta.get("token_dtype") or token_dtype(vocab_size))
+    num_tokens, num_documents = int(info["num_tokens"]), int(info["num_documents"])
+    _checked_npy(tokens_path, shards_dir, (num_tokens,), dtype)
+    _checked_npy(offsets_path, shards_dir, (num_documents + 1,), np.dtype(np.int64))
+    # An empty array cannot be memory-mapped; it costs nothing to load.
+    tokens = np.load(tokens_path, mmap_mode="r" if num_tokens else None)
+    offsets = np.load(offsets_path)
+    if offsets[0] != 0 or offsets[-1] != num_tokens or (np.diff(offsets) <= 0).any():
+        raise UserError(f"shard file {offsets_path} is damaged (its document offsets do not run "
+                        f"from 0 to {num_tokens} in increasing order); {_rerun_hint(shards_dir)}")
+    max_id = int(tokens.max()) if scan_ids and num_tokens else int(info.get("max_id", -1))
+    if max_id >= vocab_size:
+        raise UserError(f"shard file {tokens_path} holds token id {max_id}, beyond the "
+                        f"vocabulary of {vocab_size} ids in {os.path.join(shards_dir, META_FILE)}"
+                        f"; {_rerun_hint(shards_dir)}")
+    return Shard(tokens=np.asarray(tokens), offsets=offsets)
+
+
 def open_split(shards_dir: str, split: str, meta: Optional[dict] = None) -> List[Shard]:
-    """Opens every shard of `split` (tokens memory-mapped, so nothing large is read up front)."""
+    """Opens every shard of `split` (tokens memory-mapped, so nothing large is read up front).
+
+    Each shard's files are checked against the metadata; the ids are scanned against the
+    vocabulary when the split has at most FULL_SCAN_TOKENS tokens (else prepare's max_id is used).
+    """
     meta = meta or read_metadata(shards_dir)
     if split not in meta["splits"]:
-        raise ValueError(f"split {split!r} is not in {shards_dir}; it has {sorted(meta['splits'])}")
-    shards = []
-    for info in meta["splits"][split]["shards"]:
-        stem = _stem(shards_dir, split, info["index"])
-        # An empty array cannot be memory-mapped; it costs nothing to load.
-        tokens = np.load(stem + ".tokens.npy", mmap_mode="r" if info["num_tokens"] else None)
-        offsets = np.load(stem + ".offsets.npy")
-        if offsets[-1] != len(tokens) or len(offsets) != info["num_documents"] + 1:
-            raise ValueError(f"shard {stem} does not match its metadata; prepare it again")
-        shards.append(Shard(tokens=np.asarray(tokens), offsets=offsets))
-    return shards
+        raise UserError(f"split {split!r} is not in {shards_dir}; it has {sorted(meta['splits'])}")
+    scan_ids = meta["splits"][split]["num_tokens"] <= FULL_SCAN_TOKENS
+    return [_open_shard(shards_dir, split, info, meta, scan_ids)
+            for info in meta["splits"][split]["shards"]]
 
 
 def read_documents(shards_dir: str, split: str) -> Iterator[np.ndarray]:

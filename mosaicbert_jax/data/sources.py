@@ -21,6 +21,8 @@ import os
 import urllib.parse
 from typing import Iterable, Iterator, List, Sequence
 
+from mosaicbert_jax.cli_errors import UserError
+
 _TEXT_SUFFIXES = (".txt", ".text", ".txt.gz")
 _JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson")
 _PARQUET_SUFFIXES = (".parquet",)
@@ -32,7 +34,7 @@ def resolve_paths(location: str, suffixes: Sequence[str]) -> List[str]:
     if any(c in location for c in "*?["):
         paths = sorted(p for p in glob.glob(location, recursive=True) if os.path.isfile(p))
         if not paths:
-            raise ValueError(f"corpus pattern {location!r} matches no files")
+            raise UserError(f"corpus pattern {location!r} matches no files")
         return paths
     if os.path.isfile(location):
         return [location]
@@ -40,9 +42,9 @@ def resolve_paths(location: str, suffixes: Sequence[str]) -> List[str]:
         paths = sorted(os.path.join(root, name) for root, _, names in os.walk(location)
                        for name in names if name.endswith(tuple(suffixes)))
         if not paths:
-            raise ValueError(f"corpus directory {location} holds no {'/'.join(suffixes)} files")
+            raise UserError(f"corpus directory {location} holds no {'/'.join(suffixes)} files")
         return paths
-    raise ValueError(f"corpus path {location!r} does not exist; pass an existing file, "
+    raise UserError(f"corpus path {location!r} does not exist; pass an existing file, "
                      f"directory or glob pattern")
 
 
@@ -69,7 +71,7 @@ class TextFiles:
 
     def __init__(self, location: str, mode: str = "lines"):
         if mode not in ("lines", "paragraphs"):
-            raise ValueError(f"text mode {mode!r} is not 'lines' or 'paragraphs'")
+            raise UserError(f"text mode {mode!r} is not 'lines' or 'paragraphs'")
         self.paths = resolve_paths(location, _TEXT_SUFFIXES)
         self.mode = mode
         self.spec = f"text:{location}?mode={mode}"
@@ -110,12 +112,12 @@ class JsonLines:
                     try:
                         record = json.loads(line)
                     except json.JSONDecodeError as error:
-                        raise ValueError(
+                        raise UserError(
                             f"{path}:{line_number}: not valid JSON ({error})") from None
                     text = record.get(self.field) if isinstance(record, dict) else None
                     if not isinstance(text, str):
                         keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                        raise ValueError(
+                        raise UserError(
                             f"{path}:{line_number}: no string field {self.field!r} (found {keys}); "
                             f"pass the name of the text field, e.g. jsonl:{path}?field=NAME or "
                             f"--text-field NAME")
@@ -140,13 +142,13 @@ class ParquetFiles:
         for path in self.paths:
             parquet = pq.ParquetFile(path)
             if self.column not in parquet.schema_arrow.names:
-                raise ValueError(f"{path} has no column {self.column!r} (columns: "
+                raise UserError(f"{path} has no column {self.column!r} (columns: "
                                  f"{parquet.schema_arrow.names}); pass ?column=NAME")
             row = 0
             for batch in parquet.iter_batches(batch_size=self.batch_rows, columns=[self.column]):
                 for text in batch.column(0).to_pylist():
                     if not isinstance(text, str):
-                        raise ValueError(f"{path} row {row}: column {self.column!r} is "
+                        raise UserError(f"{path} row {row}: column {self.column!r} is "
                                          f"{text!r}, not a string")
                     row += 1
                     yield text
@@ -167,7 +169,7 @@ def _options(query: str, allowed: Iterable[str], spec: str) -> dict:
     options = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
     unknown = set(options) - set(allowed)
     if unknown:
-        raise ValueError(f"source {spec!r}: unknown option(s) {sorted(unknown)}; "
+        raise UserError(f"source {spec!r}: unknown option(s) {sorted(unknown)}; "
                          f"allowed: {sorted(allowed)}")
     return options
 
@@ -179,7 +181,7 @@ def open_source(spec: str) -> Iterable[str]:
     kind, _, rest = spec.partition(":")
     location, _, query = rest.partition("?")
     if not location:
-        raise ValueError(f"source {spec!r} names no location; write KIND:LOCATION, e.g. "
+        raise UserError(f"source {spec!r} names no location; write KIND:LOCATION, e.g. "
                          f"jsonl:/data/docs.jsonl")
     if kind == "text":
         return TextFiles(location, **_options(query, ["mode"], spec))
@@ -200,5 +202,5 @@ def open_source(spec: str) -> Iterable[str]:
 
         return HuggingFaceSource(
             location, **_options(query, ["config", "split", "field", "data_files"], spec))
-    raise ValueError(f"unknown source kind {kind!r} in {spec!r}; use text:, jsonl:, parquet:, "
+    raise UserError(f"unknown source kind {kind!r} in {spec!r}; use text:, jsonl:, parquet:, "
                      f"tfds:, seqio:, hf: or embedded")

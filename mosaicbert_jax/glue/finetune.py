@@ -3,6 +3,8 @@
 Recipe: decoupled AdamW, linear warmup over 6% of the steps then linear decay to 0,
 bf16 compute with fp32 master weights (the model config's dtype / param_dtype),
 cross-entropy for classification and MSE on the single logit for regression (STS-B).
+Settings come straight from the GLUE config (configs/glue.py): the task's `per_task` entry and
+the shared keys. The mesh, gradient norm and metrics log are pretraining's own.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -25,38 +28,30 @@ from mosaicbert_jax.glue.metrics import compute_metrics
 from mosaicbert_jax.glue.tasks import GlueTask
 from mosaicbert_jax.model import MosaicBertForSequenceClassification
 from mosaicbert_jax.optim import decoupled_adamw, warmup_linear_decay
+from mosaicbert_jax.sharding import batch_sharding, make_mesh, path_name
+from mosaicbert_jax.training.metrics_log import MetricsLog
+from mosaicbert_jax.training.step import global_norm
 
 Params = Any
 Log = Callable[[str], None]
 
 
-@dataclasses.dataclass(frozen=True)
-class FinetuneHparams:
-    """Optimisation and batching settings of one task (see configs/glue.py)."""
-
-    learning_rate: float
-    weight_decay: float
-    epochs: int
-    batch_size: int
-    eval_batch_size: int = 128
-    b1: float = 0.9
-    b2: float = 0.98
-    eps: float = 1e-6
-    warmup_fraction: float = 0.06
-    clip_norm: Optional[float] = None
-    max_seq_len: int = 256
-    bucket_lengths: tuple[int, ...] = (32, 64, 128, 256)
-    group_by_length: bool = True
-    log_every_steps: int = 100
-    eval_every_epoch: bool = True
-
-    def __post_init__(self):
-        for name in ("epochs", "batch_size", "eval_batch_size", "max_seq_len",
-                     "log_every_steps"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate={self.learning_rate} must be positive")
+def task_settings(config: ml_collections.ConfigDict, task: GlueTask) -> ml_collections.ConfigDict:
+    """config.per_task.<task> (peak lr, decoupled weight decay, epochs, batch size, seeds),
+    checked together with the shared batching keys, before anything compiles."""
+    if task.name not in config.per_task:
+        raise ValueError(f"config.per_task has no entry for {task.name!r}; add "
+                         f"learning_rate/weight_decay/epochs/batch_size/seeds for it")
+    per = config.per_task[task.name]
+    for where, name in ((per, "epochs"), (per, "batch_size"), (config, "eval_batch_size"),
+                        (config, "max_seq_len"), (config, "log_every_steps")):
+        if int(where[name]) <= 0:
+            prefix = f"per_task.{task.name}." if where is per else ""
+            raise ValueError(f"config.{prefix}{name}={where[name]} must be a positive integer")
+    if per.learning_rate <= 0:
+        raise ValueError(f"config.per_task.{task.name}.learning_rate={per.learning_rate} must "
+                         f"be positive")
+    return per
 
 
 @dataclasses.dataclass
@@ -71,16 +66,13 @@ class FinetuneResult:
     params: Optional[Params] = None
 
 
-def make_mesh(devices: Sequence[Any], *batch_sizes: int) -> Mesh:
-    """A 1-D 'data' mesh over the largest prefix of devices that divides every batch size."""
+def data_parallel_mesh(devices: Sequence[Any], *batch_sizes: int) -> Mesh:
+    """Pretraining's mesh, all 'data', over the largest prefix of devices that divides every
+    batch size."""
     count = len(devices)
     while count > 1 and any(b % count for b in batch_sizes):
         count -= 1
-    return Mesh(np.asarray(list(devices)[:count]), ("data",))
-
-
-def _path_name(path) -> str:
-    return "/".join(str(getattr(k, "key", k)) for k in path)
+    return make_mesh({"data": count, "fsdp": 1, "tensor": 1}, list(devices)[:count])
 
 
 def graft(params: Params, source: Params, names: Sequence[str]) -> Params:
@@ -88,14 +80,14 @@ def graft(params: Params, source: Params, names: Sequence[str]) -> Params:
     params = dict(params)
     for name in names:
         target_leaves = jax.tree_util.tree_leaves_with_path(params[name])
-        source_leaves = dict((_path_name(p), v)
+        source_leaves = dict((path_name(p), v)
                              for p, v in jax.tree_util.tree_leaves_with_path(source[name]))
         for path, leaf in target_leaves:
-            key = f"{name}/{_path_name(path)}"
-            if _path_name(path) not in source_leaves:
+            key = f"{name}/{path_name(path)}"
+            if path_name(path) not in source_leaves:
                 raise ValueError(f"the starting checkpoint lacks parameter {key}; it does not "
                                  f"match this model config")
-            got = np.shape(source_leaves[_path_name(path)])
+            got = np.shape(source_leaves[path_name(path)])
             if got != leaf.shape:
                 raise ValueError(f"starting checkpoint parameter {key} has shape {got}, the "
                                  f"model expects {leaf.shape}; check the config matches it")
@@ -147,11 +139,6 @@ def _per_example_loss(logits: jax.Array, labels: jax.Array, regression: bool) ->
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def _global_norm(tree: Any) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
-                        for x in jax.tree_util.tree_leaves(tree)))
-
-
 @functools.lru_cache(maxsize=64)
 def _train_step(model_config: MosaicBertConfig, regression: bool,
                 optimizer_key: tuple) -> tuple[Callable, Callable]:
@@ -175,7 +162,7 @@ def _train_step(model_config: MosaicBertConfig, regression: bool,
         loss, grads = jax.value_and_grad(loss_fn)(params, batch, key)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": loss, "grad_norm": _global_norm(grads),
+        return params, opt_state, {"loss": loss, "grad_norm": global_norm(grads),
                                    "lr": schedule(step_index)}
 
     return jax.jit(step, donate_argnums=(0, 1)), jax.jit(tx.init)
@@ -192,15 +179,21 @@ def _eval_step(model_config: MosaicBertConfig) -> Callable:
     return jax.jit(logits_fn)
 
 
+def _buckets(config: ml_collections.ConfigDict) -> list[int]:
+    return batching.make_buckets(int(config.max_seq_len),
+                                 tuple(int(b) for b in config.bucket_lengths))
+
+
 def predict(model_config: MosaicBertConfig, params: Params, split: EncodedSplit,
-            hp: FinetuneHparams, mesh: Mesh, regression: bool) -> np.ndarray:
+            config: ml_collections.ConfigDict, mesh: Mesh, regression: bool) -> np.ndarray:
     """Class ids (argmax) or regression scores for every example of split, in order."""
-    buckets = batching.make_buckets(hp.max_seq_len, hp.bucket_lengths)
-    data_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    buckets = _buckets(config)
+    data_sharding = batch_sharding(mesh)
     eval_step = _eval_step(model_config)
+    eval_batch_size = int(config.eval_batch_size)
     predictions = np.zeros(len(split), np.float32 if regression else np.int32)
-    for plan in batching.eval_plan(split.lengths, buckets, hp.eval_batch_size):
-        batch = batching.collate(split, plan, hp.eval_batch_size)
+    for plan in batching.eval_plan(split.lengths, buckets, eval_batch_size):
+        batch = batching.collate(split, plan, eval_batch_size)
         batch.pop("labels"), batch.pop("weights")
         logits = np.asarray(eval_step(params, jax.device_put(batch, data_sharding)))
         rows = len(plan.indices)
@@ -210,13 +203,13 @@ def predict(model_config: MosaicBertConfig, params: Params, split: EncodedSplit,
 
 
 def evaluate(task: GlueTask, model_config: MosaicBertConfig, params: Params,
-             evals: dict[str, EncodedSplit], hp: FinetuneHparams, mesh: Mesh
+             evals: dict[str, EncodedSplit], config: ml_collections.ConfigDict, mesh: Mesh
              ) -> tuple[dict[str, float], dict[str, tuple[np.ndarray, np.ndarray]]]:
     """GLUE metrics over the task's eval splits (MNLI: matched_ and mismatched_ prefixes)."""
     metrics, predictions = {}, {}
     for split in task.eval_splits:
         data = evals[split.tsv_stem]
-        preds = predict(model_config, params, data, hp, mesh, task.is_regression)
+        preds = predict(model_config, params, data, config, mesh, task.is_regression)
         predictions[split.tsv_stem] = (preds, data.labels)
         for name, value in compute_metrics(task.metrics, preds, data.labels).items():
             metrics[split.metric_prefix + name] = value
@@ -228,39 +221,46 @@ def _format_metrics(metrics: dict[str, float]) -> str:
 
 
 def finetune(task: GlueTask, train: EncodedSplit, evals: dict[str, EncodedSplit],
-             model_config: MosaicBertConfig, init_from: Optional[Params], hp: FinetuneHparams,
-             seed: int, devices: Sequence[Any], log: Log = print,
-             keep_params: bool = False) -> FinetuneResult:
-    """Trains on train for hp.epochs epochs, evaluates (each epoch and at the end)."""
+             model_config: MosaicBertConfig, init_from: Optional[Params],
+             config: ml_collections.ConfigDict, seed: int, devices: Sequence[Any],
+             log: Log = print, keep_params: bool = False,
+             metrics_log: Optional[MetricsLog] = None) -> FinetuneResult:
+    """Trains on train for the task's epochs, evaluates (each epoch and at the end); records
+    go to `metrics_log` (TensorBoard + metrics.jsonl) when given, progress lines to `log`."""
     if model_config.num_labels != task.num_labels:
         raise ValueError(f"model_config.num_labels={model_config.num_labels} but {task.name} "
                          f"has {task.num_labels}; use model_config.replace(num_labels=...)")
     if len(train) == 0:
         raise ValueError(f"{task.name}: the training split {train.source} has no examples")
-    mesh = make_mesh(devices, hp.batch_size, hp.eval_batch_size)
-    data_sharding = NamedSharding(mesh, PartitionSpec("data"))
-    buckets = batching.make_buckets(hp.max_seq_len, hp.bucket_lengths)
-    epoch_steps = batching.steps_per_epoch(train.lengths, buckets, hp.batch_size,
-                                           hp.group_by_length)
-    total_steps = epoch_steps * hp.epochs
-    optimizer_key = (hp.learning_rate, hp.weight_decay, hp.b1, hp.b2, hp.eps,
-                     hp.warmup_fraction, hp.clip_norm, total_steps)
+    per, opt = task_settings(config, task), config.optimizer
+    epochs, batch_size = int(per.epochs), int(per.batch_size)
+    learning_rate = float(per.learning_rate)
+    log_every = int(config.log_every_steps)
+    mesh = data_parallel_mesh(devices, batch_size, int(config.eval_batch_size))
+    data_sharding = batch_sharding(mesh)
+    buckets = _buckets(config)
+    group_by_length = bool(config.group_by_length)
+    epoch_steps = batching.steps_per_epoch(train.lengths, buckets, batch_size, group_by_length)
+    total_steps = epoch_steps * epochs
+    optimizer_key = (learning_rate, float(per.weight_decay), float(opt.b1), float(opt.b2),
+                     float(opt.eps), float(opt.warmup_fraction),
+                     None if opt.clip_norm is None else float(opt.clip_norm), total_steps)
     train_step, optimizer_init = _train_step(model_config, task.is_regression, optimizer_key)
 
     params = initial_params(model_config, init_from, seed, mesh)
     opt_state = optimizer_init(params)
     dropout_key = jax.random.fold_in(jax.random.key(seed), 1)
     order_rng = np.random.default_rng(seed)
-    log(f"{len(train)} train examples, {total_steps} steps ({hp.epochs} epochs x "
-        f"{epoch_steps}), batch {hp.batch_size} on {mesh.devices.size} device(s), "
-        f"lr {hp.learning_rate:g}, buckets {buckets}")
+    log(f"{len(train)} train examples, {total_steps} steps ({epochs} epochs x "
+        f"{epoch_steps}), batch {batch_size} on {mesh.devices.size} device(s), "
+        f"lr {learning_rate:g}, buckets {buckets}")
 
     history, step, start = [], 0, time.perf_counter()
     window = dict(losses=[], examples=0, tokens=0, padded=0, time=time.perf_counter())
-    for epoch in range(1, hp.epochs + 1):
-        for plan in batching.train_plan(train.lengths, buckets, hp.batch_size, order_rng,
-                                        hp.group_by_length):
-            batch = batching.collate(train, plan, hp.batch_size)
+    for epoch in range(1, epochs + 1):
+        for plan in batching.train_plan(train.lengths, buckets, batch_size, order_rng,
+                                        group_by_length):
+            batch = batching.collate(train, plan, batch_size)
             window["examples"] += len(plan.indices)
             window["tokens"] += int(batch["segment_ids"].sum())
             window["padded"] += batch["segment_ids"].size
@@ -269,20 +269,27 @@ def finetune(task: GlueTask, train: EncodedSplit, evals: dict[str, EncodedSplit]
                                                   dropout_key, np.int32(step))
             window["losses"].append(stats["loss"])
             step += 1
-            if step % hp.log_every_steps == 0 or step == total_steps:
+            if step % log_every == 0 or step == total_steps:
                 elapsed = max(time.perf_counter() - window["time"], 1e-9)
-                loss = float(np.mean(jax.device_get(window["losses"])))
-                log(f"step {step}/{total_steps} epoch {epoch} loss {loss:.4f} "
-                    f"lr {float(stats['lr']):.3g} grad_norm {float(stats['grad_norm']):.3f} "
-                    f"{window['examples'] / elapsed:.1f} ex/s "
-                    f"{window['tokens'] / elapsed:.0f} tok/s "
-                    f"(padding {100 * (1 - window['tokens'] / window['padded']):.0f}%)")
+                values = {"loss": float(np.mean(jax.device_get(window["losses"]))),
+                          "lr": float(stats["lr"]), "grad_norm": float(stats["grad_norm"]),
+                          "examples_per_s": window["examples"] / elapsed,
+                          "tokens_per_s": window["tokens"] / elapsed,
+                          "padding": 1 - window["tokens"] / window["padded"], "epoch": epoch}
+                if metrics_log is not None:
+                    metrics_log.write("train", step, values)
+                log(f"step {step}/{total_steps} epoch {epoch} loss {values['loss']:.4f} "
+                    f"lr {values['lr']:.3g} grad_norm {values['grad_norm']:.3f} "
+                    f"{values['examples_per_s']:.1f} ex/s {values['tokens_per_s']:.0f} tok/s "
+                    f"(padding {100 * values['padding']:.0f}%)")
                 window = dict(losses=[], examples=0, tokens=0, padded=0,
                               time=time.perf_counter())
-        if hp.eval_every_epoch or epoch == hp.epochs:
+        if config.eval_every_epoch or epoch == epochs:
             eval_start = time.perf_counter()
-            metrics, predictions = evaluate(task, model_config, params, evals, hp, mesh)
+            metrics, predictions = evaluate(task, model_config, params, evals, config, mesh)
             history.append({"epoch": epoch, "step": step, **metrics})
+            if metrics_log is not None:
+                metrics_log.write("eval", step, {**metrics, "epoch": epoch})
             log(f"eval epoch {epoch} step {step}: {_format_metrics(metrics)}")
             window["time"] += time.perf_counter() - eval_start  # throughput: training only
     train_seconds = time.perf_counter() - start

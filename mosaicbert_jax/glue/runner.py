@@ -2,27 +2,34 @@
 take medians over seeds, print the table and write the results JSON.
 
 RTE, MRPC and STS-B (config.start_from_mnli) start from the weights MNLI fine-tuning ended
-with (its first seed); everything else starts from the pretrained checkpoint.
+with (its first seed); everything else starts from the pretrained checkpoint. Each job logs to
+<workdir>/logs/<task>/seed_<seed>/ (metrics.jsonl and TensorBoard events, as pretraining does);
+the fine-tuned MNLI weights are saved with save_pretrained, so they load and convert to PyTorch
+like any other checkpoint.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import shutil
 import sys
 import threading
 import time
 from typing import Any, Optional
 
-import flax.serialization
 import jax
 
+from mosaicbert_jax.checkpoint import (checkpoint_root, find_tokenizer_files, load_pretrained,
+                                       save_pretrained)
 from mosaicbert_jax.config import MosaicBertConfig
+from mosaicbert_jax.data.tokenizer import load_tokenizer
 from mosaicbert_jax.glue import report
 from mosaicbert_jax.glue.data import EncodedSplit, check_tokenizer, encode_split, load_split
-from mosaicbert_jax.glue.finetune import FinetuneHparams, FinetuneResult, finetune
+from mosaicbert_jax.glue.finetune import FinetuneResult, finetune, task_settings
 from mosaicbert_jax.glue.schedule import Job, run_jobs
 from mosaicbert_jax.glue.tasks import GlueTask, get_task, parse_task_list
+from mosaicbert_jax.training.metrics_log import MetricsLog
 
 _PRINT_LOCK = threading.Lock()
 
@@ -33,28 +40,9 @@ def log(message: str) -> None:
         print(f"[glue {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def task_hparams(config: Any, task: GlueTask) -> FinetuneHparams:
-    """The FinetuneHparams of one task from config.per_task.<task> and the shared keys."""
-    if task.name not in config.per_task:
-        raise ValueError(f"config.per_task has no entry for {task.name!r}; add "
-                         f"learning_rate/weight_decay/epochs/batch_size/seeds for it")
-    per = config.per_task[task.name]
-    opt = config.optimizer
-    return FinetuneHparams(
-        learning_rate=float(per.learning_rate), weight_decay=float(per.weight_decay),
-        epochs=int(per.epochs), batch_size=int(per.batch_size),
-        eval_batch_size=int(config.eval_batch_size), b1=float(opt.b1), b2=float(opt.b2),
-        eps=float(opt.eps), warmup_fraction=float(opt.warmup_fraction),
-        clip_norm=None if opt.clip_norm is None else float(opt.clip_norm),
-        max_seq_len=int(config.max_seq_len),
-        bucket_lengths=tuple(int(b) for b in config.bucket_lengths),
-        group_by_length=bool(config.group_by_length),
-        log_every_steps=int(config.log_every_steps),
-        eval_every_epoch=bool(config.eval_every_epoch))
-
-
 def task_seeds(config: Any, task: GlueTask) -> list[int]:
-    seeds = config.per_task[task.name].seeds
+    """The task's seeds (its settings checked first, so a bad value stops the run at once)."""
+    seeds = task_settings(config, task).seeds
     seeds = [int(seeds)] if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"config.per_task.{task.name}.seeds={seeds} must be distinct and "
@@ -62,25 +50,28 @@ def task_seeds(config: Any, task: GlueTask) -> list[int]:
     return seeds
 
 
-def load_tokenizer_for(config: Any) -> Any:
+def tokenizer_file_for(config: Any) -> Optional[str]:
     """config.tokenizer, else a tokenizer.json / vocab.txt saved next to the checkpoint."""
     path = config.tokenizer
     if not path and config.checkpoint:
-        from mosaicbert_jax.checkpoint import checkpoint_root, find_tokenizer_files
         found = [f for f in find_tokenizer_files(checkpoint_root(config.checkpoint))
                  if f.name in ("tokenizer.json", "vocab.txt")]
         path = os.fspath(found[0]) if found else None
+    return path or None
+
+
+def load_tokenizer_for(config: Any) -> Any:
+    """The tokenizer of `tokenizer_file_for(config)`; a clear error when there is none."""
+    path = tokenizer_file_for(config)
     if not path:
         raise ValueError("no tokenizer: set --config.tokenizer=<tokenizer.json or vocab.txt> "
                          "(or save one in the checkpoint directory)")
-    from mosaicbert_jax.data.tokenizer import load_tokenizer
     return load_tokenizer(path)
 
 
 def load_start_point(config: Any) -> tuple[Optional[Any], MosaicBertConfig, str]:
     """(pretrained params or None, encoder config, description) from config.checkpoint."""
     if config.checkpoint:
-        from mosaicbert_jax.checkpoint import load_pretrained
         params, model_config = load_pretrained(config.checkpoint)
         if "bert" not in params:
             raise ValueError(f"checkpoint {config.checkpoint} has top-level keys "
@@ -89,18 +80,20 @@ def load_start_point(config: Any) -> tuple[Optional[Any], MosaicBertConfig, str]
     return None, MosaicBertConfig.from_preset(config.model), f"random init ({config.model})"
 
 
-def save_params(path: str, params: Any) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(flax.serialization.msgpack_serialize(jax.device_get(params)))
+def save_finetuned(directory: str, params: Any, model_config: MosaicBertConfig,
+                   tokenizer_file: Optional[str]) -> None:
+    """Fine-tuned weights as a save_pretrained folder, replacing one an earlier run wrote."""
+    if os.path.isdir(directory):
+        shutil.rmtree(directory)
+    save_pretrained(directory, jax.device_get(params), model_config, tokenizer_file)
 
 
-def load_params(path: str) -> Any:
+def load_finetuned(path: str) -> Any:
+    """The params of config.mnli_checkpoint (a folder save_finetuned wrote, or any checkpoint)."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"config.mnli_checkpoint={path} does not exist; it is the "
-                                f"mnli_finetuned_seed<S>.msgpack a run with MNLI writes")
-    with open(path, "rb") as f:
-        return flax.serialization.msgpack_restore(f.read())
+        raise ValueError(f"config.mnli_checkpoint={path} does not exist; it is the "
+                         f"mnli_finetuned_seed<S> folder a run with MNLI writes")
+    return load_pretrained(path)[0]
 
 
 class TaskData:
@@ -152,6 +145,7 @@ def run_glue(config: Any, tokenizer: Any = None) -> dict[str, Any]:
     """Runs the configured GLUE tasks; returns the results dict also written as JSON."""
     started = time.perf_counter()
     tasks = [get_task(name) for name in parse_task_list(config.tasks)]
+    tokenizer_file = tokenizer_file_for(config) if tokenizer is None else None
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer_for(config)
     check_tokenizer(tokenizer)
     pretrained, encoder_config, start_description = load_start_point(config)
@@ -169,7 +163,7 @@ def run_glue(config: Any, tokenizer: Any = None) -> dict[str, Any]:
     mnli_start = None
     if dependents and "mnli" not in names:
         if config.mnli_checkpoint:
-            mnli_start = load_params(config.mnli_checkpoint)
+            mnli_start = load_finetuned(config.mnli_checkpoint)
             log(f"{', '.join(dependents)} start from {config.mnli_checkpoint}")
         else:
             log(f"WARNING: MNLI is not among the tasks and config.mnli_checkpoint is unset, so "
@@ -222,13 +216,17 @@ def run_glue(config: Any, tokenizer: Any = None) -> dict[str, Any]:
             init_from, init = pretrained, "pretrained" if pretrained is not None else "random"
         prefix = f"{task_name} seed={seed}"
         log(f"{prefix}: start from {init} on {', '.join(str(d) for d in job_devices)}")
-        result = finetune(task, train, evals,
-                          encoder_config.replace(num_labels=task.num_labels), init_from,
-                          task_hparams(config, task), seed, job_devices,
-                          log=lambda m: log(f"{prefix}: {m}"), keep_params=job.key == mnli_key)
+        task_config = encoder_config.replace(num_labels=task.num_labels)
+        metrics_log = MetricsLog(os.path.join(workdir, "logs", task_name, f"seed_{seed}"))
+        try:
+            result = finetune(task, train, evals, task_config, init_from, config, seed,
+                              job_devices, log=lambda m: log(f"{prefix}: {m}"),
+                              keep_params=job.key == mnli_key, metrics_log=metrics_log)
+        finally:
+            metrics_log.close()
         if job.key == mnli_key and config.save_mnli_checkpoint:
-            path = os.path.join(workdir, f"mnli_finetuned_seed{seed}.msgpack")
-            save_params(path, result.params)
+            path = os.path.join(workdir, f"mnli_finetuned_seed{seed}")
+            save_finetuned(path, result.params, task_config, tokenizer_file)
             log(f"{prefix}: saved the fine-tuned MNLI weights to {path}")
         if config.write_predictions:
             for stem, (preds, labels) in result.predictions.items():

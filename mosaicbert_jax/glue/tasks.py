@@ -11,10 +11,6 @@ from typing import Optional
 # The order results are printed in (the spec's order).
 TASK_ORDER = ("mnli", "qqp", "qnli", "sst2", "cola", "stsb", "mrpc", "rte")
 
-# Tasks that start from the MNLI-finetuned weights (spec: GLUE fine-tuning recipe).
-STARTS_FROM_MNLI = ("rte", "mrpc", "stsb")
-
-
 @dataclasses.dataclass(frozen=True)
 class Split:
     """One evaluation (or training) split: its TSV file stem, TFDS split and result prefix."""

@@ -19,6 +19,9 @@ def get_default_config() -> ml_collections.ConfigDict:
         remat=False,
         hidden_dropout_prob=0.1,
         dropout_rng="hash",         # hash (fused, no stored mask) | threefry (flax nn.Dropout)
+        # fused kernels for GLU+dropout and bias+dropout+residual+LayerNorm (mosaicbert_jax/fused):
+        glu_implementation="auto",        # auto (Pallas on CUDA GPUs) | xla | pallas
+        layernorm_implementation="auto",  # auto | xla | pallas
         vocab_size=-1,              # -1: the preset's (30528 for bert-base-uncased)
     ))
     c.data = ml_collections.ConfigDict(dict(
@@ -30,6 +33,7 @@ def get_default_config() -> ml_collections.ConfigDict:
         mask_prob=0.3,
         eval_mask_prob=0.15,
         synthetic_mean_doc_len=0,   # 0: one document per row
+        synthetic_vocab_size=30528,  # synthetic batches' vocab unless model.vocab_size is set
     ))
     c.train = ml_collections.ConfigDict(dict(
         global_batch_size=4096,

@@ -20,6 +20,8 @@ from typing import NoReturn, Optional
 
 import jax
 
+from mosaicbert_jax.cli_errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, is_user_error
+
 ERROR_KEY = "mosaicbert_jax/error"
 SEEN_KEY = "mosaicbert_jax/error_seen/"
 AGREE_KEY = "mosaicbert_jax/agree/"
@@ -121,24 +123,30 @@ def _watch(client) -> None:
 
 
 def one_line(error: BaseException) -> str:
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
     text = " ".join(str(error).split()) or type(error).__name__
-    return text if isinstance(error, ValueError) else f"{type(error).__name__}: {text}"
+    return text if is_user_error(error) else f"{type(error).__name__}: {text}"
 
 
 def exit_on_error(error: BaseException) -> NoReturn:
-    """Prints `error: ...` (with the traceback first unless it is a user error, a ValueError)
-    and exits with status 1; in a multi-process run it ends the other processes too, and none
-    of them waits in the distributed shutdown."""
-    if not isinstance(error, ValueError):
+    """Prints `error: ...` (after the traceback, unless it is a user error: see cli_errors)
+    and exits with cli_errors' status (2 for a user error, 130 for Ctrl-C, else 1); in a
+    multi-process run it ends the other processes too, and none of them waits in the
+    distributed shutdown."""
+    user = is_user_error(error)
+    if not user and not isinstance(error, KeyboardInterrupt):
         traceback.print_exception(error)
+    status = (EXIT_USER_ERROR if user else
+              EXIT_INTERRUPTED if isinstance(error, KeyboardInterrupt) else 1)
     client = coordination_client()
     if client is None:
         print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    _exit_everywhere(f"error: {one_line(error)}", client, posted=False)
+        sys.exit(status)
+    _exit_everywhere(f"error: {one_line(error)}", client, posted=False, status=status)
 
 
-def _exit_everywhere(line: str, client, posted: bool) -> NoReturn:
+def _exit_everywhere(line: str, client, posted: bool, status: int = 1) -> NoReturn:
     if not _exiting.acquire(blocking=False):
         while True:  # the other thread is already ending this process
             time.sleep(60)
@@ -164,4 +172,4 @@ def _exit_everywhere(line: str, client, posted: bool) -> NoReturn:
                     pass
     finally:
         sys.stderr.flush()
-        os._exit(1)  # skips the atexit distributed shutdown, whose barrier would wait
+        os._exit(status)  # skips the atexit distributed shutdown, whose barrier would wait

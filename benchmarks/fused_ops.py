@@ -1,0 +1,155 @@
+"""The fused memory-bound kernels beside the plain XLA composition: check, then time.
+
+  PYTHONPATH=. python benchmarks/fused_ops.py [--tokens 32768] [--reps 50]
+
+For GLU + dropout (h = [a | b], 2 x 3072 wide) and dropout + residual + LayerNorm (768 wide)
+at MosaicBERT-base shapes: first compares the Pallas kernels with the XLA composition on fresh
+random inputs (float32: the same dropout mask, so errors are float rounding; bf16: within bf16
+rounding), forward and gradients; then times forward and forward+backward of each, and prints
+achieved memory bandwidth against the fewest bytes each pass must move.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mosaicbert_jax import fused
+from mosaicbert_jax.fused import pallas_gpu
+from mosaicbert_jax.xla_flags import apply_gpu_defaults
+
+
+def relative_error(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+def median_ms(fn, *args, reps: int) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)) * 1e3
+
+
+def glu_case(tokens: int, width: int, dtype, rng):
+    h = jnp.asarray(rng.standard_normal((tokens, 2 * width)), dtype)
+    g = jnp.asarray(rng.standard_normal((tokens, width)), dtype)
+    seed = jnp.asarray(rng.integers(0, 2 ** 32, 2, dtype=np.uint64).astype(np.uint32))
+
+    def make(impl, blocks=None):
+        def op(h):
+            if blocks is not None:
+                return pallas_gpu.glu_dropout(h, seed, 0.1, blocks=blocks)
+            return fused.glu_dropout(h, seed, 0.1, impl)
+        fwd = jax.jit(op)
+        def fwd_bwd(h, g):  # the output too, so the forward kernel is not dead code
+            out, vjp = jax.vjp(op, h)
+            return out, vjp(g)[0]
+        fwd_bwd = jax.jit(fwd_bwd)
+        return fwd, fwd_bwd
+    # bytes: fwd reads h, writes out; bwd reads h and g, writes dh
+    item = jnp.dtype(dtype).itemsize
+    bytes_fwd = tokens * 3 * width * item
+    bytes_bwd = tokens * 5 * width * item
+    return (h, g), make, bytes_fwd, bytes_bwd
+
+
+def ln_case(tokens: int, width: int, dtype, rng):
+    x = jnp.asarray(rng.standard_normal((tokens, width)), dtype)
+    r = jnp.asarray(rng.standard_normal((tokens, width)), dtype)
+    dy = jnp.asarray(rng.standard_normal((tokens, width)), dtype)
+    x_bias = jnp.asarray(0.2 * rng.standard_normal(width), jnp.float32)
+    scale = jnp.asarray(1 + 0.2 * rng.standard_normal(width), jnp.float32)
+    bias = jnp.asarray(0.2 * rng.standard_normal(width), jnp.float32)
+    seed = jnp.asarray(rng.integers(0, 2 ** 32, 2, dtype=np.uint64).astype(np.uint32))
+
+    def make(impl, blocks=None):
+        def op(x, r):
+            if blocks is not None:
+                return pallas_gpu.dropout_add_layernorm(x, r, scale, bias, seed, 0.1, 1e-12,
+                                                        x_bias, blocks=blocks)
+            return fused.dropout_add_layernorm(x, r, scale, bias, seed, 0.1, 1e-12, x_bias,
+                                               implementation=impl)
+        fwd = jax.jit(op)
+        def fwd_bwd(x, r, dy):
+            out, vjp = jax.vjp(op, x, r)
+            return (out,) + vjp(dy)
+        fwd_bwd = jax.jit(fwd_bwd)
+        return fwd, fwd_bwd
+    item = jnp.dtype(dtype).itemsize
+    return (x, r, dy), make, tokens * 3 * width * item, tokens * 5 * width * item
+
+
+def check(name, case, dtype, tol) -> bool:
+    inputs, make, _, _ = case
+    fwd_inputs = inputs[:-1]
+    results = {}
+    for impl in ("xla", "pallas"):
+        fwd, fwd_bwd = make(impl)
+        out, *grads = jax.tree_util.tree_leaves(fwd_bwd(*inputs))
+        results[impl] = (fwd(*fwd_inputs), out, *grads)
+    errors = [relative_error(p, x) for p, x in zip(results["pallas"], results["xla"])]
+    finite = all(bool(jnp.all(jnp.isfinite(p.astype(jnp.float32)))) for p in results["pallas"])
+    ok = finite and max(errors) < tol
+    print(f"check {name} {jnp.dtype(dtype).name}: relative errors (out, grads) "
+          f"{', '.join(f'{e:.1e}' for e in errors)} (bar {tol:.0e}) -> {'ok' if ok else 'FAIL'}")
+    return ok
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=32768)
+    parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--best-out", default="", help="write the fastest blocks here")
+    args = parser.parse_args()
+    apply_gpu_defaults()
+    rng = np.random.default_rng(int(time.time()))
+    ok = True
+    for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)):
+        ok &= check("glu", glu_case(4096, 3072, dtype, rng), dtype, tol)
+        ok &= check("layernorm", ln_case(4096, 768, dtype, rng), dtype, tol)
+    print("| op | variant | fwd ms | fwd GB/s | fwd+bwd ms | bwd GB/s (fwd+bwd - fwd) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    glu_variants = [dict(glu_rows=r, glu_cols=c, glu_warps=w) for r, c, w in (
+        (8, 256, 4), (4, 256, 2), (16, 256, 4), (4, 512, 4), (2, 1024, 4), (4, 1024, 4),
+        (8, 1024, 8), (1, 1024, 2))]
+    ln_variants = [dict(ln_rows=r, ln_rows_bwd=rb, ln_warps=w, ln_warps_bwd=wb)
+                   for r, rb, w, wb in ((8, 16, 4, 8), (4, 8, 4, 4), (2, 4, 2, 2), (4, 4, 4, 4),
+                                        (8, 8, 4, 4), (16, 16, 8, 8), (1, 2, 1, 2))]
+    cases = {"glu": (glu_case(args.tokens, 3072, jnp.bfloat16, rng), glu_variants),
+             "layernorm": (ln_case(args.tokens, 768, jnp.bfloat16, rng), ln_variants)}
+    best = {}
+    for name, (case, variants) in cases.items():
+        inputs, make, bytes_fwd, bytes_bwd = case
+        for label, fields in [("xla", None)] + [(",".join(f"{k}={v}" for k, v in f.items()), f)
+                                                 for f in variants]:
+            blocks = None if fields is None else pallas_gpu.parse_blocks(label)
+            fwd, fwd_bwd = make("xla" if blocks is None else "pallas", blocks)
+            try:
+                t_fwd = median_ms(fwd, *inputs[:-1], reps=args.reps)
+                t_all = median_ms(fwd_bwd, *inputs, reps=args.reps)
+            except Exception as e:  # a block shape the compiler refuses: report, go on
+                print(f"| {name} | {label} | FAILED {type(e).__name__}: {str(e)[:120]} |")
+                continue
+            bwd = max(t_all - t_fwd, 1e-6)
+            print(f"| {name} | {label} | {t_fwd:.3f} | {bytes_fwd / t_fwd / 1e6:,.0f} | "
+                  f"{t_all:.3f} | {bytes_bwd / bwd / 1e6:,.0f} |")
+            if fields is not None and t_all < best.get(name, (float("inf"), ""))[0]:
+                best[name] = (t_all, label)
+    blocks_text = ",".join(label for _, label in best.values())
+    print(f"fastest blocks: --fused-blocks {blocks_text}")
+    if args.best_out:
+        with open(args.best_out, "w") as f:
+            f.write(blocks_text)
+    print("fused checks:", "all ok" if ok else "FAILED")
+
+
+if __name__ == "__main__":
+    main()

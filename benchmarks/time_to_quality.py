@@ -1,0 +1,315 @@
+"""Time to quality: ours, the original PyTorch MosaicBERT and transformers BERT-base, side by side.
+
+  PYTHONPATH=. python benchmarks/time_to_quality.py --reference-src ../shared/reference/mosaicml_bert
+
+Each side trains MosaicBERT-base-sized models (BERT-base for transformers) in its own process
+on the same GPU, on the SAME rows with the SAME masks (30% masking, 80/10/10, drawn here with
+numpy from the step number) and the same recipe (decoupled AdamW (0.9, 0.98), eps 1e-6, wd 1e-5,
+6% warmup, linear decay to 0.02x), and is evaluated every --eval-every steps on the same
+held-out rows at 15% masking. Train seconds exclude evaluation and compilation. The report gives
+eval loss against train seconds for each side and the train time each needs to reach the
+original's final eval loss. Rows default to ../shared/data/ttq/rows.npy (uint16, 128 tokens,
+the first --eval-rows held out). Sides: jax (ours, the trainer's own step), original (the
+reference code imported from --reference-src, attention through torch SDPA with its ALiBi +
+padding bias, bf16 autocast), hfbert (transformers BertForMaskedLM, SDPA, torch.compile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+MASK_SLOTS = 64          # per 128-token row: 30% masking leaves ~38 +- 5 positions
+FIRST_WORD_ID = 5        # ids 0-4 are [PAD] [UNK] [CLS] [SEP] [MASK] in the rows' vocabulary
+MASK_ID = 4
+VOCAB = 30528            # the model's padded vocabulary (the rows' tokenizer has 30,522)
+
+
+def mask_rows(rows: np.ndarray, prob: float, seed: int, vocab_words: int = 30522):
+    """Bernoulli(prob) over word tokens, at most MASK_SLOTS a row, 80% [MASK] / 10% random / 10%
+    kept. Returns (input ids, positions, weights, labels) and dense labels (-100 elsewhere)."""
+    rng = np.random.default_rng(seed)
+    ids = rows.astype(np.int32)
+    chosen = (rng.random(ids.shape) < prob) & (ids >= FIRST_WORD_ID)
+    positions = np.zeros((len(ids), MASK_SLOTS), np.int32)
+    weights = np.zeros((len(ids), MASK_SLOTS), np.float32)
+    labels = np.zeros((len(ids), MASK_SLOTS), np.int32)
+    for r in range(len(ids)):
+        where = np.flatnonzero(chosen[r])[:MASK_SLOTS]
+        chosen[r] = False
+        chosen[r, where] = True
+        positions[r, :len(where)], weights[r, :len(where)] = where, 1.0
+        labels[r, :len(where)] = ids[r, where]
+    draw = rng.random(ids.shape)
+    random_ids = rng.integers(FIRST_WORD_ID, vocab_words, ids.shape)
+    dense_labels = np.where(chosen, ids, -100)
+    masked = np.where(chosen & (draw < 0.8), MASK_ID,
+                      np.where(chosen & (draw < 0.9), random_ids, ids)).astype(np.int32)
+    return masked, positions, weights, labels, dense_labels
+
+
+class Rows:
+    """Train batches (a fresh permutation each epoch) and fixed eval batches, as numpy."""
+
+    def __init__(self, path: str, batch: int, eval_rows: int):
+        everything = np.load(path)
+        self.eval_rows, self.train_rows = everything[:eval_rows], everything[eval_rows:]
+        self.batch = batch
+        self.eval_batches = [mask_rows(self.eval_rows[i:i + batch], 0.15, 10_000 + i)
+                             for i in range(0, eval_rows, batch)]
+
+    def train_batch(self, step: int):
+        per_epoch = len(self.train_rows) // self.batch
+        epoch, index = divmod(step, per_epoch)
+        order = np.random.default_rng(1000 + epoch).permutation(len(self.train_rows))
+        take = order[index * self.batch:(index + 1) * self.batch]
+        return mask_rows(self.train_rows[take], 0.3, step)
+
+
+def lr_at(step: int, lr: float, steps: int) -> float:
+    warmup = int(round(0.06 * steps))
+    if step < warmup:
+        return lr * step / warmup
+    return lr * (1 - 0.98 * (step - warmup) / max(steps - warmup, 1))
+
+
+def run_jax(args, rows: Rows) -> dict:
+    from mosaicbert_jax.xla_flags import apply_gpu_defaults
+    apply_gpu_defaults()
+    import jax
+    from mosaicbert_jax import MosaicBertConfig, MosaicBertForMaskedLM
+    from mosaicbert_jax.optim import decoupled_adamw, warmup_linear_decay
+    from mosaicbert_jax.sharding import batch_sharding, make_mesh
+    from mosaicbert_jax.training.step import init_state, make_eval_step, make_train_step
+
+    if args.fused_blocks:
+        from mosaicbert_jax.fused import pallas_gpu
+        pallas_gpu.set_default_blocks(pallas_gpu.parse_blocks(args.fused_blocks))
+    mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+    overrides = dict(item.split("=") for item in args.jax_model.split(",")) if args.jax_model else {}
+    cfg = MosaicBertConfig.base(dtype="bfloat16", vocab_size=VOCAB, **overrides)
+    model = MosaicBertForMaskedLM(cfg)
+    schedule = warmup_linear_decay(args.lr, args.steps, 0.06, 0.02)
+    tx = decoupled_adamw(schedule, args.lr, 0.9, 0.98, 1e-6, 1e-5)
+    state, shardings = init_state(model, tx, 17, mesh)
+    step_fn = make_train_step(model, tx, schedule, mesh, shardings, 1, dropout_seed=17)
+    eval_fn = make_eval_step(model, mesh, shardings["params"])
+    sharding = batch_sharding(mesh)
+    segments = np.ones((args.batch, 128), np.int32)
+
+    def to_device(masked, positions, weights, labels, _dense):
+        return jax.device_put({"input_ids": masked, "segment_ids": segments[:len(masked)],
+                               "masked_positions": positions, "masked_weights": weights,
+                               "masked_labels": labels}, sharding)
+
+    evals = [to_device(*b) for b in rows.eval_batches]
+
+    def evaluate(params):
+        sums = [jax.device_get(eval_fn(params, b)) for b in evals]
+        weight = sum(float(s["weight_sum"]) for s in sums)
+        return (sum(float(s["loss_sum"]) for s in sums) / weight,
+                sum(float(s["correct_sum"]) for s in sums) / weight)
+
+    t = time.perf_counter()
+    compiled = step_fn.lower(state, to_device(*rows.train_batch(0))).compile()
+    compile_s = time.perf_counter() - t
+    return _train_loop(args, rows, lambda b: to_device(*b),
+                       lambda s, b: compiled(s, b)[0], state, lambda s: evaluate(s["params"]),
+                       jax.block_until_ready, compile_s, {"config": overrides})
+
+
+def _train_loop(args, rows, prepare, step, state, evaluate, sync, compile_s, extra) -> dict:
+    """Steps with the next batch prepared while the device works; evals off the clock."""
+    log, train_s = [], 0.0
+    upcoming = prepare(rows.train_batch(0))
+    for i in range(args.steps + 1):
+        if i % args.eval_every == 0 or i == args.steps:
+            sync(state)
+            loss, accuracy = evaluate(state)
+            log.append({"step": i, "train_s": train_s, "loss": loss, "accuracy": accuracy})
+            print(f"{args.side} step {i} train_s {train_s:.1f} eval loss {loss:.4f}", flush=True)
+        if i == args.steps:
+            break
+        batch = upcoming
+        sync(batch)
+        start = time.perf_counter()
+        state = step(state, batch)
+        upcoming = prepare(rows.train_batch(i + 1)) if i + 1 < args.steps else None
+        sync(state)
+        train_s += time.perf_counter() - start
+    return {"side": args.side, "evals": log, "train_s": train_s, "compile_s": compile_s,
+            "tokens_per_s": args.steps * args.batch * 128 / train_s, **extra}
+
+
+def run_torch(args, rows: Rows) -> dict:
+    import torch
+    import torch.nn.functional as F
+    torch.set_float32_matmul_precision("high")
+    torch.manual_seed(17)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: only to smoke-test this script
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    if args.side == "original":
+        sys.path.insert(0, os.path.abspath(args.reference_src))
+        import bert_layers
+        import configuration_bert
+        bert_layers.flash_attn_qkvpacked_func = None  # its Triton kernel no longer compiles
+        padding = bert_layers.bert_padding_module
+
+        def sdpa_attention(self, hidden, cu_seqlens, max_seqlen, indices, attn_mask, bias):
+            qkv = padding.pad_input(self.Wqkv(hidden), indices, cu_seqlens.shape[0] - 1,
+                                    max_seqlen)
+            b, s, _ = qkv.shape
+            qkv = qkv.view(b, s, 3, self.num_attention_heads, -1).permute(2, 0, 3, 1, 4)
+            out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2],
+                                                 attn_mask=bias.to(qkv.dtype))
+            out = padding.unpad_input_only(out.permute(0, 2, 1, 3),
+                                           torch.squeeze(attn_mask) == 1)
+            return out.reshape(out.shape[0], -1)
+
+        bert_layers.BertUnpadSelfAttention.forward = sdpa_attention
+        model = bert_layers.BertForMaskedLM(configuration_bert.BertConfig(
+            vocab_size=VOCAB, alibi_starting_size=512, attention_probs_dropout_prob=0.0))
+        model = model.to(dev).train()
+        compile_s = 0.0
+    else:
+        from transformers import BertConfig, BertForMaskedLM
+        model = torch.compile(BertForMaskedLM(BertConfig(vocab_size=VOCAB,
+                                                         attn_implementation="sdpa")).to(dev))
+        compile_s = 0.0
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), eps=1e-6,
+                            weight_decay=1e-5 / args.lr, fused=dev == "cuda")  # decoupled, as ours
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, args.lr, args.steps) / args.lr)
+    ones = torch.ones(args.batch, 128, dtype=torch.long, device=dev)
+
+    def prepare(b):
+        masked, _, _, _, dense = b
+        return (torch.from_numpy(masked).long().to(dev, non_blocking=True),
+                torch.from_numpy(dense).long().to(dev, non_blocking=True))
+
+    def step(state, batch):
+        ids, labels = batch
+        with torch.autocast(dev, dtype=torch.bfloat16):
+            loss = model(input_ids=ids, attention_mask=ones[:len(ids)], labels=labels).loss
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        return state
+
+    def evaluate(_state):
+        model.eval()
+        total = count = correct = 0.0
+        with torch.no_grad():
+            for b in rows.eval_batches:
+                ids, labels = prepare(b)
+                with torch.autocast(dev, dtype=torch.bfloat16):
+                    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+                picked = labels > 0
+                n = float(picked.sum())
+                total, count = total + float(out.loss) * n, count + n
+                correct += float((out.logits.float()[picked].argmax(-1) == labels[picked]).sum())
+        model.train()
+        return total / count, correct / count
+
+    if args.side == "hfbert":  # compile outside the clock, on a batch the run never trains on
+        start = time.perf_counter()
+        ids, labels = prepare(rows.train_batch(10 ** 6))
+        for _ in range(3):
+            with torch.autocast(dev, dtype=torch.bfloat16):
+                model(input_ids=ids, attention_mask=ones, labels=labels).loss.backward()
+        model.zero_grad(set_to_none=True)
+        sync()
+        compile_s = time.perf_counter() - start
+    return _train_loop(args, rows, prepare, step, None, evaluate,
+                       lambda _: sync(), compile_s, {})
+
+
+def seconds_to_reach(evals: list[dict], target: float) -> float | None:
+    """Train seconds at which the eval loss first reaches target (linear between evals)."""
+    for before, after in zip(evals, evals[1:]):
+        if after["loss"] <= target:
+            span = before["loss"] - after["loss"]
+            share = (before["loss"] - target) / span if span > 0 else 1.0
+            return before["train_s"] + share * (after["train_s"] - before["train_s"])
+    return None
+
+
+def report(results: list[dict]) -> None:
+    steps = sorted({e["step"] for r in results for e in r["evals"]})
+    print("\n| step | " + " | ".join(r["side"] for r in results) + " |")
+    print("| --- |" + " --- |" * len(results))
+    for s in steps:
+        cells = []
+        for r in results:
+            e = next((e for e in r["evals"] if e["step"] == s), None)
+            cells.append(f"{e['loss']:.4f} ({e['train_s']:.1f} s)" if e else "-")
+        print(f"| {s} | " + " | ".join(cells) + " |")
+    original = next((r for r in results if r["side"] == "original"), None)
+    print("\n| side | lr | train s | tokens/s | compile s | final eval loss | train s to the "
+          "original's final loss | vs original |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    target = original["evals"][-1]["loss"] if original else None
+    base = seconds_to_reach(original["evals"], target) if original else None
+    for r in results:
+        reach = seconds_to_reach(r["evals"], target) if target is not None else None
+        reach_text = f"{reach:.1f}" if reach is not None else "not reached"
+        ratio = f"{reach / base:.2f}x" if reach is not None and base else "-"
+        print(f"| {r['side']} | {r['lr']:g} | {r['train_s']:.1f} | {r['tokens_per_s']:,.0f} | "
+              f"{r['compile_s']:.1f} | {r['evals'][-1]['loss']:.4f} | {reach_text} | {ratio} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default="../shared/data/ttq/rows.npy")
+    parser.add_argument("--reference-src", default="../shared/reference/mosaicml_bert")
+    parser.add_argument("--sides", default="jax,original,hfbert")
+    parser.add_argument("--side", default="", help=argparse.SUPPRESS)  # one side, in a child
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=3e-4, help="ours and the original")
+    parser.add_argument("--hfbert-lr", type=float, default=1e-4,
+                        help="transformers BERT diverges at 2e-4 and 3e-4 on these rows")
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--eval-rows", type=int, default=2048)
+    parser.add_argument("--jax-model", default="",
+                        help="MosaicBertConfig overrides for our side, e.g. glu_implementation=xla")
+    parser.add_argument("--fused-blocks", default="", help="fused-kernel tiles for our side")
+    parser.add_argument("--out", default="", help="write all results as JSON here")
+    args = parser.parse_args()
+    if not os.path.isfile(args.rows):
+        sys.exit(f"error: rows file {args.rows} not found; pass --rows (see ../shared/data/ttq)")
+    if args.side:  # child process: one side, result as the last line
+        rows = Rows(args.rows, args.batch, args.eval_rows)
+        result = run_jax(args, rows) if args.side == "jax" else run_torch(args, rows)
+        result["lr"] = args.lr
+        print("TTQ_RESULT " + json.dumps(result), flush=True)
+        return
+    results = []
+    for side in args.sides.split(","):
+        lr = args.hfbert_lr if side == "hfbert" else args.lr
+        command = [sys.executable, os.path.abspath(__file__), "--side", side, "--lr", str(lr)]
+        for name in ("rows", "reference_src", "steps", "batch", "eval_every", "eval_rows",
+                     "jax_model", "fused_blocks"):
+            command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+        proc = subprocess.run(command, capture_output=True, text=True)
+        lines = [l for l in proc.stdout.splitlines() if l.startswith("TTQ_RESULT ")]
+        if proc.returncode or not lines:
+            print(f"{side}: FAILED (exit {proc.returncode})\n{proc.stderr[-3000:]}", flush=True)
+            continue
+        results.append(json.loads(lines[-1][len("TTQ_RESULT "):]))
+        print(f"{side}: {results[-1]['train_s']:.1f} s, final eval loss "
+              f"{results[-1]['evals'][-1]['loss']:.4f}", flush=True)
+    report(results)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

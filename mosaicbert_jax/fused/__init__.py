@@ -1,0 +1,78 @@
+"""Fused memory-bound ops of a MosaicBERT layer, chosen by name like the attention kernels.
+
+`glu_dropout(h, seed, rate, implementation)`: dropout(gelu(a) * b) for h = [a | b].
+`dropout_add_layernorm(x, residual, scale, bias, seed, rate, eps, x_bias, implementation)`:
+LayerNorm(dropout(x + x_bias) + residual), x_bias being the bias of the dense layer before. Implementations: "xla" (the plain composition in
+reference.py, the model's unfused path), "pallas" (mosaicbert_jax/fused/pallas_gpu.py, GPU),
+"pallas_interpret" (the same kernels in the Pallas interpreter, any backend: for tests), and
+"auto" (pallas on CUDA GPUs of compute capability >= 8.0, xla elsewhere). Every path drops
+the same elements for the same seed (dropout.keep_from_position).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+
+from mosaicbert_jax.config import FUSED_IMPLEMENTATIONS as IMPLEMENTATIONS
+from mosaicbert_jax.fused import reference
+
+
+def _gpu_runs_pallas() -> bool:
+    if jax.default_backend() != "gpu":
+        return False
+    capability = getattr(jax.devices()[0], "compute_capability", None)
+    try:
+        return capability is None or float(capability) >= 8.0
+    except (TypeError, ValueError):
+        return True
+
+
+def resolve(implementation: str, width: int, dropout_rng: str = "hash",
+            backend_has_pallas: Optional[bool] = None) -> str:
+    """The implementation that runs: 'auto' becomes pallas or xla; others are checked."""
+    from mosaicbert_jax.fused import pallas_gpu
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"fused implementation {implementation!r} is not one of "
+                         f"{IMPLEMENTATIONS}")
+    if implementation == "xla":
+        return "xla"
+    fits = pallas_gpu.supports(width) and dropout_rng == "hash"
+    if implementation == "auto":
+        has_pallas = _gpu_runs_pallas() if backend_has_pallas is None else backend_has_pallas
+        return "pallas" if fits and has_pallas else "xla"
+    if dropout_rng != "hash":
+        raise ValueError(f"the fused kernels draw hash dropout masks, not {dropout_rng!r}; "
+                         f"set dropout_rng='hash' or the fused implementation to 'xla'")
+    if not pallas_gpu.supports(width):
+        raise ValueError(f"the fused kernels need a width that is a multiple of 16; got "
+                         f"{width}; use the 'xla' implementation")
+    return implementation
+
+
+def glu_dropout(h: jax.Array, seed: jax.Array, rate: float,
+                implementation: str = "auto") -> jax.Array:
+    """dropout(gelu(a) * b) for h = [a | b] on the last axis, in h's dtype."""
+    impl = resolve(implementation, h.shape[-1] // 2)
+    if impl == "xla":
+        return reference.glu_dropout(h, seed, rate)
+    from mosaicbert_jax.fused import pallas_gpu
+    return pallas_gpu.glu_dropout(h, seed, rate, interpret=impl == "pallas_interpret")
+
+
+def dropout_add_layernorm(x: jax.Array, residual: jax.Array, scale: jax.Array,
+                          bias: jax.Array, seed: jax.Array, rate: float, eps: float,
+                          x_bias: Optional[jax.Array] = None, *,
+                          implementation: str = "auto") -> jax.Array:
+    """LayerNorm(dropout(x + x_bias) + residual) on the last axis, in x's dtype."""
+    impl = resolve(implementation, x.shape[-1])
+    if impl == "xla":
+        return reference.dropout_add_layernorm(x, residual, scale, bias, seed, rate, eps,
+                                               x_bias)
+    from mosaicbert_jax.fused import pallas_gpu
+    return pallas_gpu.dropout_add_layernorm(x, residual, scale, bias, seed, rate, eps, x_bias,
+                                            interpret=impl == "pallas_interpret")
+
+
+__all__ = ["IMPLEMENTATIONS", "dropout_add_layernorm", "glu_dropout", "resolve"]

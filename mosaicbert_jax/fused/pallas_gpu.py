@@ -1,0 +1,339 @@
+"""Pallas (Triton backend) kernels for the memory-bound half of a MosaicBERT layer.
+
+Two fused ops, each a custom_vjp over one forward and one backward kernel:
+- `glu_dropout`: dropout(gelu(a) * b) from the up-projection h = [a | b]. The forward reads h
+  once and writes the product once; the backward reads h and the cotangent once and writes dh
+  once. Nothing else is stored: GELU, its derivative and the dropout mask are recomputed.
+- `dropout_add_layernorm`: LayerNorm(dropout(x + x_bias) + residual). The forward reads x and
+  the residual once and writes y plus two float32 row statistics; the backward recomputes the
+  normalised input and writes d(x), d(residual) and per-block partial sums of d(scale),
+  d(bias), d(x_bias).
+All arithmetic is float32 in registers; the dropout mask is `dropout.keep_from_position` of
+the element's (row, column), the same mask the unfused `hash_dropout` draws for the same seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import warnings
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from mosaicbert_jax.dropout import keep_from_position
+
+warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated",
+                        category=DeprecationWarning)
+
+_SQRT_HALF = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+# Abramowitz & Stegun 7.1.26: |error| < 1.5e-7 on all of R (Pallas' Triton lowering has no erf).
+_ERF_P = 0.3275911
+_ERF_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedBlocks:
+    """Tile sizes and launch settings of the fused kernels."""
+    # The fastest of benchmarks/fused_ops.py's sweep on an H200 (2026-12-01, base shapes).
+    glu_rows: int = 8
+    glu_cols: int = 256
+    glu_warps: int = 4
+    ln_rows: int = 4
+    ln_rows_bwd: int = 4
+    ln_warps: int = 4
+    ln_warps_bwd: int = 4
+
+
+_DEFAULT_BLOCKS = [FusedBlocks()]
+
+
+def default_blocks() -> FusedBlocks:
+    return _DEFAULT_BLOCKS[0]
+
+
+def set_default_blocks(blocks: FusedBlocks) -> None:
+    """The tile sizes every later trace uses (benchmarks/fused_ops.py measures them)."""
+    _DEFAULT_BLOCKS[0] = blocks
+
+
+def parse_blocks(text: str) -> FusedBlocks:
+    """'glu_rows=8,ln_rows=4' -> FusedBlocks with those fields changed."""
+    if not text:
+        return FusedBlocks()
+    return dataclasses.replace(FusedBlocks(), **{
+        key: int(value) for key, value in (item.split("=") for item in text.split(","))})
+
+
+def _erf_and_gaussian(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(erf(x), exp(-x^2)) in float32; the second term is reused by GELU's derivative."""
+    t = 1.0 / (1.0 + _ERF_P * jnp.abs(x))
+    poly = t * (_ERF_A[0] + t * (_ERF_A[1] + t * (_ERF_A[2] + t * (_ERF_A[3] + t * _ERF_A[4]))))
+    gaussian = jnp.exp(-x * x)
+    magnitude = 1.0 - poly * gaussian
+    return jnp.where(x < 0, -magnitude, magnitude), gaussian
+
+
+def _gelu_parts(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(gelu(a), gelu'(a)) of exact (erf) GELU, float32."""
+    erf, gaussian = _erf_and_gaussian(a * _SQRT_HALF)
+    cdf = 0.5 * (1.0 + erf)
+    return a * cdf, cdf + a * (_INV_SQRT_2PI * gaussian)
+
+
+def _keep(seed_ref, row0, rows: int, col0, cols: int, rate: float) -> jax.Array:
+    row = (row0 + lax.broadcasted_iota(jnp.int32, (rows, 1), 0)).astype(jnp.uint32)
+    col = (col0 + lax.broadcasted_iota(jnp.int32, (1, cols), 1)).astype(jnp.uint32)
+    return keep_from_position(row, col, seed_ref[0], seed_ref[1], rate)
+
+
+def _largest_pow2_divisor(n: int, cap: int) -> int:
+    size = 1
+    while size < cap and n % (size * 2) == 0:
+        size *= 2
+    return size
+
+
+def _chunk(width: int) -> int:
+    """The power-of-two column chunk (<= 256) the kernels load a row in; 0 if none fits."""
+    chunk = _largest_pow2_divisor(width, 256)
+    return chunk if chunk >= 16 else 0
+
+
+def supports(width: int) -> bool:
+    """Whether the kernels take rows of this width (a multiple of 16)."""
+    return _chunk(width) > 0
+
+
+# ----------------------------------------------------------------------------- GLU
+
+def _glu_fwd_kernel(seed_ref, h_ref, o_ref, *, rate: float):
+    rows, cols = o_ref.shape
+    a = h_ref[:, 0, :].astype(jnp.float32)
+    b = h_ref[:, 1, :].astype(jnp.float32)
+    y = _gelu_parts(a)[0] * b
+    if rate > 0.0:
+        keep = _keep(seed_ref, pl.program_id(0) * rows, rows, pl.program_id(1) * cols, cols,
+                     rate)
+        y = jnp.where(keep, y * (1.0 / (1.0 - rate)), 0.0)
+    o_ref[...] = y.astype(o_ref.dtype)
+
+
+def _glu_bwd_kernel(seed_ref, h_ref, g_ref, dh_ref, *, rate: float):
+    rows, cols = g_ref.shape
+    a = h_ref[:, 0, :].astype(jnp.float32)
+    b = h_ref[:, 1, :].astype(jnp.float32)
+    g = g_ref[...].astype(jnp.float32)
+    if rate > 0.0:
+        keep = _keep(seed_ref, pl.program_id(0) * rows, rows, pl.program_id(1) * cols, cols,
+                     rate)
+        g = jnp.where(keep, g * (1.0 / (1.0 - rate)), 0.0)
+    gelu, dgelu = _gelu_parts(a)
+    dh_ref[:, 0, :] = (g * b * dgelu).astype(dh_ref.dtype)
+    dh_ref[:, 1, :] = (g * gelu).astype(dh_ref.dtype)
+
+
+def _glu_call(kernel, out_shape, rows: int, width: int, blocks: FusedBlocks, interpret: bool,
+              extra_in: int, name: str):
+    br = _largest_pow2_divisor(rows, blocks.glu_rows)
+    bc = _largest_pow2_divisor(width, blocks.glu_cols)
+    h_spec = pl.BlockSpec((br, 2, bc), lambda i, j: (i, 0, j))
+    g_spec = pl.BlockSpec((br, bc), lambda i, j: (i, j))
+    seed_spec = pl.BlockSpec((2,), lambda i, j: (0,))
+    out_spec = h_spec if len(out_shape.shape) == 3 else g_spec
+    return pl.pallas_call(
+        kernel, grid=(rows // br, width // bc),
+        in_specs=[seed_spec, h_spec] + [g_spec] * extra_in, out_specs=out_spec,
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=blocks.glu_warps, num_stages=1),
+        interpret=interpret, name=name)
+
+
+def _glu_forward(h, seed, rate, blocks, interpret):
+    rows, width = h.shape[0], h.shape[1] // 2
+    call = _glu_call(functools.partial(_glu_fwd_kernel, rate=rate),
+                     jax.ShapeDtypeStruct((rows, width), h.dtype), rows, width, blocks,
+                     interpret, 0, "glu_dropout_fwd")
+    return call(seed, h.reshape(rows, 2, width))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _glu(h, seed, rate, blocks, interpret):
+    return _glu_forward(h, seed, rate, blocks, interpret)
+
+
+def _glu_fwd(h, seed, rate, blocks, interpret):
+    return _glu_forward(h, seed, rate, blocks, interpret), (h, seed)
+
+
+def _glu_bwd(rate, blocks, interpret, residuals, g):
+    h, seed = residuals
+    rows, width = g.shape
+    call = _glu_call(functools.partial(_glu_bwd_kernel, rate=rate),
+                     jax.ShapeDtypeStruct((rows, 2, width), h.dtype), rows, width, blocks,
+                     interpret, 1, "glu_dropout_bwd")
+    return call(seed, h.reshape(rows, 2, width), g).reshape(h.shape), None
+
+
+_glu.defvjp(_glu_fwd, _glu_bwd)
+
+
+def glu_dropout(h: jax.Array, seed: jax.Array, rate: float, interpret: bool = False,
+                blocks: Optional[FusedBlocks] = None) -> jax.Array:
+    """dropout(gelu(a) * b) for h = [a | b] along the last axis; output in h's dtype.
+
+    `seed` is the uint32[2] of `hash_dropout`; rate 0 means no dropout.
+    """
+    width = h.shape[-1] // 2
+    flat = h.reshape(-1, 2 * width)
+    out = _glu(flat, seed.astype(jnp.uint32), float(rate), blocks or default_blocks(),
+               interpret)
+    return out.reshape(h.shape[:-1] + (width,))
+
+
+# ----------------------------------------------------------------------------- LayerNorm
+
+def _row_chunks(ref, chunk: int):
+    return [ref[:, c * chunk:(c + 1) * chunk].astype(jnp.float32)
+            for c in range(ref.shape[1] // chunk)]
+
+
+def _vector_chunks(ref, chunk: int):
+    return [ref[c * chunk:(c + 1) * chunk].astype(jnp.float32)[None, :]
+            for c in range(ref.shape[0] // chunk)]
+
+
+def _dropped_sum(seed_ref, x_ref, xb_ref, r_ref, chunk: int, rate: float):
+    """Chunks of dropout(x + x_bias) + residual for this program's rows, float32."""
+    rows = x_ref.shape[0]
+    zs = []
+    for c, (x, xb, r) in enumerate(zip(_row_chunks(x_ref, chunk), _vector_chunks(xb_ref, chunk),
+                                       _row_chunks(r_ref, chunk))):
+        x = x + xb
+        if rate > 0.0:
+            keep = _keep(seed_ref, pl.program_id(0) * rows, rows, c * chunk, chunk, rate)
+            x = jnp.where(keep, x * (1.0 / (1.0 - rate)), 0.0)
+        zs.append(x + r)
+    return zs
+
+
+def _ln_fwd_kernel(seed_ref, x_ref, xb_ref, r_ref, w_ref, b_ref, y_ref, mean_ref, rstd_ref, *,
+                   rate: float, eps: float, chunk: int):
+    width = x_ref.shape[1]
+    zs = _dropped_sum(seed_ref, x_ref, xb_ref, r_ref, chunk, rate)
+    mean = sum(jnp.sum(z, axis=1) for z in zs) / width
+    var = sum(jnp.sum(jnp.square(z - mean[:, None]), axis=1) for z in zs) / width
+    rstd = lax.rsqrt(var + eps)
+    for c, (z, w, b) in enumerate(zip(zs, _vector_chunks(w_ref, chunk),
+                                      _vector_chunks(b_ref, chunk))):
+        y = (z - mean[:, None]) * rstd[:, None] * w + b
+        y_ref[:, c * chunk:(c + 1) * chunk] = y.astype(y_ref.dtype)
+    mean_ref[...] = mean
+    rstd_ref[...] = rstd
+
+
+def _ln_bwd_kernel(seed_ref, x_ref, xb_ref, r_ref, w_ref, mean_ref, rstd_ref, dy_ref,
+                   dx_ref, dr_ref, dw_ref, db_ref, dxb_ref, *, rate: float, chunk: int):
+    rows, width = x_ref.shape
+    zs = _dropped_sum(seed_ref, x_ref, xb_ref, r_ref, chunk, rate)
+    mean, rstd = mean_ref[...][:, None], rstd_ref[...][:, None]
+    xhats = [(z - mean) * rstd for z in zs]
+    dys = _row_chunks(dy_ref, chunk)
+    gs = [dy * w for dy, w in zip(dys, _vector_chunks(w_ref, chunk))]
+    mean_g = sum(jnp.sum(g, axis=1) for g in gs)[:, None] / width
+    mean_gx = sum(jnp.sum(g * xh, axis=1) for g, xh in zip(gs, xhats))[:, None] / width
+    for c, (g, xh, dy) in enumerate(zip(gs, xhats, dys)):
+        cols = slice(c * chunk, (c + 1) * chunk)
+        dz = rstd * (g - mean_g - xh * mean_gx)
+        dr_ref[:, cols] = dz.astype(dr_ref.dtype)
+        if rate > 0.0:
+            keep = _keep(seed_ref, pl.program_id(0) * rows, rows, c * chunk, chunk, rate)
+            dz = jnp.where(keep, dz * (1.0 / (1.0 - rate)), 0.0)
+        dx_ref[:, cols] = dz.astype(dx_ref.dtype)
+        dw_ref[cols] = jnp.sum(dy * xh, axis=0)
+        db_ref[cols] = jnp.sum(dy, axis=0)
+        dxb_ref[cols] = jnp.sum(dz, axis=0)
+
+
+def _ln_specs(rows: int, width: int, block_rows: int):
+    br = _largest_pow2_divisor(rows, block_rows)
+    return (br, pl.BlockSpec((br, width), lambda i: (i, 0)),
+            pl.BlockSpec((width,), lambda i: (0,)), pl.BlockSpec((br,), lambda i: (i,)))
+
+
+def _ln_forward(x, x_bias, residual, scale, bias, seed, rate, eps, blocks, interpret):
+    rows, width = x.shape
+    br, row_spec, vec_spec, stat_spec = _ln_specs(rows, width, blocks.ln_rows)
+    return pl.pallas_call(
+        functools.partial(_ln_fwd_kernel, rate=rate, eps=eps, chunk=_chunk(width)),
+        grid=(rows // br,),
+        in_specs=[pl.BlockSpec((2,), lambda i: (0,)), row_spec, vec_spec, row_spec, vec_spec,
+                  vec_spec],
+        out_specs=[row_spec, stat_spec, stat_spec],
+        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype),
+                   jax.ShapeDtypeStruct((rows,), jnp.float32),
+                   jax.ShapeDtypeStruct((rows,), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=blocks.ln_warps, num_stages=1),
+        interpret=interpret, name="dropout_add_layernorm_fwd",
+    )(seed, x, x_bias, residual, scale, bias)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _ln(x, x_bias, residual, scale, bias, seed, rate, eps, blocks, interpret):
+    return _ln_forward(x, x_bias, residual, scale, bias, seed, rate, eps, blocks, interpret)[0]
+
+
+def _ln_fwd(x, x_bias, residual, scale, bias, seed, rate, eps, blocks, interpret):
+    y, mean, rstd = _ln_forward(x, x_bias, residual, scale, bias, seed, rate, eps, blocks,
+                                interpret)
+    return y, (x, x_bias, residual, scale, bias, seed, mean, rstd)
+
+
+def _ln_bwd(rate, eps, blocks, interpret, residuals, dy):
+    x, x_bias, residual, scale, bias, seed, mean, rstd = residuals
+    rows, width = x.shape
+    br, row_spec, vec_spec, stat_spec = _ln_specs(rows, width, blocks.ln_rows_bwd)
+    partial_spec = pl.BlockSpec((None, width), lambda i: (i, 0))
+    groups = rows // br
+    partial_shape = jax.ShapeDtypeStruct((groups, width), jnp.float32)
+    dx, dr, dw, db, dxb = pl.pallas_call(
+        functools.partial(_ln_bwd_kernel, rate=rate, chunk=_chunk(width)),
+        grid=(groups,),
+        in_specs=[pl.BlockSpec((2,), lambda i: (0,)), row_spec, vec_spec, row_spec, vec_spec,
+                  stat_spec, stat_spec, row_spec],
+        out_specs=[row_spec, row_spec, partial_spec, partial_spec, partial_spec],
+        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype),
+                   jax.ShapeDtypeStruct(residual.shape, residual.dtype),
+                   partial_shape, partial_shape, partial_shape],
+        compiler_params=plgpu.CompilerParams(num_warps=blocks.ln_warps_bwd, num_stages=1),
+        interpret=interpret, name="dropout_add_layernorm_bwd",
+    )(seed, x, x_bias, residual, scale, mean, rstd, dy)
+    sums = [jnp.sum(p, axis=0).astype(like.dtype)
+            for p, like in ((dxb, x_bias), (dw, scale), (db, bias))]
+    return (dx, sums[0], dr, sums[1], sums[2], None)
+
+
+_ln.defvjp(_ln_fwd, _ln_bwd)
+
+
+def dropout_add_layernorm(x: jax.Array, residual: jax.Array, scale: jax.Array, bias: jax.Array,
+                          seed: jax.Array, rate: float, eps: float,
+                          x_bias: Optional[jax.Array] = None, interpret: bool = False,
+                          blocks: Optional[FusedBlocks] = None) -> jax.Array:
+    """LayerNorm(dropout(x + x_bias) + residual) over the last axis, in x's dtype.
+
+    x_bias is the bias of the dense layer that produced x (added here rather than in a
+    separate pass over x); statistics are float32."""
+    width = x.shape[-1]
+    if x_bias is None:
+        x_bias = jnp.zeros((width,), jnp.float32)
+    y = _ln(x.reshape(-1, width), x_bias, residual.reshape(-1, width).astype(x.dtype), scale,
+            bias, seed.astype(jnp.uint32), float(rate), float(eps), blocks or default_blocks(),
+            interpret)
+    return y.reshape(x.shape)
