@@ -154,8 +154,8 @@ def test_another_process_count_resumes_and_a_changed_batch_fails_on_every_proces
     workdir = str(tmp_path / "run")
     finish(start(workdir, 2, shards=shards, args=["--stop_after=3"]))
     began = time.monotonic()
-    outputs = finish(start(workdir, 2, shards=shards,
-                           args=["--config.train.global_batch_size=4"]), expect_ok=False)
+    procs = start(workdir, 2, shards=shards, args=["--config.train.global_batch_size=4"])
+    outputs = finish(procs, expect_ok=False)
     assert time.monotonic() - began < 60
     assert sorted(p.returncode for p in procs) in ([1, 2], [2, 2])  # 2: a user error
     for (_, err) in outputs:
