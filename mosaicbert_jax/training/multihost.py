@@ -27,6 +27,7 @@ SEEN_KEY = "mosaicbert_jax/error_seen/"
 AGREE_KEY = "mosaicbert_jax/agree/"
 EXIT_GRACE_S = 5.0  # how long process 0 keeps the service up for the others to read an error
 AGREE_TIMEOUT_S = 600.0
+HEARTBEAT_ENV = "MOSAICBERT_HEARTBEAT_TIMEOUT_S"
 _WATCH_POLL_MS = 1000  # short: a normal exit waits for the watcher's read to end
 
 _watcher: Optional[threading.Thread] = None
@@ -46,8 +47,12 @@ def maybe_initialize_distributed(mode: str) -> None:
     launched |= "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
     if mode == "yes" or launched:
         # JAX reads JAX_COORDINATOR_ADDRESS itself, but not the process count and id.
+        # A process killed outright is noticed after the heartbeat timeout (JAX's default 100 s);
+        # MOSAICBERT_HEARTBEAT_TIMEOUT_S shortens it, e.g. in tests.
+        heartbeat = _env_int(HEARTBEAT_ENV)
+        options = {"heartbeat_timeout_seconds": heartbeat} if heartbeat else {}
         jax.distributed.initialize(num_processes=_env_int("JAX_NUM_PROCESSES"),
-                                   process_id=_env_int("JAX_PROCESS_ID"))
+                                   process_id=_env_int("JAX_PROCESS_ID"), **options)
 
 
 def _env_int(name: str) -> Optional[int]:
