@@ -8,6 +8,8 @@ e.g. --config.train.steps=1000 --config.optimizer.lr=1e-3.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import time
@@ -27,36 +29,24 @@ from mosaicbert_jax.training.resume import TrainCheckpoints
 from mosaicbert_jax.training.defaults import validate_config
 from mosaicbert_jax.training.flops import peak_tflops, training_flops_per_token
 from mosaicbert_jax.training.metrics_log import MetricsLog, format_duration
+from mosaicbert_jax.training.multihost import (check_same_on_every_process, exit_on_error,
+                                               maybe_initialize_distributed,
+                                               start_error_watcher, stop_error_watcher)
 from mosaicbert_jax.training.step import (BATCH_KEYS, init_state, make_eval_step,
                                           make_train_step)
 from mosaicbert_jax.xla_flags import apply_gpu_defaults
-
-
-def maybe_initialize_distributed(mode: str) -> None:
-    """jax.distributed.initialize() for multi-process launches (SLURM, TPU pods, env vars)."""
-    if mode not in ("auto", "yes", "no"):
-        raise ValueError(f"config.train.distributed={mode!r}; use auto, yes or no")
-    if mode == "no":
-        return
-    launched = any(int(os.environ.get(var, "1")) > 1 for var in
-                   ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_NUM_PROCESSES"))
-    launched |= bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
-    launched |= "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    if mode == "yes" or launched:
-        # JAX reads JAX_COORDINATOR_ADDRESS itself, but not the process count and id.
-        jax.distributed.initialize(num_processes=_env_int("JAX_NUM_PROCESSES"),
-                                   process_id=_env_int("JAX_PROCESS_ID"))
-
-
-def _env_int(name: str) -> Optional[int]:
-    value = os.environ.get(name, "")
-    return int(value) if value else None
 
 
 def copy_data_tokenizer(tokenizer_file: str, workdir: str) -> None:
     """Keeps the data's tokenizer.json in the workdir, where fill-mask, convert and GLUE look."""
     os.makedirs(workdir, exist_ok=True)
     shutil.copyfile(tokenizer_file, os.path.join(workdir, "tokenizer.json"))
+
+
+def config_digest(config: ml_collections.ConfigDict) -> str:
+    """A short hash of every config value, to check that all processes run the same config."""
+    text = json.dumps(config.to_dict(), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def model_config_from(config: ml_collections.ConfigDict, vocab_size: int) -> MosaicBertConfig:
@@ -114,6 +104,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     """
     validate_config(config)
     maybe_initialize_distributed(config.train.distributed)
+    check_same_on_every_process("the config", config_digest(config),
+                                "start every process with the same command line")
     tc = config.train
     mesh = make_mesh(dict(config.mesh))
     dp_size = data_parallel_size(mesh)
@@ -129,17 +121,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if process_index == 0 and data.tokenizer_file:
         copy_data_tokenizer(data.tokenizer_file, workdir)
 
+    # What could differ between processes is checked, and the data position restored, before
+    # the first collective, so a mismatch is one error on every process instead of a hang.
+    ckpt = TrainCheckpoints(workdir, keep=tc.keep_checkpoints, async_save=tc.async_checkpointing)
+    start = ckpt.latest_step() or 0
+    check_same_on_every_process(
+        "the checkpoint to resume", f"step {start}" if start else "none",
+        f"--workdir={workdir} must be one directory that every process sees")
+    if start:
+        train_iter.set_state(ckpt.restore_data_state(start))
+
     log = MetricsLog(workdir, enabled=process_index == 0)
     schedule, tx = recipe_optimizer(config.optimizer, tc.steps)
     model = MosaicBertForMaskedLM(model_cfg)
     state, shardings = init_state(model, tx, tc.seed, mesh)
     n_params = count_params(state["params"])
-
-    ckpt = TrainCheckpoints(workdir, keep=tc.keep_checkpoints, async_save=tc.async_checkpointing)
-    start = ckpt.latest_step() or 0
     if start:
-        state, data_state = ckpt.restore(start, state, shardings)
-        train_iter.set_state(data_state)
+        state = ckpt.restore_state(start, state, shardings)
         log.print(f"resumed from step {start} in {ckpt.directory}")
     eval_initial = eval_iter.get_state()
 
@@ -196,6 +194,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                       f"{last_eval['loss']:.4f} acc {last_eval['accuracy']:.4f}")
             window_start += time.perf_counter() - eval_start  # eval time is not train time
         if step % tc.checkpoint_every == 0 or step == last_step:
+            # The same on every process by construction; process 0's copy is written.
             ckpt.save(step, state, train_iter.get_state(), config_to_dict(model_cfg))
     ckpt.close()
     summary = {"steps": last_step, "resumed_from": start, "params": n_params,
@@ -217,13 +216,23 @@ def main(argv: Optional[list[str]] = None) -> None:
     config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and TensorBoard.")
+    flags.DEFINE_integer("stop_after", None, "End after this step's checkpoint, as a job "
+                         "preempted there would (the schedule still spans train.steps).")
     flags.mark_flags_as_required(["config", "workdir"])
 
     def run(_):
         apply_gpu_defaults()  # before the first computation initialises the backend
         if not flags.FLAGS["verbosity"].present:  # keep Orbax's INFO chatter off the console
             logging.set_verbosity(logging.WARNING)
-        train_and_evaluate(flags.FLAGS.config, os.path.expanduser(flags.FLAGS.workdir))
+        config = flags.FLAGS.config
+        try:
+            maybe_initialize_distributed(config.train.distributed)
+            start_error_watcher()
+            train_and_evaluate(config, os.path.expanduser(flags.FLAGS.workdir),
+                               stop_after=flags.FLAGS.stop_after)
+        except (Exception, KeyboardInterrupt) as error:
+            exit_on_error(error)  # every process ends, none waits in the shutdown barrier
+        stop_error_watcher()
 
     app.run(run, argv=argv)
 

@@ -1,4 +1,5 @@
-"""Run in a subprocess with 8 fake CPU devices: a (data=2, fsdp=4) train step equals 1 device."""
+"""Run in a subprocess with 8 fake CPU devices: data-parallel, FSDP, mixed and tensor-parallel
+(tensor=2) meshes, and gradient accumulation, give the 1-device train step."""
 
 import os
 import sys
@@ -34,15 +35,23 @@ def run(mesh, microbatches):
     return losses, jax.device_get(state["params"]), state
 
 
+def gated_kernel(result):
+    return result[2]["params"]["bert"]["encoder"]["layer_0"]["mlp"]["gated_layers"]["kernel"]
+
+
 one = run(make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]), 1)
-eight = run(make_mesh({"data": 2, "fsdp": 4, "tensor": 1}), 1)
-accum = run(make_mesh({"data": 2, "fsdp": 4, "tensor": 1}), 2)
-sharded_leaf = eight[2]["params"]["bert"]["encoder"]["layer_0"]["mlp"]["gated_layers"]["kernel"]
-assert "fsdp" in str(sharded_leaf.sharding.spec), sharded_leaf.sharding
-np.testing.assert_allclose(one[0], eight[0], rtol=1e-5)
-np.testing.assert_allclose(one[0], accum[0], rtol=1e-5)
-for other in (eight, accum):
+meshes = {"data=8": {"data": 8, "fsdp": 1, "tensor": 1},
+          "fsdp=8": {"data": 1, "fsdp": 8, "tensor": 1},
+          "data=2 fsdp=4": {"data": 2, "fsdp": 4, "tensor": 1},
+          "fsdp=4 tensor=2": {"data": 1, "fsdp": 4, "tensor": 2}}
+others = {name: run(make_mesh(axes), 1) for name, axes in meshes.items()}
+others["data=2 fsdp=4, 2 microbatches"] = run(make_mesh(meshes["data=2 fsdp=4"]), 2)
+assert "fsdp" in str(gated_kernel(others["fsdp=8"]).sharding.spec)
+assert "tensor" in str(gated_kernel(others["fsdp=4 tensor=2"]).sharding.spec)
+for name, other in others.items():
+    np.testing.assert_allclose(one[0], other[0], rtol=1e-5, err_msg=name)
     for a, b in zip(jax.tree_util.tree_leaves(one[1]), jax.tree_util.tree_leaves(other[1])):
-        np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-4)
-print("OK", one[0], eight[0], accum[0])
+        np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-4, err_msg=name)
+assert abs(one[0][0] - one[0][1]) > 1e-3, one[0]  # the first step changed the parameters
+print("OK", one[0], {name: other[0] for name, other in others.items()})
 sys.exit(0)

@@ -1,5 +1,6 @@
-"""MLMBatches: packing fill, exact coverage of an epoch, masking statistics, resume, multi-host.
-The masking statistics hold for SyntheticMLMBatches too: the same packing and masking code."""
+"""MLMBatches: packing fill, exact coverage of an epoch, masking statistics, resume, multi-host
+(disjoint rows per process, states that resume on any process count). The masking statistics
+hold for SyntheticMLMBatches too: the same packing and masking code."""
 
 import collections
 import itertools
@@ -202,15 +203,76 @@ def test_same_seed_same_batches_other_seed_differs(corpus):
     assert not np.array_equal(a[0]["input_ids"], next(b)["input_ids"])
 
 
-def test_processes_read_disjoint_slices_that_cover_the_split(corpus):
+def _global_batches(per_process_epochs):
+    """Each global batch: the processes' rows in process order, as one batch."""
+    return [{key: np.concatenate([batch[key] for batch in parts]) for key in parts[0]}
+            for parts in zip(*per_process_epochs)]
+
+
+def test_processes_read_disjoint_rows_that_cover_the_split_once(corpus):
     iterators = [MLMBatches(corpus, "train", 4, 128, process_index=p, process_count=3,
                             repeat=False) for p in range(3)]
     assert len({it.batches_per_epoch for it in iterators}) == 1
-    assert sum(it.num_tokens for it in iterators) == json.load(
-        open(f"{corpus}/meta.json"))["splits"]["train"]["num_tokens"]
     epochs = [list(it) for it in iterators]
     assert len({len(e) for e in epochs}) == 1, "every process yields the same number of batches"
-    check_epoch(corpus, "train", epochs)
+    # Put back together in global order, the rows hold every document exactly once: no token
+    # is read by two processes and none is missed.
+    check_epoch(corpus, "train", [_global_batches(epochs)])
+    tokens = sum(np.count_nonzero(~np.isin(unmasked(b), SPECIAL.ids)) for e in epochs for b in e)
+    assert tokens == json.load(open(f"{corpus}/meta.json"))["splits"]["train"]["num_tokens"]
+
+
+def test_global_batch_tokens_do_not_depend_on_the_process_count(corpus):
+    one = MLMBatches(corpus, "train", 12, 128)
+    three = [MLMBatches(corpus, "train", 4, 128, process_index=p, process_count=3)
+             for p in range(3)]
+    two = [MLMBatches(corpus, "train", 6, 128, process_index=p, process_count=2)
+           for p in range(2)]
+    for _ in range(3):
+        expected = unmasked(next(one))
+        for group in (three, two):
+            got = _global_batches([[next(it)] for it in group])[0]
+            np.testing.assert_array_equal(unmasked(got), expected)
+
+
+def test_a_state_resumes_on_every_process_and_on_another_process_count(corpus):
+    def run(count, batches, state=None):
+        iterators = [MLMBatches(corpus, "train", 12 // count, 128, process_index=p,
+                                process_count=count) for p in range(count)]
+        for it in iterators:
+            if state is not None:
+                it.set_state(state)
+        got = [_global_batches([[next(it)] for it in iterators])[0] for _ in range(batches)]
+        states = [json.loads(json.dumps(it.get_state())) for it in iterators]
+        assert all(s == states[0] for s in states), "every process saves the same state"
+        return got, states[0]
+
+    uninterrupted, _ = run(2, 5)
+    _, saved = run(2, 2)
+    assert saved["batch_index"] == 2 and saved["saved_by_process_count"] == 2
+    resumed, _ = run(2, 3, saved)
+    for want, got in zip(uninterrupted[2:], resumed):
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+    for count in (1, 3):  # same tokens; the masks are drawn per process, so they differ
+        other, _ = run(count, 3, saved)
+        for want, got in zip(uninterrupted[2:], other):
+            np.testing.assert_array_equal(unmasked(got), unmasked(want))
+    with pytest.raises(ValueError, match="global_batch_size=12 but this iterator has "
+                                         "global_batch_size=8"):
+        MLMBatches(corpus, "train", 4, 128, process_index=0, process_count=2).set_state(saved)
+
+
+def test_version_1_states_of_one_process_still_resume(corpus):
+    v1 = {k: v for k, v in MLMBatches(corpus, "train", 4, 128).get_state().items()
+          if k not in ("global_batch_size", "saved_by_process_count")}
+    v1.update(version=1, batch_size=4, process_index=0, process_count=1, batch_index=3)
+    it = MLMBatches(corpus, "train", 4, 128)
+    it.set_state(v1)
+    np.testing.assert_array_equal(next(it)["input_ids"],
+                                  MLMBatches(corpus, "train", 4, 128).batch_at(3)["input_ids"])
+    with pytest.raises(ValueError, match="version 1 from 2 processes"):
+        it.set_state(dict(v1, process_count=2))
 
 
 def test_clear_errors(corpus, tmp_path):
@@ -225,7 +287,7 @@ def test_clear_errors(corpus, tmp_path):
     with pytest.raises(ValueError, match="seq_len"):
         MLMBatches(corpus, "train", 4, 4)
     state = MLMBatches(corpus, "train", 4, 128).get_state()
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match="global_batch_size"):
         MLMBatches(corpus, "train", 8, 128).set_state(state)
 
 

@@ -139,3 +139,17 @@ def test_model_vocab_follows_the_data_or_must_hold_it(tmp_path):
     synthetic = make_training_data(config.data, 2, 0, 0, 1, model_vocab_size=256)
     assert synthetic.vocab_size == 256 and synthetic.tokenizer_file is None
     assert next(synthetic.train)["input_ids"].max() < 256
+
+
+def test_the_command_line_reports_a_user_error_in_one_line(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=root)
+    result = subprocess.run(
+        [sys.executable, "-m", "mosaicbert_jax.train", "--config=configs/tiny.py",
+         f"--workdir={tmp_path}", "--config.data.source=nope"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2  # cli_errors' status for a user error
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: config.data.source='nope'; use one of ('shards', 'embedded', 'synthetic')")

@@ -7,14 +7,17 @@ from typing import Dict
 import numpy as np
 
 from mosaicbert_jax.data.masking import MaskingTables, mask_rows, max_predictions_for
-from mosaicbert_jax.data.packing import DocumentStream, assemble_rows, process_slice, stream_length
+from mosaicbert_jax.data.packing import DocumentStream, assemble_rows
 from mosaicbert_jax.data.shards import open_split, read_metadata
 from mosaicbert_jax.data.tokenizer import SpecialTokens
 
 STATE_FORMAT = "mosaicbert-jax-mlm-batches"
 _MASKING_STREAM = 3
-_STATE_KEYS = ("split", "batch_size", "seq_len", "mask_prob", "max_predictions", "seed",
-               "process_index", "process_count", "repeat", "split_documents", "split_tokens")
+STATE_VERSION = 2
+# Settings a saved position depends on. The process count and index are not among them: every
+# process derives its own rows from the global batch index, so another count can resume.
+_STATE_KEYS = ("split", "global_batch_size", "seq_len", "mask_prob", "max_predictions", "seed",
+               "repeat", "split_documents", "split_tokens")
 
 
 class MLMBatches:
@@ -30,15 +33,19 @@ class MLMBatches:
 
     Documents are shuffled per epoch (seeded) and packed back to back; a document that does not
     fit the rest of a row continues in the next row as a new [CLS] ... [SEP] segment, so nothing
-    is dropped and rows are >99% full. Process `process_index` of `process_count` reads its own
-    contiguous part of every shard; the parts are disjoint and together cover the split.
+    is dropped and rows are >99% full. All processes cut rows from the same stream: global batch n
+    is rows [n * G, (n + 1) * G) of it (G = batch_size * process_count) and process p takes rows
+    p * batch_size onwards of those, so the processes' rows are disjoint, together cover the
+    split, and the tokens of global batch n do not depend on the process count.
 
     With repeat=True epochs follow each other forever. With repeat=False iteration stops after
     one epoch: the last batch is completed with all-padding rows (nothing is dropped), and every
     process yields the same number of batches (`batches_per_epoch`), so hosts stay in step.
 
-    Randomness is counter-based: batch n is a pure function of (seed, process_index, n), so
-    `get_state()` (a small JSON-able dict) and `set_state()` resume exactly.
+    Randomness is counter-based: batch n is a pure function of (seed, process_index,
+    process_count, n), so `get_state()` (a small JSON-able dict, the same on every process) and
+    `set_state()` resume exactly. A state resumes on another process count too (same tokens per
+    global batch; the masks then differ from the uninterrupted run's).
     """
 
     def __init__(self, shards_dir: str, split: str, batch_size: int, seq_len: int,
@@ -72,43 +79,41 @@ class MLMBatches:
         self.vocab_size = int(meta["padded_vocab_size"])
         self.tokenizer_vocab_size = int(meta["vocab_size"])
         shards = open_split(shards_dir, split, meta)
-        self._stream = DocumentStream(shards, self.special, seed, process_index, process_count)
+        self.global_batch_size = batch_size * process_count
+        self._stream = DocumentStream(shards, self.special, seed)  # the one stream of the split
         if self._stream.num_documents == 0:
-            raise ValueError(f"process {process_index} of {process_count} gets no documents of "
-                             f"split {split!r} ({meta['splits'][split]['num_documents']} in all); "
-                             f"use fewer processes or a larger split")
+            raise ValueError(f"split {split!r} of {shards_dir} has no documents")
         self._tables = MaskingTables(self.tokenizer_vocab_size, self.vocab_size, self.special)
         self._split_counts = (meta["splits"][split]["num_documents"],
                               meta["splits"][split]["num_tokens"])
         self._row_width = seq_len - 2
-        self.batches_per_epoch = max(
-            self._batches_covering(shards, q) for q in range(process_count))
+        rows = -(-self._stream.epoch_length // self._row_width)
+        self.batches_per_epoch = -(-rows // self.global_batch_size)  # the same on every process
         self._batch_index = 0
-
-    def _batches_covering(self, shards, process: int) -> int:
-        """Batches that hold one epoch of process `process`'s stream."""
-        length = sum(stream_length(s, *process_slice(s.num_documents, process, self.process_count))
-                     for s in shards)
-        rows = -(-length // self._row_width)
-        return -(-rows // self.batch_size)
 
     @property
     def num_documents(self) -> int:
-        """Documents of this process's slice of the split."""
+        """Documents of the split (all processes read from all of them)."""
         return self._stream.num_documents
 
     @property
     def num_tokens(self) -> int:
-        """Tokens (without [CLS]/[SEP]) of this process's slice of the split."""
+        """Tokens (without [CLS]/[SEP]) of the split."""
         return self._stream.num_tokens
 
     @property
     def epoch(self) -> int:
-        """The epoch the next batch starts in."""
-        return self._position(self._batch_index) // self._stream.epoch_length
+        """The epoch the next global batch starts in."""
+        return self._global_position(self._batch_index) // self._stream.epoch_length
+
+    def _global_position(self, batch_index: int) -> int:
+        """Stream offset where global batch `batch_index` starts."""
+        return batch_index * self.global_batch_size * self._row_width
 
     def _position(self, batch_index: int) -> int:
-        return batch_index * self.batch_size * self._row_width
+        """Stream offset of this process's first row of global batch `batch_index`."""
+        first_row = batch_index * self.global_batch_size + self.process_index * self.batch_size
+        return first_row * self._row_width
 
     def __iter__(self) -> "MLMBatches":
         return self
@@ -131,28 +136,45 @@ class MLMBatches:
         return batch
 
     def _config(self) -> dict:
-        return {"split": self.split, "batch_size": self.batch_size, "seq_len": self.seq_len,
-                "mask_prob": self.mask_prob, "max_predictions": self.max_predictions,
-                "seed": self.seed, "process_index": self.process_index,
-                "process_count": self.process_count, "repeat": self.repeat,
-                "split_documents": self._split_counts[0], "split_tokens": self._split_counts[1]}
+        return {"split": self.split, "global_batch_size": self.global_batch_size,
+                "seq_len": self.seq_len, "mask_prob": self.mask_prob,
+                "max_predictions": self.max_predictions, "seed": self.seed,
+                "repeat": self.repeat, "split_documents": self._split_counts[0],
+                "split_tokens": self._split_counts[1]}
 
     def get_state(self) -> dict:
-        """JSON-serializable position: batches yielded, epoch and stream offset, plus the
-        settings they depend on. The RNG needs no state beyond the batch counter."""
-        position = self._position(self._batch_index)
-        return {"format": STATE_FORMAT, "version": 1, "batch_index": self._batch_index,
+        """JSON-serializable position, identical on every process: global batches yielded, the
+        epoch and stream offset they reached, the settings they depend on, and the process
+        count that saved it (informational). The RNG needs no state beyond the batch counter."""
+        position = self._global_position(self._batch_index)
+        return {"format": STATE_FORMAT, "version": STATE_VERSION,
+                "batch_index": self._batch_index,
                 "epoch": position // self._stream.epoch_length, "stream_position": position,
                 "rng": {"kind": "counter", "seed": self.seed, "counter": self._batch_index},
-                **self._config()}
+                "saved_by_process_count": self.process_count, **self._config()}
 
     def set_state(self, state: dict) -> None:
-        """Continues from a `get_state()` dict; the next batches equal the uninterrupted run's."""
+        """Continues from a `get_state()` dict saved by any process of a run with any process
+        count; the next batches equal the uninterrupted run's (same process count) or hold the
+        same tokens (another count)."""
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"not an MLMBatches state (format {state.get('format')!r})")
+        state = _upgrade(state)
         config = self._config()
         for key in _STATE_KEYS:
             if state.get(key) != config[key]:
                 raise ValueError(f"saved data state has {key}={state.get(key)!r} but this iterator "
                                  f"has {key}={config[key]!r}; resume with the same data settings")
         self._batch_index = int(state["batch_index"])
+
+
+def _upgrade(state: dict) -> dict:
+    """A version-1 state (per-process slices of every shard) as version 2: the layouts agree
+    only for a single process, so only a one-process state converts."""
+    if state.get("version", 1) >= STATE_VERSION:
+        return state
+    if state.get("process_count") != 1:
+        raise ValueError(f"saved data state is version 1 from {state.get('process_count')} "
+                         f"processes, whose data layout this version no longer reads; restart "
+                         f"the run in a new workdir")
+    return {**state, "global_batch_size": state["batch_size"]}

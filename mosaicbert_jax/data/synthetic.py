@@ -61,11 +61,18 @@ class SyntheticMLMBatches:
     ids of SYNTHETIC_SPECIAL. Document lengths are exponential with mean `mean_doc_len`
     tokens; None: one document longer than any row, so every row is one full segment.
 
-    Batch n is a pure function of (seed, n): `get_state()` / `set_state()` resume exactly.
+    Global batch n (batch_size * process_count rows) is a pure function of (seed, n); process p
+    yields its rows p * batch_size onwards, so global batches do not depend on the process count
+    (each process makes the whole global batch: cheap for the small runs synthetic data is for).
+    `get_state()` (the same on every process) / `set_state()` resume exactly, on any count.
     """
 
     def __init__(self, batch_size: int, seq_len: int, vocab_size: int, mask_prob: float = 0.3,
-                 seed: int = 0, mean_doc_len: Optional[int] = None):
+                 seed: int = 0, mean_doc_len: Optional[int] = None, process_index: int = 0,
+                 process_count: int = 1):
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index={process_index} must be in [0, process_count="
+                             f"{process_count})")
         if batch_size < 1 or seq_len < 8:
             raise ValueError(f"batch_size={batch_size} must be >= 1 and seq_len={seq_len} >= 8")
         if vocab_size <= len(SYNTHETIC_SPECIAL.ids):
@@ -78,12 +85,18 @@ class SyntheticMLMBatches:
         self.max_predictions = max_predictions_for(seq_len, mask_prob)
         self.special = SYNTHETIC_SPECIAL
         self._tables = MaskingTables(vocab_size, vocab_size, SYNTHETIC_SPECIAL)
+        self.process_index, self.global_batch_size = process_index, batch_size * process_count
         self._index = 0
 
     def get_state(self) -> dict:
-        return {"index": self._index}
+        return {"index": self._index, "global_batch_size": self.global_batch_size}
 
     def set_state(self, state: dict) -> None:
+        saved = state.get("global_batch_size", self.global_batch_size)
+        if saved != self.global_batch_size:
+            raise ValueError(f"saved data state has global_batch_size={saved} but this iterator "
+                             f"has global_batch_size={self.global_batch_size}; resume with the "
+                             f"same data settings")
         self._index = int(state["index"])
 
     def __iter__(self) -> "SyntheticMLMBatches":
@@ -95,8 +108,8 @@ class SyntheticMLMBatches:
         return batch
 
     def _stream(self, rng: np.random.Generator) -> np.ndarray:
-        """batch_size * (seq_len - 2) stream tokens: random documents, each [CLS] doc [SEP]."""
-        count = self.batch_size * (self.seq_len - 2)
+        """global_batch_size * (seq_len - 2) stream tokens: random documents, [CLS] doc [SEP]."""
+        count = self.global_batch_size * (self.seq_len - 2)
         content = self._tables.replacement_ids
         stream = content[rng.integers(0, len(content), count)]
         if self.mean_doc_len:
@@ -109,11 +122,13 @@ class SyntheticMLMBatches:
         return stream
 
     def batch_at(self, index: int) -> Dict[str, np.ndarray]:
-        """Batch number `index` (what the iterator yields at that step)."""
+        """This process's rows of global batch `index` (what the iterator yields at that step)."""
         stream = self._stream(np.random.default_rng([self.seed, _STREAM, index]))
-        input_ids, segment_ids = assemble_rows(stream, self.batch_size, self.seq_len,
+        input_ids, segment_ids = assemble_rows(stream, self.global_batch_size, self.seq_len,
                                                self.special)
         rng = np.random.default_rng([self.seed, _MASKING, index])
         batch = mask_rows(input_ids, rng, self.mask_prob, self.max_predictions, self._tables)
         batch["segment_ids"] = segment_ids
-        return batch
+        rows = slice(self.process_index * self.batch_size,
+                     (self.process_index + 1) * self.batch_size)
+        return {key: value[rows] for key, value in batch.items()}

@@ -58,8 +58,8 @@ def make_training_data(data: ml_collections.ConfigDict, per_process_batch: int, 
         vocab_size = model_vocab_size if model_vocab_size > 0 else data.synthetic_vocab_size
         mean = data.synthetic_mean_doc_len or None
         make = lambda prob, s: SyntheticMLMBatches(
-            per_process_batch, data.seq_len, vocab_size, prob, seed=s * 1000 + process_index,
-            mean_doc_len=mean)
+            per_process_batch, data.seq_len, vocab_size, prob, seed=s * 1000,
+            mean_doc_len=mean, process_index=process_index, process_count=process_count)
         return TrainingData(make(data.mask_prob, seed), make(data.eval_mask_prob, seed + 1),
                             vocab_size, tokenizer_file=None)
     shards = resolve_shards_dir(data)

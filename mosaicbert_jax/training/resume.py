@@ -3,6 +3,8 @@
 Layout (spelled in `mosaicbert_jax.checkpoint`, whose `load_pretrained` reads it):
 <workdir>/checkpoints/<step>/ with items `state` ({"step", "params", "opt_state"}),
 `data_state` and `model_config` (JSON).
+`data_state` is the data iterator's position, the same on every process (each derives its own
+rows from it), so process 0 writes it once and every process reads it back.
 """
 
 from __future__ import annotations
@@ -35,15 +37,22 @@ class TrainCheckpoints:
             DATA_STATE_ITEM: ocp.args.JsonSave(data_state),
             MODEL_CONFIG_ITEM: ocp.args.JsonSave(model_config)}), force=True)
 
-    def restore(self, step: int, state_like: Any, shardings: Any) -> tuple[Any, dict]:
-        """Restores state with the structure, dtypes and shardings of `state_like`."""
+    def restore_data_state(self, step: int) -> dict:
+        """The data position saved at `step`; read first, so that a resume the data layout does
+        not allow fails on every process before anything is compiled or restored."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(**{
+            DATA_STATE_ITEM: ocp.args.JsonRestore()}))
+        return restored[DATA_STATE_ITEM]
+
+    def restore_state(self, step: int, state_like: Any, shardings: Any) -> Any:
+        """Restores state with the structure, dtypes and shardings of `state_like` (any mesh
+        and process count: Orbax reshards)."""
         abstract = jax.tree_util.tree_map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_like,
             shardings)
         restored = self.manager.restore(step, args=ocp.args.Composite(**{
-            STATE_ITEM: ocp.args.StandardRestore(abstract),
-            DATA_STATE_ITEM: ocp.args.JsonRestore()}))
-        return restored[STATE_ITEM], restored[DATA_STATE_ITEM]
+            STATE_ITEM: ocp.args.StandardRestore(abstract)}))
+        return restored[STATE_ITEM]
 
     def close(self) -> None:
         self.manager.wait_until_finished()
