@@ -4,7 +4,8 @@
   * a pretrained folder written by `save_pretrained`: `config.json` + Orbax `params/`;
   * a training workdir (holding `checkpoints/`), its `checkpoints/` folder (latest step is
     used) or one step folder `checkpoints/<step>` of the training CheckpointManager, whose
-    items are `state` ({"params", "opt_state", "step"}), `model_config` and `data_state`;
+    items are `state` ({"params", "opt_state", "step"}), `model_config`, `data_state` and
+    `schedule` (train.steps and the optimizer settings; absent in older checkpoints);
   * a PyTorch folder (`config.json` + `model.safetensors` or `pytorch_model.bin`), converted
     on the fly by `mosaicbert_jax.param_layout`.
 The training workdir's names (`checkpoints/`, the items of a step) are defined here and used
@@ -38,7 +39,8 @@ CHECKPOINTS_DIR = "checkpoints"
 STATE_ITEM = "state"            # {"step", "params", "opt_state"}
 DATA_STATE_ITEM = "data_state"  # the data iterators' position (JSON)
 MODEL_CONFIG_ITEM = "model_config"  # config_to_dict of the model (JSON)
-TRAIN_CHECKPOINT_ITEMS = (STATE_ITEM, DATA_STATE_ITEM, MODEL_CONFIG_ITEM)
+SCHEDULE_ITEM = "schedule"      # train.steps and the optimizer section the run used (JSON)
+TRAIN_CHECKPOINT_ITEMS = (STATE_ITEM, DATA_STATE_ITEM, MODEL_CONFIG_ITEM, SCHEDULE_ITEM)
 # Files a tokenizer may come as; copied along with weights when present.
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json",
                    "special_tokens_map.json")

@@ -13,7 +13,7 @@ import functools
 import os
 import sys
 import traceback
-from typing import Callable, Iterator, Optional, Type, TypeVar
+from typing import Callable, Iterator, Optional, Sequence, Type, TypeVar
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -83,3 +83,78 @@ def user_facing(main: Callable[..., T]) -> Callable[..., Optional[T]]:
         return run_main(main, *args, **kwargs)
 
     return wrapped
+
+
+def _flat_config_keys(config) -> list[str]:
+    keys = []
+    for key, value in config.items():
+        if hasattr(value, "items"):
+            keys += [f"{key}.{sub}" for sub in _flat_config_keys(value)]
+        else:
+            keys.append(key)
+    return keys
+
+
+def _load_config_file(argv: Sequence[str], flag: str):
+    """The ConfigDict of `--<flag>=PATH` in argv (get_config() of that file), or None."""
+    import importlib.util
+
+    path = None
+    for index, arg in enumerate(argv):
+        if arg.startswith(f"--{flag}="):
+            path = arg.split("=", 1)[1]
+        elif arg == f"--{flag}" and index + 1 < len(argv):
+            path = argv[index + 1]
+    if not path:
+        return None
+    if not os.path.isfile(path) and ":" in path:
+        path = path.rsplit(":", 1)[0]
+    try:
+        spec = importlib.util.spec_from_file_location("_mosaicbert_cli_config", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.get_config()
+    except Exception:  # the flag parser reports a config file that does not load
+        return None
+
+
+def config_override_problem(argv: Sequence[str], error: BaseException,
+                            flag: str = "config") -> str:
+    """One line for an error that a `--config.KEY=VALUE` override raised while absl parsed
+    the flags: the unknown key and the closest valid one, else the error's own text."""
+    import difflib
+
+    overrides = [arg[len(f"--{flag}."):].split("=", 1)[0] for arg in argv
+                 if arg.startswith(f"--{flag}.")]
+    config = _load_config_file(argv, flag)
+    if config is not None:
+        known = _flat_config_keys(config)
+        for key in overrides:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"; did you mean {flag}.{close[0]}?" if close else ""
+                return f"unknown config key {flag}.{key} (from --{flag}.{key}){hint}"
+    text = " ".join(str(error).replace("\\n", " ").split()).strip("'\"")
+    return f"bad command-line config override: {text or type(error).__name__}"
+
+
+def run_absl_app(app_main: Callable[[list[str]], object], argv: Optional[list[str]] = None,
+                 config_flag: str = "config") -> None:
+    """absl's app.run(app_main), where an error that parsing the flags raises (a misspelled
+    or ill-typed `--config.KEY=VALUE` override) prints one `error:` line and exits 2."""
+    from absl import app
+
+    argv = list(sys.argv if argv is None else argv)
+    started = []
+
+    def main_started(args):
+        started.append(True)
+        return app_main(args)
+
+    try:
+        app.run(main_started, argv=argv)
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        if started or _show_traceback():
+            raise
+        print(f"error: {config_override_problem(argv, error, config_flag)}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)

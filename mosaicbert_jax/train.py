@@ -29,11 +29,15 @@ from mosaicbert_jax.training.resume import TrainCheckpoints
 from mosaicbert_jax.training.defaults import validate_config
 from mosaicbert_jax.training.flops import peak_tflops, training_flops_per_token
 from mosaicbert_jax.training.metrics_log import MetricsLog, format_duration
+from mosaicbert_jax.training.resume_checks import (already_trained_message, check_same_model,
+                                                   check_steps, schedule_change_message,
+                                                   schedule_to_dict)
 from mosaicbert_jax.training.multihost import (check_same_on_every_process, exit_on_error,
                                                maybe_initialize_distributed,
                                                start_error_watcher, stop_error_watcher)
-from mosaicbert_jax.training.step import (BATCH_KEYS, init_state, make_eval_step,
-                                          make_train_step)
+from mosaicbert_jax.training.step import (BATCH_KEYS, first_nonfinite, init_state,
+                                          make_eval_step, make_train_step)
+from mosaicbert_jax.cli_errors import UserError, run_absl_app
 from mosaicbert_jax.xla_flags import apply_gpu_defaults
 
 
@@ -79,6 +83,31 @@ def check_batch_layout(global_batch: int, microbatches: int, dp_size: int,
 def _to_global(batch: dict, sharding, global_batch: int) -> dict:
     return {k: jax.make_array_from_process_local_data(
         sharding, batch[k], (global_batch,) + batch[k].shape[1:]) for k in BATCH_KEYS}
+
+
+class NonFiniteError(UserError):
+    """The loss or gradient norm of a step was NaN or Inf; nothing of that step was saved."""
+
+
+def check_finite(seen_nonfinite: jax.Array, metrics: dict, ckpt: TrainCheckpoints,
+                 workdir: str) -> None:
+    """Raises NonFiniteError if any step so far was non-finite (one scalar fetched), after
+    letting the saves in flight, all from finite states, finish."""
+    bad_step = int(jax.device_get(seen_nonfinite))
+    if not bad_step:
+        return
+    ckpt.close()
+    last_good = ckpt.latest_step()
+    kept = (f"the last good checkpoint, step {last_good}, is kept in {ckpt.directory}"
+            if last_good else "no checkpoint was written")
+    values = jax.device_get({k: metrics[k] for k in ("loss", "grad_norm")})
+    latest = (f" (at the latest step: loss {float(values['loss']):.4g}, grad_norm "
+              f"{float(values['grad_norm']):.4g})")
+    raise NonFiniteError(
+        f"non-finite loss or gradient norm at step {bad_step}{latest}; the run stopped before "
+        f"saving anything of that step and {kept}. Lower --config.optimizer.lr or set "
+        f"--config.optimizer.clip_norm, then run again with --workdir={workdir} to resume "
+        f"from the last good checkpoint")
 
 
 def evaluate(eval_step, params, eval_iter, initial_state: dict, num_batches: int, sharding,
@@ -128,10 +157,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     check_same_on_every_process(
         "the checkpoint to resume", f"step {start}" if start else "none",
         f"--workdir={workdir} must be one directory that every process sees")
+    schedule_note = None
     if start:
+        check_same_model(ckpt.restore_model_config(start), config_to_dict(model_cfg),
+                         config.model.preset, start, workdir)
+        check_steps(start, tc.steps, workdir)
+        if start == tc.steps:
+            ckpt.close()
+            if process_index == 0:
+                print(already_trained_message(start, workdir), flush=True)
+            return {"state": None, "steps": start, "resumed_from": start,
+                    "already_trained": True, "checkpoints": ckpt.directory}
+        schedule_note = schedule_change_message(ckpt.restore_schedule(start), start, tc.steps,
+                                                config.optimizer)
         train_iter.set_state(ckpt.restore_data_state(start))
 
-    log = MetricsLog(workdir, enabled=process_index == 0)
+    # Rows a killed run logged after its last checkpoint are logged again by this run.
+    log = MetricsLog(workdir, enabled=process_index == 0, resume_step=start if start else -1)
+    if schedule_note:
+        log.print(schedule_note)
+    schedule_item = schedule_to_dict(tc.steps, config.optimizer)
     schedule, tx = recipe_optimizer(config.optimizer, tc.steps)
     model = MosaicBertForMaskedLM(model_cfg)
     state, shardings = init_state(model, tx, tc.seed, mesh)
@@ -164,15 +209,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     window_start, window_steps = time.perf_counter(), 0
     run_start, metrics = time.perf_counter(), None
     last_step = min(tc.steps, stop_after or tc.steps)
+    seen_nonfinite = jnp.zeros((), jnp.int32)  # first non-finite step (0: none), on device
     for step in range(start + 1, last_step + 1):
         batch = _to_global(next(train_iter), sharding, tc.global_batch_size)
         state, metrics = train_step(state, batch)
+        seen_nonfinite = first_nonfinite(seen_nonfinite, metrics)
         window_steps += 1
-        if step % tc.log_every == 0 or step == tc.steps:
+        is_log_step = step % tc.log_every == 0 or step == tc.steps
+        is_eval_step = step % tc.eval_every == 0 or step == tc.steps
+        is_save_step = step % tc.checkpoint_every == 0 or step == last_step
+        if is_log_step or is_eval_step or is_save_step:
+            check_finite(seen_nonfinite, metrics, ckpt, workdir)
+        if is_log_step:
             values = jax.device_get(metrics)
             elapsed = time.perf_counter() - window_start
             tokens_per_s = window_steps * tokens_per_step / elapsed
-            values = {k: float(v) for k, v in values.items()}
+            values = {k: float(v) for k, v in values.items() if k not in ("finite",
+                                                                           "nonfinite_step")}
             values["tokens_per_s"] = tokens_per_s
             mfu_text = ""
             if peak:
@@ -186,16 +239,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                       f"{values['grad_norm']:.3f} {tokens_per_s:,.0f} tok/s{mfu_text} "
                       f"eta {format_duration(eta)}")
             window_start, window_steps = time.perf_counter(), 0
-        if step % tc.eval_every == 0 or step == tc.steps:
+        if is_eval_step:
             eval_start = time.perf_counter()
             last_eval = evaluate(eval_step, state["params"], eval_iter, eval_initial,
                                  tc.eval_batches, sharding, tc.global_batch_size)
             log.write("eval", step, last_eval, f"eval step {step}: loss "
                       f"{last_eval['loss']:.4f} acc {last_eval['accuracy']:.4f}")
             window_start += time.perf_counter() - eval_start  # eval time is not train time
-        if step % tc.checkpoint_every == 0 or step == last_step:
+        if is_save_step:
             # The same on every process by construction; process 0's copy is written.
-            ckpt.save(step, state, train_iter.get_state(), config_to_dict(model_cfg))
+            ckpt.save(step, state, train_iter.get_state(), config_to_dict(model_cfg),
+                      schedule_item)
     ckpt.close()
     summary = {"steps": last_step, "resumed_from": start, "params": n_params,
                "wall_s": time.perf_counter() - run_start,
@@ -210,7 +264,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    from absl import app, flags, logging
+    from absl import flags, logging
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
@@ -234,7 +288,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             exit_on_error(error)  # every process ends, none waits in the shutdown barrier
         stop_error_watcher()
 
-    app.run(run, argv=argv)
+    run_absl_app(run, argv)  # a bad --config.KEY override is one error line
 
 
 if __name__ == "__main__":

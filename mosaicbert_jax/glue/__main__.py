@@ -3,6 +3,7 @@
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mosaicbert_jax.cli_errors import run_absl_app, run_main
 from mosaicbert_jax.glue.runner import run_glue
 from mosaicbert_jax.xla_flags import apply_gpu_defaults
 
@@ -18,8 +19,8 @@ def main(argv) -> None:
     apply_gpu_defaults()  # before the first computation initialises the backend
     if not flags.FLAGS["verbosity"].present:  # keep Orbax's INFO chatter off the console
         logging.set_verbosity(logging.WARNING)
-    run_glue(_CONFIG.value)
+    run_main(run_glue, _CONFIG.value)  # a user's mistake: one `error:` line, exit 2
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_absl_app(main)

@@ -16,17 +16,54 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
-class MetricsLog:
-    """Writes each record to the console, TensorBoard and a JSON-lines file."""
+METRICS_FILE = "metrics.jsonl"
 
-    def __init__(self, workdir: str, enabled: bool = True):
+
+def drop_rows_after(path: str, step: int) -> int:
+    """Rewrites the JSON-lines file at `path` without the records past `step` (those a killed
+    run logged after its last checkpoint, which the resumed run logs again); returns how many
+    were dropped. Atomic: a temp file beside it is renamed over it."""
+    if not os.path.exists(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                record_step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):  # a line cut short by the kill
+                dropped += 1
+                continue
+            if record_step > step:
+                dropped += 1
+            else:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        temp = f"{path}.tmp.{os.getpid()}"
+        with open(temp, "w") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    return dropped
+
+
+class MetricsLog:
+    """Writes each record to the console, TensorBoard and a JSON-lines file.
+
+    `resume_step`: the step a run resumes from; the file's records past it are dropped first
+    (-1, as for a run that starts from scratch in a used workdir, drops every record)."""
+
+    def __init__(self, workdir: str, enabled: bool = True, resume_step: Optional[int] = None):
         self.enabled = enabled
         self.writer = None
         self._jsonl = None
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        path = os.path.join(workdir, METRICS_FILE)
+        if resume_step is not None:
+            drop_rows_after(path, resume_step)
+        self._jsonl = open(path, "a")
         try:
             from tensorboardX import SummaryWriter
             self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))

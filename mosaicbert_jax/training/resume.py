@@ -2,20 +2,22 @@
 
 Layout (spelled in `mosaicbert_jax.checkpoint`, whose `load_pretrained` reads it):
 <workdir>/checkpoints/<step>/ with items `state` ({"step", "params", "opt_state"}),
-`data_state` and `model_config` (JSON).
+`data_state`, `model_config` and `schedule` (JSON; train.steps and the optimizer section, so a
+resume with another total can say what happens to the learning rate).
 `data_state` is the data iterator's position, the same on every process (each derives its own
 rows from it), so process 0 writes it once and every process reads it back.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
 
-from mosaicbert_jax.checkpoint import (DATA_STATE_ITEM, MODEL_CONFIG_ITEM, STATE_ITEM,
-                                       TRAIN_CHECKPOINT_ITEMS, checkpoints_dir)
+from mosaicbert_jax.checkpoint import (DATA_STATE_ITEM, MODEL_CONFIG_ITEM, SCHEDULE_ITEM,
+                                       STATE_ITEM, TRAIN_CHECKPOINT_ITEMS, checkpoints_dir)
 
 
 class TrainCheckpoints:
@@ -31,11 +33,31 @@ class TrainCheckpoints:
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, data_state: dict, model_config: dict) -> None:
-        self.manager.save(step, args=ocp.args.Composite(**{
-            STATE_ITEM: ocp.args.StandardSave(state),
-            DATA_STATE_ITEM: ocp.args.JsonSave(data_state),
-            MODEL_CONFIG_ITEM: ocp.args.JsonSave(model_config)}), force=True)
+    def save(self, step: int, state: Any, data_state: dict, model_config: dict,
+             schedule: Optional[dict] = None) -> None:
+        items = {STATE_ITEM: ocp.args.StandardSave(state),
+                 DATA_STATE_ITEM: ocp.args.JsonSave(data_state),
+                 MODEL_CONFIG_ITEM: ocp.args.JsonSave(model_config)}
+        if schedule is not None:
+            items[SCHEDULE_ITEM] = ocp.args.JsonSave(schedule)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def _restore_json(self, step: int, item: str) -> Optional[dict]:
+        """A JSON item of the checkpoint at `step`, None if that checkpoint has none."""
+        if not os.path.isdir(os.path.join(self.directory, str(step), item)):
+            return None
+        restored = self.manager.restore(step, args=ocp.args.Composite(**{
+            item: ocp.args.JsonRestore()}))
+        return restored[item]
+
+    def restore_model_config(self, step: int) -> Optional[dict]:
+        """The model config (config_to_dict) saved at `step`: checked against the new config
+        before the state is restored, so a different model is one clear error."""
+        return self._restore_json(step, MODEL_CONFIG_ITEM)
+
+    def restore_schedule(self, step: int) -> Optional[dict]:
+        """train.steps and the optimizer section saved at `step` (None in older checkpoints)."""
+        return self._restore_json(step, SCHEDULE_ITEM)
 
     def restore_data_state(self, step: int) -> dict:
         """The data position saved at `step`; read first, so that a resume the data layout does

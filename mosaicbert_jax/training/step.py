@@ -1,6 +1,9 @@
 """The jitted MLM train and eval steps: sparse head, fp32 loss, microbatch accumulation.
 
 The state is a plain dict {"step", "params", "opt_state"} so it saves with Orbax as is.
+A step whose loss or gradient norm is not finite returns the state it was given, unchanged,
+with metrics["finite"] = 0 and metrics["nonfinite_step"] = that step's number, so the training
+loop can stop before anything of that step reaches a checkpoint.
 The loss is summed over the masked slots of the whole global batch and divided once by their
 count, so accumulating over microbatches gives exactly the full-batch gradient.
 """
@@ -62,7 +65,9 @@ def _split_microbatches(batch: Batch, count: int, mesh: Mesh) -> Batch:
 def make_train_step(model: MosaicBertForMaskedLM, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, mesh: Mesh, state_shardings: Any,
                     microbatches: int = 1, dropout_seed: int = 0) -> Callable:
-    """Returns jitted step(state, batch) -> (state, metrics); state is donated."""
+    """Returns jitted step(state, batch) -> (state, metrics); state is donated.
+
+    A non-finite loss or gradient norm keeps the input state (see the module docstring)."""
     dropout_key = jax.random.key(dropout_seed)
 
     def sums_fn(params, micro, rng):
@@ -95,14 +100,26 @@ def make_train_step(model: MosaicBertForMaskedLM, tx: optax.GradientTransformati
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                      "opt_state": opt_state}
-        metrics = {"loss": sums["loss_sum"] / denom, "accuracy": sums["correct_sum"] / denom,
-                   "grad_norm": global_norm(grads), "lr": schedule(state["step"]),
-                   "masked_tokens": sums["weight_sum"]}
+        loss, grad_norm = sums["loss_sum"] / denom, global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old),
+                                           new_state, state)
+        metrics = {"loss": loss, "accuracy": sums["correct_sum"] / denom,
+                   "grad_norm": grad_norm, "lr": schedule(state["step"]),
+                   "masked_tokens": sums["weight_sum"], "finite": finite.astype(jnp.float32),
+                   "nonfinite_step": jnp.where(finite, 0, state["step"] + 1)}
         return new_state, metrics
 
     data = batch_sharding(mesh)
     return jax.jit(step, in_shardings=(state_shardings, {k: data for k in BATCH_KEYS}),
                    out_shardings=(state_shardings, None), donate_argnums=(0,))
+
+
+@jax.jit
+def first_nonfinite(seen: jax.Array, metrics: dict) -> jax.Array:
+    """The first non-finite step so far (0: none), kept on the device: fetched only before a
+    checkpoint and at log steps, so checking every step costs no host round trip."""
+    return jnp.where(seen > 0, seen, metrics["nonfinite_step"])
 
 
 def make_eval_step(model: MosaicBertForMaskedLM, mesh: Mesh, params_shardings: Any) -> Callable:
