@@ -5,7 +5,8 @@
   * a training workdir (holding `checkpoints/`), its `checkpoints/` folder (latest step is
     used) or one step folder `checkpoints/<step>` of the training CheckpointManager, whose
     items are `state` ({"params", "opt_state", "step"}), `model_config`, `data_state` and
-    `schedule` (train.steps and the optimizer settings; absent in older checkpoints);
+    `train_config` (train.steps, the optimizer section and data.seq_len; absent in older
+    checkpoints);
   * a PyTorch folder (`config.json` + `model.safetensors` or `pytorch_model.bin`), converted
     on the fly by `mosaicbert_jax.param_layout`.
 The training workdir's names (`checkpoints/`, the items of a step) are defined here and used
@@ -39,8 +40,8 @@ CHECKPOINTS_DIR = "checkpoints"
 STATE_ITEM = "state"            # {"step", "params", "opt_state"}
 DATA_STATE_ITEM = "data_state"  # the data iterators' position (JSON)
 MODEL_CONFIG_ITEM = "model_config"  # config_to_dict of the model (JSON)
-SCHEDULE_ITEM = "schedule"      # train.steps and the optimizer section the run used (JSON)
-TRAIN_CHECKPOINT_ITEMS = (STATE_ITEM, DATA_STATE_ITEM, MODEL_CONFIG_ITEM, SCHEDULE_ITEM)
+TRAIN_CONFIG_ITEM = "train_config"  # train.steps, optimizer section, seq_len (JSON)
+TRAIN_CHECKPOINT_ITEMS = (STATE_ITEM, DATA_STATE_ITEM, MODEL_CONFIG_ITEM, TRAIN_CONFIG_ITEM)
 # Files a tokenizer may come as; copied along with weights when present.
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json",
                    "special_tokens_map.json")

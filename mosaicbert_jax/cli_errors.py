@@ -75,6 +75,18 @@ def run_main(main: Callable[..., T], *args, **kwargs) -> T:
         sys.exit(EXIT_USER_ERROR)
 
 
+def exit_status(main: Callable[..., object], *args, **kwargs) -> int:
+    """`run_main` for a command whose main returns its exit status: 0, or EXIT_USER_ERROR after
+    the one `error:` line of a user error."""
+    try:
+        run_main(main, *args, **kwargs)
+    except SystemExit as exit_:
+        if isinstance(exit_.code, int):
+            return exit_.code
+        raise
+    return 0
+
+
 def user_facing(main: Callable[..., T]) -> Callable[..., Optional[T]]:
     """Decorator form of `run_main`, for a command's entry point."""
 
@@ -132,8 +144,8 @@ def config_override_problem(argv: Sequence[str], error: BaseException,
         for key in overrides:
             if key not in known:
                 close = difflib.get_close_matches(key, known, n=1)
-                hint = f"; did you mean {flag}.{close[0]}?" if close else ""
-                return f"unknown config key {flag}.{key} (from --{flag}.{key}){hint}"
+                hint = f"; did you mean --{flag}.{close[0]}?" if close else ""
+                return f"unknown config key --{flag}.{key}{hint}"
     text = " ".join(str(error).replace("\\n", " ").split()).strip("'\"")
     return f"bad command-line config override: {text or type(error).__name__}"
 

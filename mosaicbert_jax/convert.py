@@ -18,12 +18,17 @@ from typing import Optional, Sequence
 from etils import epath
 
 from mosaicbert_jax import checkpoint
+from mosaicbert_jax.cli_errors import as_user_error, exit_status
 from mosaicbert_jax.config import MosaicBertConfig
 from mosaicbert_jax.param_layout import (CONFIG_FILE, TORCH_WEIGHT_FILES, Params, StateDict,
                                          config_from_hf_json, config_to_hf_json, describe_sizes,
                                          flax_to_torch_state_dict, infer_model_kind,
                                          read_torch_folder, torch_state_dict_to_flax,
-                                         unwrap_variables)
+                                         unwrap_variables, weights_dtype_name)
+
+# The vocabulary sizes of bert-base-uncased's WordPiece tokenizer (30522) and the MosaicBERT
+# releases' padding of it to a multiple of 64 (30528).
+BERT_BASE_UNCASED_VOCAB_SIZES = (30522, 30528)
 
 
 def export_torch_folder(out: str | os.PathLike, params: Params, config: MosaicBertConfig,
@@ -41,11 +46,34 @@ def export_torch_folder(out: str | os.PathLike, params: Params, config: MosaicBe
                          f"delete it first")
     directory.mkdir(parents=True, exist_ok=True)
     save_file(state_dict, os.fspath(weights_file), metadata={"format": "pt"})
-    hf_config = config_to_hf_json(config, model_kind)
+    _readable_like_other_files(weights_file)
+    hf_config = config_to_hf_json(config, model_kind,
+                                  torch_dtype=weights_dtype_name(state_dict))
     (directory / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
     for tokenizer_file in tokenizer_files:
         checkpoint.copy_tokenizer_file(tokenizer_file, directory)
     return state_dict
+
+
+def _readable_like_other_files(path: epath.Path) -> None:
+    """safetensors writes its file 0600; give it the mode plain writes get (0644 under the
+    usual umask 022), so others on a shared cluster can read the weights too."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(os.fspath(path), 0o666 & ~umask)
+
+
+def missing_tokenizer_note(src: str, out: str, config: MosaicBertConfig) -> str:
+    """What to say when an imported folder has no tokenizer: which one the model expects."""
+    if config.vocab_size in BERT_BASE_UNCASED_VOCAB_SIZES:
+        expected = ("bert-base-uncased's WordPiece tokenizer (the released MosaicBERT models' "
+                    "tokenizer; vocab_size "
+                    f"{config.vocab_size} is its 30522 tokens padded to a multiple of 64)")
+    else:
+        expected = f"the tokenizer it was trained with (vocab_size {config.vocab_size})"
+    return (f"note: {src} has no tokenizer file ({', '.join(checkpoint.TOKENIZER_FILES)}); "
+            f"the model expects {expected}. Put its tokenizer.json or vocab.txt in {out} for "
+            f"fill_mask and GLUE to find it, or pass --tokenizer / --config.tokenizer")
 
 
 def _to_torch(args: argparse.Namespace) -> None:
@@ -64,7 +92,10 @@ def _from_torch(args: argparse.Namespace) -> None:
     checkpoint.save_pretrained(args.out, params, config)
     for tokenizer_file in tokenizers:
         checkpoint.copy_tokenizer_file(tokenizer_file, args.out)
-    print(f"wrote {infer_model_kind(params)} model ({describe_sizes(config)}) to {args.out}")
+    print(f"wrote {infer_model_kind(params)} model ({describe_sizes(config)}) to {args.out}"
+          + (f" with {', '.join(t.name for t in tokenizers)}" if tokenizers else ""))
+    if not tokenizers:
+        print(missing_tokenizer_note(args.src, args.out, config), file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,13 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """0 on success; a user's mistake prints one `error:` line and gives 2 (see cli_errors)."""
     args = build_parser().parse_args(argv)
-    try:
-        args.run(args)
-    except (ValueError, ImportError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+
+    def run() -> None:
+        with as_user_error(ImportError):  # torch or safetensors not installed
+            args.run(args)
+
+    return exit_status(run)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mosaicbert_jax.cli_errors import exit_status
 from mosaicbert_jax.checkpoint import checkpoint_root, find_tokenizer_files, load_pretrained
 from mosaicbert_jax.config import MosaicBertConfig
 from mosaicbert_jax.model import MosaicBertForMaskedLM
@@ -169,33 +170,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """0 on success; a user's mistake prints one `error:` line and gives 2 (see cli_errors)."""
     args = build_parser().parse_args(argv)
-    try:
-        from mosaicbert_jax.data.tokenizer import load_tokenizer
+    return exit_status(_run, args)
 
-        tokenizer_path = args.tokenizer or find_tokenizer(args.checkpoint)
-        tokenizer = load_tokenizer(tokenizer_path)
-        for text in args.text:  # fail on a text without [MASK] before loading any weights
-            encode_masked(tokenizer, text)
-        params, config = load_pretrained(args.checkpoint)
-        config = config.replace(dtype=args.dtype)
-        for text in args.text:
-            ids, positions, probs, top_ids = predict_masks(params, config, tokenizer, text,
-                                                           args.top_k)
-            if args.json:
-                print(json.dumps({
-                    "text": text,
-                    "filled": fill_text(tokenizer, ids, positions, top_ids[:, 0]),
-                    "masks": [{"position": int(pos), "predictions": [
-                        {"token": tokenizer.id_to_token(int(i)), "probability": float(p)}
-                        for i, p in zip(row_ids, row_probs)]}
-                        for pos, row_probs, row_ids in zip(positions, probs, top_ids)]}))
-            else:
-                print(_format(text, ids, positions, probs, top_ids, tokenizer))
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+
+def _run(args: argparse.Namespace) -> None:
+    """Loads the tokenizer and the checkpoint, prints the predictions for every text."""
+    from mosaicbert_jax.data.tokenizer import load_tokenizer
+
+    tokenizer_path = args.tokenizer or find_tokenizer(args.checkpoint)
+    tokenizer = load_tokenizer(tokenizer_path)
+    for text in args.text:  # fail on a text without [MASK] before loading any weights
+        encode_masked(tokenizer, text)
+    params, config = load_pretrained(args.checkpoint)
+    config = config.replace(dtype=args.dtype)
+    for text in args.text:
+        ids, positions, probs, top_ids = predict_masks(params, config, tokenizer, text,
+                                                       args.top_k)
+        if args.json:
+            print(json.dumps({
+                "text": text,
+                "filled": fill_text(tokenizer, ids, positions, top_ids[:, 0]),
+                "masks": [{"position": int(pos), "predictions": [
+                    {"token": tokenizer.id_to_token(int(i)), "probability": float(p)}
+                    for i, p in zip(row_ids, row_probs)]}
+                    for pos, row_probs, row_ids in zip(positions, probs, top_ids)]}))
+        else:
+            print(_format(text, ids, positions, probs, top_ids, tokenizer))
 
 
 if __name__ == "__main__":

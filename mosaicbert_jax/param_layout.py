@@ -21,6 +21,7 @@ from typing import Any, Iterable, Optional
 import numpy as np
 from etils import epath
 
+from mosaicbert_jax.cli_errors import UserError
 from mosaicbert_jax.config import MosaicBertConfig
 
 Params = Any
@@ -290,8 +291,10 @@ def torch_state_dict_to_flax(state_dict: dict[str, Any], config: MosaicBertConfi
 
 
 def config_to_hf_json(config: MosaicBertConfig, model_kind: str,
-                      num_labels: Optional[int] = None) -> dict[str, Any]:
-    """A transformers BertConfig dict as the released MosaicBERT checkpoint has it."""
+                      num_labels: Optional[int] = None,
+                      torch_dtype: str = "float32") -> dict[str, Any]:
+    """A transformers BertConfig dict as the released MosaicBERT checkpoint has it;
+    `torch_dtype` names the dtype of the weights written beside it."""
     if model_kind not in MODEL_KINDS:
         raise ValueError(f"model_kind={model_kind!r} is not one of {MODEL_KINDS}")
     values: dict[str, Any] = {
@@ -313,7 +316,7 @@ def config_to_hf_json(config: MosaicBertConfig, model_kind: str,
         "type_vocab_size": config.type_vocab_size,
         "pad_token_id": config.pad_token_id,
         "initializer_range": config.initializer_range,
-        "torch_dtype": "float32",
+        "torch_dtype": torch_dtype,
     }
     if model_kind == "classification":
         values["auto_map"].update(_AUTO_MAP_CLASSIFICATION)
@@ -362,18 +365,47 @@ def read_torch_folder(src: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
     config_file = directory / CONFIG_FILE
     if not config_file.exists():
         raise ValueError(f"{os.fspath(src)!r} has no {CONFIG_FILE}")
-    hf_config = json.loads(config_file.read_text())
+    try:
+        hf_config = json.loads(config_file.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise UserError(f"{config_file} is not valid JSON ({error}); fix it or copy the "
+                        f"model's {CONFIG_FILE} again") from error
+    if not isinstance(hf_config, dict):
+        raise UserError(f"{config_file} holds a JSON {type(hf_config).__name__}, not the "
+                        f"object of a model config")
     safetensors_file, bin_file = (directory / name for name in TORCH_WEIGHT_FILES)
     if safetensors_file.exists():
         from safetensors.numpy import load_file
 
-        return load_file(os.fspath(safetensors_file)), hf_config
+        try:
+            return load_file(os.fspath(safetensors_file)), hf_config
+        except Exception as error:  # safetensors raises its own SafetensorError
+            raise _damaged(safetensors_file, error) from error
     if bin_file.exists():
         torch = import_torch()
-        state_dict = torch.load(os.fspath(bin_file), map_location="cpu", weights_only=True)
+        try:
+            state_dict = torch.load(os.fspath(bin_file), map_location="cpu", weights_only=True)
+        except Exception as error:  # OSError, RuntimeError, pickle errors: a damaged file
+            raise _damaged(bin_file, error) from error
         state_dict = state_dict.get("state_dict", state_dict)
         return {name: _to_numpy(value) for name, value in state_dict.items()}, hf_config
     raise ValueError(f"{os.fspath(src)!r} has neither of {list(TORCH_WEIGHT_FILES)}")
+
+
+def _damaged(path: epath.Path, error: BaseException) -> UserError:
+    """The one-line error for a weights file that does not read: truncated or not weights."""
+    reason = " ".join(str(error).split()) or type(error).__name__
+    return UserError(f"{path} could not be read ({type(error).__name__}: {reason}); the file is "
+                     f"damaged or incomplete, e.g. an interrupted download: fetch it again")
+
+
+def weights_dtype_name(state_dict: StateDict) -> str:
+    """The torch_dtype name for config.json: the dtype of the floating-point weights."""
+    names = {np.dtype(v.dtype).name for v in state_dict.values()
+             if np.issubdtype(v.dtype, np.floating) or np.dtype(v.dtype).name == "bfloat16"}
+    if len(names) == 1:
+        return names.pop()
+    return "float32" if not names or "float32" in names else sorted(names)[0]
 
 
 def import_torch() -> Any:

@@ -31,7 +31,7 @@ from mosaicbert_jax.training.flops import peak_tflops, training_flops_per_token
 from mosaicbert_jax.training.metrics_log import MetricsLog, format_duration
 from mosaicbert_jax.training.resume_checks import (already_trained_message, check_same_model,
                                                    check_steps, schedule_change_message,
-                                                   schedule_to_dict)
+                                                   train_config_item)
 from mosaicbert_jax.training.multihost import (check_same_on_every_process, exit_on_error,
                                                maybe_initialize_distributed,
                                                start_error_watcher, stop_error_watcher)
@@ -168,15 +168,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 print(already_trained_message(start, workdir), flush=True)
             return {"state": None, "steps": start, "resumed_from": start,
                     "already_trained": True, "checkpoints": ckpt.directory}
-        schedule_note = schedule_change_message(ckpt.restore_schedule(start), start, tc.steps,
-                                                config.optimizer)
+        schedule_note = schedule_change_message(ckpt.restore_train_config(start), start,
+                                                tc.steps, config.optimizer)
         train_iter.set_state(ckpt.restore_data_state(start))
 
     # Rows a killed run logged after its last checkpoint are logged again by this run.
     log = MetricsLog(workdir, enabled=process_index == 0, resume_step=start if start else -1)
     if schedule_note:
         log.print(schedule_note)
-    schedule_item = schedule_to_dict(tc.steps, config.optimizer)
     schedule, tx = recipe_optimizer(config.optimizer, tc.steps)
     model = MosaicBertForMaskedLM(model_cfg)
     state, shardings = init_state(model, tx, tc.seed, mesh)
@@ -249,7 +248,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if is_save_step:
             # The same on every process by construction; process 0's copy is written.
             ckpt.save(step, state, train_iter.get_state(), config_to_dict(model_cfg),
-                      schedule_item)
+                      train_config_item(config))
     ckpt.close()
     summary = {"steps": last_step, "resumed_from": start, "params": n_params,
                "wall_s": time.perf_counter() - run_start,

@@ -139,7 +139,7 @@ def test_cli_round_trip_and_tiny_parity(tmp_path, kind):
                  "--out", str(tmp_path / "torch")]) == 0
     assert (tmp_path / "torch" / "vocab.txt").read_text() == vocab.read_text()
     assert main(["to-torch", "--checkpoint", str(tmp_path / "jax"),  # never overwrites
-                 "--out", str(tmp_path / "torch")]) == 1
+                 "--out", str(tmp_path / "torch")]) == 2
     hf_config = json.loads((tmp_path / "torch" / "config.json").read_text())
     assert hf_config["hidden_size"] == 96 and hf_config["num_attention_heads"] == 12
 
@@ -308,7 +308,7 @@ def test_conversion_errors_name_the_problem(tmp_path):
 
 def test_cli_errors_are_clear(tmp_path, capsys):
     assert main(["to-torch", "--checkpoint", str(tmp_path / "nope"),
-                 "--out", str(tmp_path / "out")]) == 1
+                 "--out", str(tmp_path / "out")]) == 2
     assert "nope' does not exist" in capsys.readouterr().err
 
     params = random_params(TINY.replace(num_labels=2), "mlm", seed=0)
@@ -317,7 +317,7 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     hf_config["intermediate_size"] = 1000
     (tmp_path / "release" / "config.json").write_text(json.dumps(hf_config))
     assert main(["from-torch", "--src", str(tmp_path / "release"),
-                 "--out", str(tmp_path / "jax")]) == 1
+                 "--out", str(tmp_path / "jax")]) == 2
     err = capsys.readouterr().err
     assert "intermediate_size=1000" in err and "mlp.gated_layers.weight: (512, 96)" in err
 

@@ -106,7 +106,7 @@ def test_command_line_on_a_training_workdir(model_dir, tmp_path, capsys):
     checkpoints.close()
 
     args = ["the [MASK] ran to the park ."]
-    assert main(["--checkpoint", str(workdir), *args]) == 1
+    assert main(["--checkpoint", str(workdir), *args]) == 2
     err = capsys.readouterr().err
     assert "no tokenizer found with the checkpoint" in err and "--tokenizer" in err
 
@@ -139,11 +139,11 @@ def test_clear_errors(model_dir, tmp_path, capsys):
     with pytest.raises(ValueError, match="classification model"):
         fill_mask(classifier, config, tokenizer, "the [MASK]")
 
-    assert main(["--checkpoint", str(tmp_path / "missing"), "a [MASK]"]) == 1
+    assert main(["--checkpoint", str(tmp_path / "missing"), "a [MASK]"]) == 2
     assert "does not exist" in capsys.readouterr().err
     pretrained = str(root / "pretrained")
-    assert main(["--checkpoint", pretrained, "no mask here"]) == 1
+    assert main(["--checkpoint", pretrained, "no mask here"]) == 2
     assert "no [MASK] token" in capsys.readouterr().err
     assert main(["--checkpoint", pretrained, "--tokenizer", str(tmp_path / "nope.json"),
-                 "a [MASK]"]) == 1
+                 "a [MASK]"]) == 2
     assert "does not exist" in capsys.readouterr().err

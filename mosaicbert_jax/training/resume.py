@@ -2,8 +2,9 @@
 
 Layout (spelled in `mosaicbert_jax.checkpoint`, whose `load_pretrained` reads it):
 <workdir>/checkpoints/<step>/ with items `state` ({"step", "params", "opt_state"}),
-`data_state`, `model_config` and `schedule` (JSON; train.steps and the optimizer section, so a
-resume with another total can say what happens to the learning rate).
+`data_state`, `model_config` and `train_config` (JSON; train.steps, the optimizer section and
+data.seq_len, so a resume with another total can say what happens to the learning rate and
+fill-mask knows the trained length).
 `data_state` is the data iterator's position, the same on every process (each derives its own
 rows from it), so process 0 writes it once and every process reads it back.
 """
@@ -16,7 +17,7 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
-from mosaicbert_jax.checkpoint import (DATA_STATE_ITEM, MODEL_CONFIG_ITEM, SCHEDULE_ITEM,
+from mosaicbert_jax.checkpoint import (DATA_STATE_ITEM, MODEL_CONFIG_ITEM, TRAIN_CONFIG_ITEM,
                                        STATE_ITEM, TRAIN_CHECKPOINT_ITEMS, checkpoints_dir)
 
 
@@ -34,12 +35,12 @@ class TrainCheckpoints:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, data_state: dict, model_config: dict,
-             schedule: Optional[dict] = None) -> None:
+             train_config: Optional[dict] = None) -> None:
         items = {STATE_ITEM: ocp.args.StandardSave(state),
                  DATA_STATE_ITEM: ocp.args.JsonSave(data_state),
                  MODEL_CONFIG_ITEM: ocp.args.JsonSave(model_config)}
-        if schedule is not None:
-            items[SCHEDULE_ITEM] = ocp.args.JsonSave(schedule)
+        if train_config is not None:
+            items[TRAIN_CONFIG_ITEM] = ocp.args.JsonSave(train_config)
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def _restore_json(self, step: int, item: str) -> Optional[dict]:
@@ -55,9 +56,9 @@ class TrainCheckpoints:
         before the state is restored, so a different model is one clear error."""
         return self._restore_json(step, MODEL_CONFIG_ITEM)
 
-    def restore_schedule(self, step: int) -> Optional[dict]:
-        """train.steps and the optimizer section saved at `step` (None in older checkpoints)."""
-        return self._restore_json(step, SCHEDULE_ITEM)
+    def restore_train_config(self, step: int) -> Optional[dict]:
+        """train.steps, optimizer section and seq_len saved at `step` (None in older ones)."""
+        return self._restore_json(step, TRAIN_CONFIG_ITEM)
 
     def restore_data_state(self, step: int) -> dict:
         """The data position saved at `step`; read first, so that a resume the data layout does

@@ -65,9 +65,10 @@ def already_trained_message(start: int, workdir: str) -> str:
             f"total), or use a new --workdir for a new run")
 
 
-def schedule_to_dict(total_steps: int, optimizer: ml_collections.ConfigDict) -> dict[str, Any]:
-    """What the schedule item of a checkpoint holds."""
-    return {"train_steps": int(total_steps), "optimizer": optimizer.to_dict()}
+def train_config_item(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What the train_config item of a checkpoint holds."""
+    return {"train_steps": int(config.train.steps), "optimizer": config.optimizer.to_dict(),
+            "seq_len": int(config.data.seq_len)}
 
 
 def schedule_change_message(saved: Optional[dict[str, Any]], start: int, total: int,
@@ -76,8 +77,8 @@ def schedule_change_message(saved: Optional[dict[str, Any]], start: int, total: 
     trained (old schedule) and of the next one (new schedule), so the jump is visible."""
     if saved is None:
         return None
-    new = schedule_to_dict(total, optimizer)
-    if saved == new:
+    new = {"train_steps": int(total), "optimizer": optimizer.to_dict()}
+    if all(saved.get(k) == v for k, v in new.items()):
         return None
     old_schedule, _ = recipe_optimizer(ml_collections.ConfigDict(saved["optimizer"]),
                                        saved["train_steps"])
