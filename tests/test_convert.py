@@ -347,3 +347,78 @@ def test_importing_the_package_does_not_import_torch():
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True,
                    env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def _one_error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_damaged_source_files_are_named(tmp_path, capsys):
+    params = random_params(TINY.replace(num_labels=2), "mlm", seed=0)
+    released_style_folder(tmp_path / "bin", params, TINY)  # pytorch_model.bin
+    weights = tmp_path / "bin" / "pytorch_model.bin"
+    weights.write_bytes(weights.read_bytes()[:5000])  # an interrupted download
+    assert main(["from-torch", "--src", str(tmp_path / "bin"), "--out", str(tmp_path / "a")]) == 2
+    line = _one_error_line(capsys)
+    assert f"{weights} could not be read" in line and "damaged or incomplete" in line
+
+    export_torch_folder(tmp_path / "st", params, TINY.replace(num_labels=2))
+    weights = tmp_path / "st" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert main(["from-torch", "--src", str(tmp_path / "st"), "--out", str(tmp_path / "b")]) == 2
+    line = _one_error_line(capsys)
+    assert f"{weights} could not be read" in line and "fetch it again" in line
+
+    config_file = tmp_path / "st" / "config.json"
+    config_file.write_text(config_file.read_text()[:40])
+    assert main(["from-torch", "--src", str(tmp_path / "st"), "--out", str(tmp_path / "c")]) == 2
+    assert f"{config_file} is not valid JSON" in _one_error_line(capsys)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+def test_from_torch_copies_the_tokenizer_or_names_the_one_expected(tmp_path, capsys):
+    config = TINY.replace(num_labels=2)
+    params = random_params(config, "mlm", seed=0)
+    export_torch_folder(tmp_path / "src", params, config)
+    assert main(["from-torch", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "has no tokenizer file" in err and "vocab_size 320" in err
+    base_sized = config.replace(vocab_size=30528, hidden_size=24, num_attention_heads=2,
+                                intermediate_size=32, num_hidden_layers=1)
+    export_torch_folder(tmp_path / "base", random_params(base_sized, "mlm", seed=0), base_sized)
+    assert main(["from-torch", "--src", str(tmp_path / "base"), "--out", str(tmp_path / "b")]) == 0
+    assert "bert-base-uncased" in capsys.readouterr().err
+
+    (tmp_path / "src" / "tokenizer.json").write_text('{"version": "1.0"}')
+    (tmp_path / "src" / "vocab.txt").write_text("[PAD]\n[MASK]\n")
+    (tmp_path / "src" / "tokenizer_config.json").write_text('{"do_lower_case": true}')
+    assert main(["from-torch", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "c")]) == 0
+    assert "no tokenizer" not in capsys.readouterr().err
+    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json"):
+        assert (tmp_path / "c" / name).read_text() == (tmp_path / "src" / name).read_text()
+
+
+def test_bf16_export_says_bfloat16_and_keeps_it_through_a_round_trip(tmp_path):
+    config = TINY.replace(num_labels=2)
+    export_torch_folder(tmp_path / "bf16", random_params(config, "mlm", 0, jnp.bfloat16), config)
+    hf_config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert hf_config["torch_dtype"] == "bfloat16"
+    assert main(["from-torch", "--src", str(tmp_path / "bf16"), "--out", str(tmp_path / "jax")]) == 0
+    assert main(["to-torch", "--checkpoint", str(tmp_path / "jax"),
+                 "--out", str(tmp_path / "again")]) == 0
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    export_torch_folder(tmp_path / "f32", random_params(config, "mlm", 0), config)
+    assert json.loads((tmp_path / "f32" / "config.json").read_text())["torch_dtype"] == "float32"
+
+
+def test_exported_weights_are_readable_like_the_other_files(tmp_path):
+    old = os.umask(0o022)
+    try:
+        config = TINY.replace(num_labels=2)
+        export_torch_folder(tmp_path / "out", random_params(config, "mlm", 0), config)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()}
+    assert modes == {"model.safetensors": 0o644, "config.json": 0o644}
