@@ -234,6 +234,18 @@ def checkpoint_root(path: str | os.PathLike) -> epath.Path:
     return directory
 
 
+def trained_seq_len(path: str | os.PathLike) -> Optional[int]:
+    """The data.seq_len a training checkpoint was trained at (its train_config item); None for
+    other layouts and for checkpoints older than that item."""
+    kind, directory = checkpoint_kind(path)
+    item = directory / TRAIN_CONFIG_ITEM
+    if kind != "step" or not item.is_dir():
+        return None
+    values = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(item)
+    seq_len = values.get("seq_len") if isinstance(values, dict) else None
+    return int(seq_len) if seq_len else None
+
+
 def load_pretrained(path: str) -> tuple[Params, MosaicBertConfig]:
     """Loads (params as numpy arrays, config) from any layout in the module docstring."""
     kind, directory = checkpoint_kind(path)
@@ -247,4 +259,4 @@ def load_pretrained(path: str) -> tuple[Params, MosaicBertConfig]:
 
 __all__ = ["TOKENIZER_FILES", "TRAIN_CHECKPOINT_ITEMS", "checkpoint_kind", "checkpoint_root",
            "checkpoints_dir", "config_from_dict", "config_to_dict", "copy_tokenizer_file",
-           "find_tokenizer_files", "load_pretrained", "save_pretrained"]
+           "find_tokenizer_files", "load_pretrained", "save_pretrained", "trained_seq_len"]

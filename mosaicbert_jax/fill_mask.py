@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mosaicbert_jax.cli_errors import exit_status
-from mosaicbert_jax.checkpoint import checkpoint_root, find_tokenizer_files, load_pretrained
+from mosaicbert_jax.checkpoint import (checkpoint_root, find_tokenizer_files, load_pretrained,
+                                       trained_seq_len)
 from mosaicbert_jax.config import MosaicBertConfig
 from mosaicbert_jax.model import MosaicBertForMaskedLM
 from mosaicbert_jax.param_layout import infer_model_kind
@@ -31,6 +32,26 @@ from mosaicbert_jax.param_layout import infer_model_kind
 MASK_TOKEN = "[MASK]"
 _LENGTH_MULTIPLE = 16  # texts are padded to a multiple of this so similar lengths share a compile
 _TOKENIZER_NAMES = ("tokenizer.json", "vocab.txt")
+# Inputs longer than this many times the training length get a warning: ALiBi extrapolates,
+# but not without limit. With the training length unknown, past UNKNOWN_LENGTH_LIMIT tokens
+# (the released models' max_position_embeddings).
+FAR_PAST_FACTOR = 2
+UNKNOWN_LENGTH_LIMIT = 512
+
+
+def length_warning(num_tokens: int, trained_len: Optional[int]) -> Optional[str]:
+    """A one-line warning for an input far past the length the model was trained at."""
+    if trained_len:
+        if num_tokens <= FAR_PAST_FACTOR * trained_len:
+            return None
+        trained = f"the {trained_len} tokens the model was trained on"
+    else:
+        if num_tokens <= UNKNOWN_LENGTH_LIMIT:
+            return None
+        trained = f"{UNKNOWN_LENGTH_LIMIT} tokens (the model's training length is unknown)"
+    return (f"warning: the text has {num_tokens} tokens, far past {trained}; ALiBi "
+            f"extrapolates to longer inputs, but not without limit: expect worse predictions, "
+            f"or split the text")
 
 
 def encode_masked(tokenizer: Any, text: str) -> tuple[np.ndarray, np.ndarray]:
@@ -185,9 +206,13 @@ def _run(args: argparse.Namespace) -> None:
         encode_masked(tokenizer, text)
     params, config = load_pretrained(args.checkpoint)
     config = config.replace(dtype=args.dtype)
+    trained_len = trained_seq_len(args.checkpoint)
     for text in args.text:
         ids, positions, probs, top_ids = predict_masks(params, config, tokenizer, text,
                                                        args.top_k)
+        warning = length_warning(len(ids), trained_len)
+        if warning:
+            print(warning, file=sys.stderr)
         if args.json:
             print(json.dumps({
                 "text": text,

@@ -147,3 +147,32 @@ def test_clear_errors(model_dir, tmp_path, capsys):
     assert main(["--checkpoint", pretrained, "--tokenizer", str(tmp_path / "nope.json"),
                  "a [MASK]"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_inputs_far_past_the_training_length_get_a_warning(model_dir, tmp_path, capsys):
+    root, params, config = model_dir
+    workdir = tmp_path / "run"
+    checkpoints = TrainCheckpoints(str(workdir), async_save=False)
+    state = {"params": params, "opt_state": {"count": np.zeros((), np.int32)},
+             "step": np.asarray(3, np.int32)}
+    checkpoints.save(3, state, {"batch_index": 3}, config_to_dict(config),
+                     {"train_steps": 3, "optimizer": {}, "seq_len": 16})
+    checkpoints.close()
+    (workdir / "vocab.txt").write_text((root / "vocab.txt").read_text())
+    short, long = "the [MASK] sat", "the [MASK] sat on the mat ." + " the cat ran ." * 8
+    assert main(["--checkpoint", str(workdir), short]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert main(["--checkpoint", str(workdir), long]) == 0  # 2 + 7 + 32 = 41 tokens > 2 x 16
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [
+        "warning: the text has 41 tokens, far past the 16 tokens the model was trained on; "
+        "ALiBi extrapolates to longer inputs, but not without limit: expect worse "
+        "predictions, or split the text"]
+    assert "top-1 filled" in captured.out  # still answered
+
+    # A save_pretrained folder does not know its training length: warned past 512 tokens.
+    very_long = "the [MASK] sat ." + " the cat ran ." * 130  # 2 + 4 + 520 tokens
+    assert main(["--checkpoint", str(root / "pretrained"), very_long]) == 0
+    err = capsys.readouterr().err
+    assert "the text has 526 tokens, far past 512 tokens (the model's training length is " \
+           "unknown)" in err

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from mosaicbert_jax.checkpoint import load_pretrained
+from mosaicbert_jax.checkpoint import load_pretrained, trained_seq_len
 from mosaicbert_jax.cli_errors import UserError
 from mosaicbert_jax.train import train_and_evaluate
 from mosaicbert_jax.training.metrics_log import drop_rows_after
@@ -103,6 +103,7 @@ def test_a_finished_workdir_says_so_and_fewer_steps_is_an_error(tmp_path, capsys
     capsys.readouterr()
     again = train_and_evaluate(small_config(steps=4, checkpoint_every=2, eval_every=4), workdir)
     assert again["already_trained"] and again["steps"] == 4
+    assert trained_seq_len(workdir) == 32  # what fill_mask warns against
     out = capsys.readouterr().out
     assert "already trained" in out and "raise --config.train.steps" in out
     assert "final_eval_loss=None" not in out
