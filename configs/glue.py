@@ -83,7 +83,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Output: progress every log_every_steps, eval after each epoch (the final one is reported),
     # results JSON (default <workdir>/glue_results.json), dev predictions per task and seed,
     # metrics.jsonl + TensorBoard events per job in <workdir>/logs/<task>/seed_<seed>/.
-    config.workdir = "workdir_glue"
+    config.workdir = ""  # empty: <the checkpoint's folder>/glue
     config.results_json = config_dict.placeholder(str)
     config.log_every_steps = 100
     config.eval_every_epoch = True

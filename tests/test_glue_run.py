@@ -292,3 +292,29 @@ def test_finetuned_checkpoint_loads_and_converts_to_torch(tmp_path):
         config, "classification")
     np.testing.assert_array_equal(state_dict["classifier.weight"],
                                   params["classifier"]["kernel"].T)
+
+
+def test_without_a_workdir_the_output_goes_beside_the_checkpoint(tmp_path, monkeypatch):
+    from mosaicbert_jax.cli_errors import UserError
+    from mosaicbert_jax.glue.runner import run_glue
+
+    write_glue_folder(str(tmp_path / "glue"), np.random.default_rng(0), n_train=16, n_dev=8)
+    make_tokenizer(str(tmp_path), WORDS)
+    save_tiny_mlm(str(tmp_path / "ckpt"), str(tmp_path), num_hidden_layers=1)
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = glue_config(checkpoint=str(tmp_path / "ckpt"), data_dir=str(tmp_path / "glue"),
+                         tasks="sst2", dtype="float32", max_seq_len=12, bucket_lengths=(12,),
+                         eval_batch_size=8, eval_every_epoch=False, write_predictions=False)
+    config.per_task.sst2.update(dict(seeds=(19,), epochs=1, batch_size=8))
+    assert config.workdir == ""
+    run_glue(config)
+    results = json.load(open(tmp_path / "ckpt" / "glue" / "glue_results.json"))
+    assert list(results["tasks"]) == ["sst2"]
+    assert os.listdir(elsewhere) == []  # nothing in the current directory
+
+    config.checkpoint = ""
+    with pytest.raises(UserError, match=r"set --config.workdir=DIR for the GLUE results: with "
+                                        r"no --config.checkpoint"):
+        run_glue(config)

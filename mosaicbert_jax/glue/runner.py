@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 import jax
 
+from mosaicbert_jax.cli_errors import UserError
 from mosaicbert_jax.checkpoint import (checkpoint_root, find_tokenizer_files, load_pretrained,
                                        save_pretrained)
 from mosaicbert_jax.config import MosaicBertConfig
@@ -141,9 +142,24 @@ def _data_summary(train: EncodedSplit, evals: dict[str, EncodedSplit]) -> dict[s
             "eval_skipped_rows": {k: v.skipped_rows for k, v in evals.items()}}
 
 
+GLUE_OUTPUT_DIR = "glue"  # the output folder inside the checkpoint's, with no config.workdir
+
+
+def glue_workdir(config: Any) -> str:
+    """config.workdir, else `<the checkpoint's folder>/glue`: next to the weights finetuned,
+    never in whatever directory the command happens to run in."""
+    if config.workdir:
+        return os.path.expanduser(config.workdir)
+    if config.checkpoint:
+        return os.path.join(os.fspath(checkpoint_root(config.checkpoint)), GLUE_OUTPUT_DIR)
+    raise UserError("set --config.workdir=DIR for the GLUE results: with no "
+                    "--config.checkpoint there is no checkpoint folder to write them beside")
+
+
 def run_glue(config: Any, tokenizer: Any = None) -> dict[str, Any]:
     """Runs the configured GLUE tasks; returns the results dict also written as JSON."""
     started = time.perf_counter()
+    workdir = glue_workdir(config)
     tasks = [get_task(name) for name in parse_task_list(config.tasks)]
     tokenizer_file = tokenizer_file_for(config) if tokenizer is None else None
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer_for(config)
@@ -155,7 +171,6 @@ def run_glue(config: Any, tokenizer: Any = None) -> dict[str, Any]:
         raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model "
                          f"vocab_size is {encoder_config.vocab_size}; use the pretraining "
                          f"tokenizer")
-    workdir = config.workdir
     results_path = config.results_json or os.path.join(workdir, "glue_results.json")
 
     names = [t.name for t in tasks]
