@@ -11,11 +11,11 @@ rows from it), so process 0 writes it once and every process reads it back.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from mosaicbert_jax.checkpoint import (DATA_STATE_ITEM, MODEL_CONFIG_ITEM, TRAIN_CONFIG_ITEM,
                                        STATE_ITEM, TRAIN_CHECKPOINT_ITEMS, checkpoints_dir)
@@ -45,7 +45,7 @@ class TrainCheckpoints:
 
     def _restore_json(self, step: int, item: str) -> Optional[dict]:
         """A JSON item of the checkpoint at `step`, None if that checkpoint has none."""
-        if not os.path.isdir(os.path.join(self.directory, str(step), item)):
+        if not (epath.Path(self.directory) / str(step) / item).is_dir():
             return None
         restored = self.manager.restore(step, args=ocp.args.Composite(**{
             item: ocp.args.JsonRestore()}))
