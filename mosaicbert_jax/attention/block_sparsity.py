@@ -113,6 +113,10 @@ def fully_visible_block_ranges(segment_ids: jax.Array, block_rows: int, block_co
     col_pure, col_doc = single_document(block_cols)
     full = (row_pure[:, :, None] & col_pure[:, None, :]
             & (row_doc[:, :, None] == col_doc[:, None, :]))
+    if check_window(window):
+        _, inside_band = window_block_pairs(full.shape[1], full.shape[2], block_rows,
+                                            block_cols, window)
+        full = full & inside_band[None]
     n_cols = full.shape[-1]
     cols = jnp.arange(n_cols)
     any_full = jnp.any(full, axis=-1)
