@@ -21,8 +21,8 @@ def materialised_bias(segment_ids: jax.Array, slopes: jax.Array, seq_len: int,
     the sliding window when window > 0) forbids."""
     # Half the dtype's most negative value: finite, and far below any real logit.
     blocked = jnp.finfo(dtype).min / 2
-    bias = jnp.where(visibility_mask(segment_ids, window)[:, None], alibi_bias(slopes, seq_len)[None],
-                     blocked)
+    visible = visibility_mask(segment_ids, window)[:, None]
+    bias = jnp.where(visible, alibi_bias(slopes, seq_len)[None], blocked)
     return jax.lax.stop_gradient(bias.astype(dtype))
 
 
