@@ -138,12 +138,12 @@ def _same_segment(row_ids_ref, col_ids_ref, cols: int) -> jax.Array:
     return row_ids == col_ids_ref[:1, :]
 
 
-def _visible(same_ref_pair, masked: bool, distance, window: int):
+def _visible(row_ids_ref, col_ids_ref, cols: int, masked: bool, distance, window: int):
     """The mask of a tile: None when unmasked; else same segment, and |i - j| <= window
     when window > 0."""
     if not masked:
         return None
-    same = _same_segment(*same_ref_pair)
+    same = _same_segment(row_ids_ref, col_ids_ref, cols)
     return same & (distance <= window) if window else same
 
 
@@ -198,7 +198,7 @@ def _forward_kernel(plan_ref, slopes_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_re
 
     def visit(k_block, masked):
         distance = _distance(q_block * block_q, k_block * block_k, block_q, block_k)
-        same = _visible((qseg_ref, kseg_ref, block_k), masked, distance, window)
+        same = _visible(qseg_ref, kseg_ref, block_k, masked, distance, window)
 
         def one_head(h):
             slope = slopes_ref[head_block * heads + h]
@@ -250,7 +250,7 @@ def _dkdv_kernel(plan_ref, slopes_ref, kseg_ref, qseg_ref, q_ref, k_ref, v_ref, 
     def visit(q_block, masked):
         # Transposed tiles [block_k, block_q]: dV = P^T dO and dK = dS^T Q need no transposes.
         distance = _distance(k_block * block_k, q_block * block_q, block_k, block_q)
-        same = _visible((kseg_ref, qseg_ref, block_q), masked, distance, window)
+        same = _visible(kseg_ref, qseg_ref, block_q, masked, distance, window)
 
         def one_head(h):
             slope = slopes_ref[head_block * heads + h]
@@ -287,7 +287,7 @@ def _dq_kernel(plan_ref, slopes_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, do
 
     def visit(k_block, masked):
         distance = _distance(q_block * block_q, k_block * block_k, block_q, block_k)
-        same = _visible((qseg_ref, kseg_ref, block_k), masked, distance, window)
+        same = _visible(qseg_ref, kseg_ref, block_k, masked, distance, window)
 
         def one_head(h):
             slope = slopes_ref[head_block * heads + h]
