@@ -145,8 +145,9 @@ def _forward_kernel(plan_ref, slopes_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_re
     def visit_key_block(k_block, carry, masked):
         acc, row_max, row_sum = carry
         keys = pl.ds(pl.multiple_of(k_block * block_k, block_k), block_k)
+        k = k_ref[keys, :]
         k_pos = _positions(k_block * block_k, block_k)
-        s = _alibi_logits(q, k_ref[keys, :], q_pos, k_pos, slope_over_scale)
+        s = _alibi_logits(q, k, q_pos, k_pos, slope_over_scale)
         if masked:
             visible = q_seg[:, None] == kseg_ref[keys][None, :]
             if window:
