@@ -63,6 +63,16 @@ def test_pallas_tpu_window_matches_float64(window):
         300, draws=1, batch=3, window=window, name="pallas_tpu_interpret")
 
 
+def test_pallas_tpu_window_shrinks_the_visited_grid_axis():
+    """600 tokens in 128-blocks (5 per row): window 5 needs only 3 visited steps per row."""
+    from mosaicbert_jax.attention.pallas_tpu import _visited_steps
+    assert _visited_steps(640, 128, 128, 5) == 3 and _visited_steps(640, 128, 128, 0) == 5
+    check_random_packed_layouts(
+        lambda q, k, v, s, slopes, scale: flash_attention_tpu(
+            q, k, v, s, slopes, scale, block_sizes=TpuBlockSizes(), interpret=True, window=5),
+        600, draws=1, batch=2, window=5, name="pallas_tpu_interpret")
+
+
 @pytest.mark.parametrize("window", [1, 7, 16, 33, SEQ])
 def test_xla_reference_and_cudnn_bias_window_match_float64(window):
     check_random_packed_layouts(lambda *args: xla_attention(*args, window=window), SEQ,
