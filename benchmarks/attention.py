@@ -14,6 +14,10 @@ forward+backward. The cuDNN and tokamax baselines get the ALiBi + segment mask a
 materialised [batch, heads, seq, seq] bias built outside the timed call (their kernels have
 no in-kernel ALiBi); 'xla' is our reference, which builds its bias inside.
 
+--window W (> 0) times sliding-window attention (keys with |i - j| <= W) in every
+implementation that has it (the baselines get the window in their materialised bias; the
+Triton kernel has none and is skipped); visible pairs then count the window too.
+
 Run on the GPU machine: PYTHONPATH=. python3 benchmarks/attention.py [--results PATH]
 (add triton to --impls for the jax-triton kernel); on a TPU VM:
 PYTHONPATH=. python3 benchmarks/attention.py --impls xla,pallas_tpu
@@ -75,9 +79,19 @@ def segment_layout(kind: str, batch: int, seq: int, rng: np.random.Generator) ->
     return ids
 
 
-def visible_pairs(segment_ids: np.ndarray) -> int:
-    """Number of (query, key) pairs that share a non-padding segment, over all rows."""
+def visible_pairs(segment_ids: np.ndarray, window: int = 0) -> int:
+    """Number of (query, key) pairs that share a non-padding segment (and, with window > 0,
+    lie within |i - j| <= window), over all rows."""
     total = 0
+    if window:
+        pos = np.arange(segment_ids.shape[1])
+        for row in segment_ids:
+            for start in range(0, len(row), 1024):  # 1024 query rows at a time: bounded memory
+                rows = slice(start, start + 1024)
+                same = (row[rows, None] == row[None, :]) & (row[None, :] != 0)
+                near = np.abs(pos[rows, None] - pos[None, :]) <= window
+                total += int(np.count_nonzero(same & near))
+        return total
     for row in segment_ids:
         _, counts = np.unique(row[row != 0], return_counts=True)
         total += int(np.sum(counts.astype(np.int64) ** 2))
@@ -141,20 +155,23 @@ def implementations(args, slopes, scale) -> list[Case]:
     cases = []
     for name in args.impls.split(","):
         if name == "xla":
-            cases.append(Case("xla", lambda q, k, v, s, b: xla_attention(q, k, v, s, slopes,
-                                                                         scale)))
+            cases.append(Case("xla", lambda q, k, v, s, b: xla_attention(
+                q, k, v, s, slopes, scale, window=args.window)))
         elif name == "cudnn":
             cases.append(Case("cudnn", lambda q, k, v, s, b: jax.nn.dot_product_attention(
                 q, k, v, bias=b, scale=scale, implementation="cudnn"), needs_bias=True))
         elif name == "pallas":
             cases.append(Case("pallas", lambda q, k, v, s, b: flash_attention(
-                q, k, v, s, slopes, scale, interpret=args.interpret)))
+                q, k, v, s, slopes, scale, interpret=args.interpret, window=args.window)))
             cases += pallas_variants(args, slopes, scale) if args.sweep else []
         elif name == "pallas_tpu":
             from mosaicbert_jax.attention.pallas_tpu import flash_attention_tpu
             cases.append(Case("pallas_tpu", lambda q, k, v, s, b: flash_attention_tpu(
-                q, k, v, s, slopes, scale, interpret=args.interpret)))
+                q, k, v, s, slopes, scale, interpret=args.interpret, window=args.window)))
         elif name == "triton":
+            if args.window:
+                print("triton skipped: the Triton kernel has no sliding window")
+                continue
             from mosaicbert_jax.attention import triton_kernels
             try:  # report and go on: jax-triton is an optional extra
                 triton_kernels.triton_language()
@@ -189,7 +206,7 @@ def pallas_variants(args, slopes, scale) -> list[Case]:
             sizes = dataclasses.replace(defaults, **overrides)
             return flash_attention(q, k, v, s, slopes, scale,
                                    block_sizes=sizes.shrunk_to(q.shape[1]),
-                                   interpret=args.interpret)
+                                   interpret=args.interpret, window=args.window)
         cases.append(Case(f"pallas[{name}]", variant))
     return cases
 
@@ -210,10 +227,11 @@ def outputs_and_grads(fn, q, k, v, seg, d_out):
     return (out, *vjp(d_out))
 
 
-def reference_outputs(q, k, v, seg, slopes, scale, d_out):
+def reference_outputs(q, k, v, seg, slopes, scale, d_out, window: int = 0):
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     return jax.jit(lambda q, k, v: outputs_and_grads(
-        lambda *a: xla_attention(*a, seg, slopes, scale), q, k, v, seg, d_out))(*f32)
+        lambda *a: xla_attention(*a, seg, slopes, scale, window=window), q, k, v, seg,
+        d_out))(*f32)
 
 
 def check(case: Case, q, k, v, seg, bias, d_out, want) -> str:
@@ -236,6 +254,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--sweep", action="store_true", help="also time block-size variants")
     parser.add_argument("--sweep-seq-lens", default="128,1024")
     parser.add_argument("--sweep-variants", default=",".join(SWEEP))
+    parser.add_argument("--window", type=int, default=0,
+                        help="sliding window: keys with |i - j| <= W only (0 = full attention)")
     parser.add_argument("--no-check", action="store_true")
     parser.add_argument("--interpret", action="store_true",
                         help="run the Pallas kernels in the interpreter (CPU smoke test)")
@@ -261,15 +281,15 @@ def main(argv: Optional[list[str]] = None) -> None:
         for layout in args.layouts.split(","):
             seg_np = segment_layout(layout, batch, seq, rng)
             seg = jnp.asarray(seg_np)
-            pairs = visible_pairs(seg_np)
+            pairs = visible_pairs(seg_np, args.window)
             flops_fwd = 4.0 * args.heads * args.head_dim * pairs
-            bias = (materialised_bias(seg, slopes, seq, dtype)
+            bias = (materialised_bias(seg, slopes, seq, dtype, args.window)
                     if any(c.needs_bias for c in cases) else None)
             checking = not args.no_check
             # Checked on the first rows only (one ends in padding): cheap fp32 reference.
             rows_checked = [x[:CHECK_ROWS] for x in (q, k, v, seg, d_out.astype(jnp.float32))]
-            want = reference_outputs(*rows_checked[:4], slopes, scale,
-                                     rows_checked[4]) if checking else None
+            want = reference_outputs(*rows_checked[:4], slopes, scale, rows_checked[4],
+                                     args.window) if checking else None
             for case in cases:
                 b = bias if case.needs_bias else None
                 # Our kernel is checked at every length, the baselines at the first one.
@@ -284,7 +304,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                     print(f"{case.name} S={seq} {layout}: FAILED {type(err).__name__}: "
                           f"{str(err)[:300]}", flush=True)
                     continue
-                row = dict(layout=layout, seq=seq, batch=batch, impl=case.name,
+                row = dict(layout=layout, seq=seq, batch=batch, impl=case.name, window=args.window,
                            visible=pairs / (batch * seq * seq), fwd_ms=t_fwd, fwd_bwd_ms=t_all,
                            fwd_tflops=flops_fwd / t_fwd / 1e9,
                            fwd_bwd_tflops=3.5 * flops_fwd / t_all / 1e9, errors=errors)
@@ -306,7 +326,8 @@ def markdown_table(rows, device_kind: str, args) -> str:
     lines = [
         f"# Attention benchmark ({device_kind}, {time.strftime('%Y-%m-%d')}, jax "
         f"{jax.__version__})", "",
-        f"bf16, {args.heads} heads of {args.head_dim}, batch x seq = {args.tokens} tokens. "
+        f"bf16, {args.heads} heads of {args.head_dim}, batch x seq = {args.tokens} tokens"
+        + (f", sliding window {args.window}" if args.window else "") + ". "
         "TFLOP/s count only visible (query, key) pairs (layouts two/packed mask the rest); "
         "forward+backward counts 3.5x the forward. cuDNN/tokamax get a materialised bias "
         "built outside the timed call.", "",

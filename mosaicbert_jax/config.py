@@ -46,6 +46,11 @@ class MosaicBertConfig:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention_implementation: str = "auto"
+    # Sliding-window (local) attention: 0 = full attention; w > 0 = query i sees only keys
+    # with |i - j| <= w (still within its own document). With global_attention_every = n > 0,
+    # layers 0, n, 2n, ... stay global (ModernBERT's rule); 0 = every layer uses the window.
+    attention_window: int = 0
+    global_attention_every: int = 0
     # Dropout masks: "hash" (fused, recomputed in the backward; see dropout.py) or "threefry"
     # (flax nn.Dropout).
     dropout_rng: str = "hash"
@@ -74,6 +79,10 @@ class MosaicBertConfig:
                 f"attention_implementation={self.attention_implementation!r} is not one of "
                 f"{available_implementations()} (add one with "
                 f"mosaicbert_jax.attention.register_implementation)")
+        for name in ("attention_window", "global_attention_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}={value!r} must be a non-negative int (0 turns it off)")
         if self.dropout_rng not in DROPOUT_RNGS:
             raise ValueError(f"dropout_rng={self.dropout_rng!r} is not one of {DROPOUT_RNGS}")
         for name in ("glu_implementation", "layernorm_implementation"):

@@ -94,9 +94,11 @@ class MosaicBertEmbeddings(nn.Module):
 
 
 class MosaicBertSelfAttention(nn.Module):
-    """Fused QKV projection (output laid out (3, heads, head_dim)) and ALiBi attention."""
+    """Fused QKV projection (output laid out (3, heads, head_dim)) and ALiBi attention;
+    window > 0: sliding-window attention (keys with |i - j| <= window)."""
 
     config: MosaicBertConfig
+    window: int = 0
 
     @nn.compact
     def __call__(self, x, segment_ids):
@@ -107,7 +109,8 @@ class MosaicBertSelfAttention(nn.Module):
         qkv = qkv.reshape(batch, seq, 3, cfg.num_attention_heads, cfg.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         slopes = jnp.asarray(alibi_slopes(cfg.num_attention_heads))
-        out = attention(q, k, v, segment_ids, slopes, implementation=cfg.attention_implementation)
+        out = attention(q, k, v, segment_ids, slopes, implementation=cfg.attention_implementation,
+                        window=self.window)
         return out.reshape(batch, seq, cfg.hidden_size)
 
 
@@ -216,15 +219,27 @@ class MosaicBertLayer(nn.Module):
     """One post-LN block. With `positions`, only those rows go through output and MLP."""
 
     config: MosaicBertConfig
+    attention_window: int = 0
 
     @nn.compact
     def __call__(self, x, segment_ids, deterministic: bool, positions=None):
         cfg = self.config
-        context = MosaicBertSelfAttention(cfg, name="attention_self")(x, segment_ids)
+        context = MosaicBertSelfAttention(cfg, window=self.attention_window,
+                                          name="attention_self")(x, segment_ids)
         if positions is not None:  # sparse last layer: keys/values need every token, the rest not
             context, x = gather_positions(context, positions), gather_positions(x, positions)
         x = MosaicBertSelfOutput(cfg, name="attention_output")(context, x, deterministic)
         return MosaicBertGatedMLP(cfg, name="mlp")(x, deterministic)
+
+
+def layer_attention_window(cfg: MosaicBertConfig, layer: int) -> int:
+    """The attention window of layer `layer` (0 = full attention): cfg.attention_window, but
+    with global_attention_every = n > 0 the layers with layer % n == 0 (layer 0, n, 2n, ...)
+    stay global, as ModernBERT does."""
+    every = cfg.global_attention_every
+    if every and layer % every == 0:
+        return 0
+    return cfg.attention_window
 
 
 class MosaicBertEncoder(nn.Module):
@@ -240,7 +255,8 @@ class MosaicBertEncoder(nn.Module):
         for i in range(cfg.num_hidden_layers):
             is_last = i == cfg.num_hidden_layers - 1
             positions = last_layer_positions if is_last else None
-            x = layer_cls(cfg, name=f"layer_{i}")(x, segment_ids, deterministic, positions)
+            x = layer_cls(cfg, attention_window=layer_attention_window(cfg, i),
+                          name=f"layer_{i}")(x, segment_ids, deterministic, positions)
         return x
 
 

@@ -60,7 +60,9 @@ def model_config_from(config: ml_collections.ConfigDict, vocab_size: int) -> Mos
         remat=config.model.remat, hidden_dropout_prob=config.model.hidden_dropout_prob,
         dropout_rng=config.model.dropout_rng, vocab_size=vocab_size,
         glu_implementation=config.model.glu_implementation,
-        layernorm_implementation=config.model.layernorm_implementation)
+        layernorm_implementation=config.model.layernorm_implementation,
+        attention_window=config.model.attention_window,
+        global_attention_every=config.model.global_attention_every)
     return MosaicBertConfig.from_preset(config.model.preset, **overrides)
 
 

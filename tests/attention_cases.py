@@ -80,10 +80,10 @@ def random_inputs(batch, seq, heads, head_dim, rng, dtype=jnp.float32):
     return [jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(4)]
 
 
-def float64_attention_and_grads(q, k, v, d_out, segment_ids, slopes, scale):
+def float64_attention_and_grads(q, k, v, d_out, segment_ids, slopes, scale, window=0):
     """Output and dq, dk, dv of sum(out * d_out) in numpy float64, from the definition:
-    softmax(q k^T * scale - slope_h |i - j|) over same-segment non-padding keys, times v;
-    rows that see no key give 0."""
+    softmax(q k^T * scale - slope_h |i - j|) over same-segment non-padding keys (and with
+    window > 0 only keys with |i - j| <= window), times v; rows that see no key give 0."""
     q, k, v, d_out = (np.asarray(x, np.float64) for x in (q, k, v, d_out))
     segment_ids = np.asarray(segment_ids)
     pos = np.arange(q.shape[1])
@@ -91,6 +91,8 @@ def float64_attention_and_grads(q, k, v, d_out, segment_ids, slopes, scale):
               - np.asarray(slopes, np.float64)[:, None, None] * np.abs(pos[:, None] - pos))
     visible = ((segment_ids[:, :, None] == segment_ids[:, None, :])
                & (segment_ids[:, None, :] != 0))[:, None]
+    if window:
+        visible = visible & (np.abs(pos[:, None] - pos[None, :]) <= window)
     logits = np.where(visible, logits, -np.inf)
     row_max = np.max(logits, axis=-1, keepdims=True)
     probs = np.exp(logits - np.where(np.isfinite(row_max), row_max, 0.0))
@@ -121,11 +123,11 @@ def jitted_output_and_grads(fn: Callable) -> Callable:
 
 def assert_matches_float64_reference(got, segment_ids, q, k, v, d_out, slopes, scale,
                                      context: str, forward_tolerance=FORWARD_TOLERANCE,
-                                     gradient_tolerance=GRADIENT_TOLERANCE):
+                                     gradient_tolerance=GRADIENT_TOLERANCE, window=0):
     """Output and gradients `got` lie within the tolerances of the float64 reference, row by
     row of the batch (so one wrong document cannot hide among right ones), and are exactly
     zero and finite where the reference is: padding queries and keys, all-padding rows."""
-    want = float64_attention_and_grads(q, k, v, d_out, segment_ids, slopes, scale)
+    want = float64_attention_and_grads(q, k, v, d_out, segment_ids, slopes, scale, window)
     padding = ~np.asarray(segment_ids, bool)
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
         g = np.asarray(g)
@@ -166,12 +168,13 @@ def check_random_packed_layouts(fn: Callable, seq: int, *, draws: int, batch: in
                                 heads: int = 2, head_dim: int = 16, dtype=jnp.float32,
                                 seed: Optional[int] = None, name: str = "kernel",
                                 forward_tolerance=FORWARD_TOLERANCE,
-                                gradient_tolerance=GRADIENT_TOLERANCE) -> int:
+                                gradient_tolerance=GRADIENT_TOLERANCE, window: int = 0) -> int:
     """Checks fn(q, k, v, segment_ids, slopes, scale) against the float64 reference on `draws`
     batches of fresh random packed layouts of length `seq`; returns the seed it used.
 
     Also the way to check a compiled kernel on a GPU (looser tolerances for TF32 or bf16):
     check_random_packed_layouts(lambda *a: attention(*a[:5], "pallas"), 512, draws=20, ...).
+    window > 0: the reference is sliding-window attention (fn must compute the same).
     """
     from mosaicbert_jax.attention import alibi_slopes
     rng, seed = (np.random.default_rng(seed), seed) if seed is not None else fresh_rng()
@@ -184,8 +187,8 @@ def check_random_packed_layouts(fn: Callable, seq: int, *, draws: int, batch: in
         assert all(x.dtype == dtype for x in got), [x.dtype for x in got]
         assert_matches_float64_reference(
             got, segment_ids, q, k, v, d_out, slopes, scale,
-            f"{name}, seq {seq}, seed {seed}, draw {draw}", forward_tolerance,
-            gradient_tolerance)
+            f"{name}, seq {seq}, window {window}, seed {seed}, draw {draw}", forward_tolerance,
+            gradient_tolerance, window)
     return seed
 
 

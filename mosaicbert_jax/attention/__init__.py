@@ -3,17 +3,22 @@
 `attention(q, k, v, segment_ids, alibi_slopes, implementation=...)` takes and returns
 [batch, seq, heads, head_dim]. The model never imports a kernel directly, so a kernel's
 backend (Pallas Triton, Mosaic GPU, Mosaic TPU, jax-triton) can change without touching it.
+`window=w > 0` adds sliding-window (local) attention: query i sees only keys with
+|i - j| <= w. Implementations get it as a `window` keyword only when w > 0, so callables
+registered without one keep working for full attention.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
 from mosaicbert_jax.attention.alibi import alibi_slopes
+from mosaicbert_jax.attention.block_sparsity import check_window
 from mosaicbert_jax.attention.reference import xla_attention
 
 AttentionFn = Callable[..., jax.Array]
@@ -28,6 +33,9 @@ _LAZY_IMPLEMENTATIONS: dict[str, str] = {
     "triton": "mosaicbert_jax.attention.triton_kernels:triton_attention",
 }
 _IMPLEMENTATIONS: dict[str, AttentionFn] = {"xla": xla_attention}
+# Built-in implementations with a sliding window (the Triton kernel has none yet).
+_WINDOW_BUILTINS = ("cudnn", "pallas", "pallas_interpret", "pallas_tpu", "pallas_tpu_interpret",
+                    "xla")
 
 
 def register_implementation(name: str, target: str | AttentionFn) -> None:
@@ -52,6 +60,19 @@ def _load(name: str) -> AttentionFn:
     fn = getattr(importlib.import_module(module_name), fn_name)
     _IMPLEMENTATIONS[name] = fn
     return fn
+
+
+def _accepts_window(fn: AttentionFn) -> bool:
+    try:
+        return "window" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def window_implementations() -> list[str]:
+    """Names of the implementations that take a sliding window (window > 0)."""
+    registered = [name for name, fn in _IMPLEMENTATIONS.items() if _accepts_window(fn)]
+    return sorted(set(_WINDOW_BUILTINS) | set(registered))
 
 
 def _gpu_supports_pallas() -> bool:
@@ -85,12 +106,14 @@ def resolve_implementation(implementation: str, backend: Optional[str] = None) -
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
               alibi_slopes: jax.Array, implementation: str = "auto",
-              scale: Optional[float] = None) -> jax.Array:
+              scale: Optional[float] = None, window: int = 0) -> jax.Array:
     """softmax(q k^T * scale - slope_h |i - j|, masked to same-segment non-pad keys) v.
 
     q, k, v: [batch, seq, heads, head_dim]; segment_ids: [batch, seq] ints, 0 = padding;
     alibi_slopes: [heads]. Query rows with no visible key (padding) return zeros.
+    window: a static Python int; 0 = full attention, w > 0 = keys with |i - j| <= w only.
     """
+    window = check_window(window)
     if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must share one [batch, seq, heads, head_dim] shape; got "
                          f"{q.shape}, {k.shape}, {v.shape}")
@@ -102,10 +125,17 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
                          f"heads = {q.shape[2]}")
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    fn = _load(resolve_implementation(implementation))
-    return fn(q, k, v, segment_ids.astype(jnp.int32), jnp.asarray(alibi_slopes, jnp.float32),
-              scale)
+    name = resolve_implementation(implementation)
+    fn = _load(name)
+    args = (q, k, v, segment_ids.astype(jnp.int32), jnp.asarray(alibi_slopes, jnp.float32),
+            scale)
+    if not window:
+        return fn(*args)
+    if not _accepts_window(fn):
+        raise ValueError(f"attention implementation {name!r} has no sliding window (window="
+                         f"{window}); use one of {window_implementations()} or window=0")
+    return fn(*args, window=window)
 
 
 __all__ = ["alibi_slopes", "attention", "available_implementations", "register_implementation",
-           "resolve_implementation", "xla_attention"]
+           "resolve_implementation", "window_implementations", "xla_attention"]

@@ -6,12 +6,17 @@ For each block along one axis we return the half-open range [lo, hi) of blocks a
 other axis that a kernel must visit; everything outside it is fully masked. The test is
 conservative (exact for packed rows, whose documents are contiguous runs), so the kernels
 still mask every element they visit and stay correct for any segment layout.
+
+With a sliding window w > 0 (query i sees key j only when |i - j| <= w) the same ranges
+are intersected with the band of block pairs that hold some pair within w, and a block pair
+needs no mask only when every pair in it is within w as well.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _INT_MAX = jnp.iinfo(jnp.int32).max
 _INT_MIN = jnp.iinfo(jnp.int32).min
@@ -37,13 +42,48 @@ def visible_block_pairs(segment_ids: jax.Array, block_rows: int, block_cols: int
             & (col_low[:, None, :] <= row_high[:, :, None]))
 
 
-def visible_block_ranges(segment_ids: jax.Array, block_rows: int,
-                         block_cols: int) -> tuple[jax.Array, jax.Array]:
+def block_distance_bounds(n_rows: int, n_cols: int, block_rows: int,
+                          block_cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """int [n_row_blocks, n_col_blocks] smallest and largest |i - j| over a block pair."""
+    row_first = np.arange(n_rows)[:, None] * block_rows
+    row_last = row_first + block_rows - 1
+    col_first = np.arange(n_cols)[None, :] * block_cols
+    col_last = col_first + block_cols - 1
+    nearest = np.maximum(0, np.maximum(col_first - row_last, row_first - col_last))
+    farthest = np.maximum(np.abs(row_last - col_first), np.abs(col_last - row_first))
+    return nearest, farthest
+
+
+def window_block_pairs(n_rows: int, n_cols: int, block_rows: int, block_cols: int,
+                       window: int) -> tuple[np.ndarray, np.ndarray]:
+    """bool [n_row_blocks, n_col_blocks]: some pair within the window / every pair within it.
+
+    Static (numpy): it depends only on shapes and the window, not on the data.
+    """
+    nearest, farthest = block_distance_bounds(n_rows, n_cols, block_rows, block_cols)
+    return nearest <= window, farthest <= window
+
+
+def check_window(window: int) -> int:
+    """The window as a static non-negative Python int (0 = full attention)."""
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 0:
+        raise ValueError(f"window={window!r} must be a non-negative Python int (0 = full "
+                         "attention); it is static, so pass it from the config, not as an array")
+    return int(window)
+
+
+def visible_block_ranges(segment_ids: jax.Array, block_rows: int, block_cols: int,
+                         window: int = 0) -> tuple[jax.Array, jax.Array]:
     """int32 [batch, n_row_blocks] lo and hi: column blocks [lo, hi) cover every visible pair.
 
     Row blocks with nothing visible (all padding) get lo = hi = 0, so their loop is empty.
+    window > 0 also drops the column blocks with no pair within |i - j| <= window.
     """
     live = visible_block_pairs(segment_ids, block_rows, block_cols)
+    if check_window(window):
+        in_band, _ = window_block_pairs(live.shape[1], live.shape[2], block_rows, block_cols,
+                                        window)
+        live = live & in_band[None]
     n_cols = live.shape[-1]
     any_live = jnp.any(live, axis=-1)
     lo = jnp.argmax(live, axis=-1)
@@ -54,12 +94,13 @@ def visible_block_ranges(segment_ids: jax.Array, block_rows: int,
 
 
 def fully_visible_block_ranges(segment_ids: jax.Array, block_rows: int, block_cols: int,
-                               hi: jax.Array) -> tuple[jax.Array, jax.Array]:
+                               hi: jax.Array, window: int = 0) -> tuple[jax.Array, jax.Array]:
     """int32 [batch, n_row_blocks] start and end of a run of column blocks that need no mask.
 
     A block pair needs no mask when both blocks hold one and the same document and no
     padding. Returns the first such run of column blocks (empty, at `hi`, when there is none),
     so a kernel can visit [lo, start) masked, [start, end) unmasked and [end, hi) masked.
+    window > 0: the pair must also lie wholly inside the band |i - j| <= window.
     """
     batch, seq = segment_ids.shape
 
@@ -72,6 +113,10 @@ def fully_visible_block_ranges(segment_ids: jax.Array, block_rows: int, block_co
     col_pure, col_doc = single_document(block_cols)
     full = (row_pure[:, :, None] & col_pure[:, None, :]
             & (row_doc[:, :, None] == col_doc[:, None, :]))
+    if check_window(window):
+        _, inside_band = window_block_pairs(full.shape[1], full.shape[2], block_rows,
+                                            block_cols, window)
+        full = full & inside_band[None]
     n_cols = full.shape[-1]
     cols = jnp.arange(n_cols)
     any_full = jnp.any(full, axis=-1)

@@ -7,6 +7,11 @@ kernel for dK/dV looping over query blocks, one for dQ looping over key blocks) 
 kernels tied together with a custom_vjp. Blocks whose segments cannot meet are never
 visited (see block_sparsity.py), so rows packed with short documents cost less.
 
+An optional sliding window w > 0 (a static int: query i sees key j only when |i - j| <= w)
+narrows the same block plan to the band around the diagonal, so key blocks outside it are
+never visited; only masked blocks compare |i - j| with w. With w = 0 the kernels are the
+full-attention ones, unchanged.
+
 Kernels index q, k, v in their [batch, seq, heads, head_dim] layout through squeezed block
 dims, so no transposes are needed around them. Softmax statistics live in log2 units
 (exp2 with scale * log2(e) folded in); the stored logsumexp is in the same units.
@@ -26,8 +31,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from mosaicbert_jax.attention.block_sparsity import (fully_visible_block_ranges, pad_sequence,
-                                                    visible_block_ranges)
+from mosaicbert_jax.attention.block_sparsity import (check_window, fully_visible_block_ranges,
+                                                    pad_sequence, visible_block_ranges)
 
 # JAX 0.11 marks its Pallas Triton backend deprecated and warns at every lowering; this
 # kernel is ours and keeps working until that backend is removed, so the warning is noise.
@@ -102,6 +107,11 @@ def _alibi_logits(q, k, q_pos, k_pos, slope_over_scale):
     return s - slope_over_scale * jnp.abs(q_pos[:, None] - k_pos[None, :])
 
 
+def _within_window(row_pos, col_pos, window: int):
+    """bool [rows, cols]: |i - j| <= window for fp32 positions (exact below 2^24)."""
+    return jnp.abs(row_pos[:, None] - col_pos[None, :]) <= window
+
+
 def _positions(start, size):
     return (start + lax.broadcasted_iota(jnp.int32, (size,), 0)).astype(jnp.float32)
 
@@ -123,7 +133,7 @@ def _visit_blocks(plan_ref, row_block, body, carry, split: bool):
 
 
 def _forward_kernel(plan_ref, slopes_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref,
-                    o_ref, lse_ref, *, scale: float, block_k: int, split: bool):
+                    o_ref, lse_ref, *, scale: float, block_k: int, split: bool, window: int):
     q_block, head = pl.program_id(0), pl.program_id(2)
     block_q = q_ref.shape[0]
     q = q_ref[...]
@@ -135,10 +145,14 @@ def _forward_kernel(plan_ref, slopes_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_re
     def visit_key_block(k_block, carry, masked):
         acc, row_max, row_sum = carry
         keys = pl.ds(pl.multiple_of(k_block * block_k, block_k), block_k)
-        s = _alibi_logits(q, k_ref[keys, :], q_pos, _positions(k_block * block_k, block_k),
-                          slope_over_scale)
+        k = k_ref[keys, :]
+        k_pos = _positions(k_block * block_k, block_k)
+        s = _alibi_logits(q, k, q_pos, k_pos, slope_over_scale)
         if masked:
-            s = jnp.where(q_seg[:, None] == kseg_ref[keys][None, :], s, FORWARD_MASK_VALUE)
+            visible = q_seg[:, None] == kseg_ref[keys][None, :]
+            if window:
+                visible = visible & _within_window(q_pos, k_pos, window)
+            s = jnp.where(visible, s, FORWARD_MASK_VALUE)
         new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
         # A row that has seen no key yet keeps max -inf (carried on as is); it is shifted by
         # 0 instead, so its exp2(-inf - shift) is 0 rather than NaN. One select per row; an
@@ -163,7 +177,8 @@ def _forward_kernel(plan_ref, slopes_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_re
 
 
 def _dkdv_kernel(plan_ref, slopes_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, do_ref,
-                 lse_ref, delta_ref, dk_ref, dv_ref, *, scale: float, block_q: int, split: bool):
+                 lse_ref, delta_ref, dk_ref, dv_ref, *, scale: float, block_q: int, split: bool,
+                 window: int):
     k_block, head = pl.program_id(0), pl.program_id(2)
     block_k = k_ref.shape[0]
     k, v = k_ref[...], v_ref[...]
@@ -177,10 +192,13 @@ def _dkdv_kernel(plan_ref, slopes_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, 
         rows = pl.ds(pl.multiple_of(q_block * block_q, block_q), block_q)
         q = q_ref[rows, :]
         # Transposed tile [block_k, block_q]: dV and dK then need no transposes of p / ds.
-        s_t = _alibi_logits(k, q, k_pos, _positions(q_block * block_q, block_q),
-                            slope_over_scale)
+        q_pos = _positions(q_block * block_q, block_q)
+        s_t = _alibi_logits(k, q, k_pos, q_pos, slope_over_scale)
         if masked:
-            s_t = jnp.where(k_seg[:, None] == qseg_ref[rows][None, :], s_t, MASK_VALUE)
+            visible = k_seg[:, None] == qseg_ref[rows][None, :]
+            if window:
+                visible = visible & _within_window(k_pos, q_pos, window)
+            s_t = jnp.where(visible, s_t, MASK_VALUE)
         p_t = jnp.exp2(s_t * log2_scale - lse_ref[rows][None, :])
         do = do_ref[rows, :]
         dv = dv + lax.dot_general(p_t.astype(do.dtype), do, (((1,), (0,)), ((), ())),
@@ -199,7 +217,8 @@ def _dkdv_kernel(plan_ref, slopes_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, 
 
 
 def _dq_kernel(plan_ref, slopes_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, do_ref,
-               lse_ref, delta_ref, dq_ref, *, scale: float, block_k: int, split: bool):
+               lse_ref, delta_ref, dq_ref, *, scale: float, block_k: int, split: bool,
+               window: int):
     q_block, head = pl.program_id(0), pl.program_id(2)
     block_q = q_ref.shape[0]
     q, do = q_ref[...], do_ref[...]
@@ -211,10 +230,13 @@ def _dq_kernel(plan_ref, slopes_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, do
     def visit_key_block(k_block, dq, masked):
         keys = pl.ds(pl.multiple_of(k_block * block_k, block_k), block_k)
         k = k_ref[keys, :]
-        s = _alibi_logits(q, k, q_pos, _positions(k_block * block_k, block_k),
-                          slope_over_scale)
+        k_pos = _positions(k_block * block_k, block_k)
+        s = _alibi_logits(q, k, q_pos, k_pos, slope_over_scale)
         if masked:
-            s = jnp.where(q_seg[:, None] == kseg_ref[keys][None, :], s, MASK_VALUE)
+            visible = q_seg[:, None] == kseg_ref[keys][None, :]
+            if window:
+                visible = visible & _within_window(q_pos, k_pos, window)
+            s = jnp.where(visible, s, MASK_VALUE)
         p = jnp.exp2(s * log2_scale - lse[:, None])
         dp = lax.dot_general(do, v_ref[keys, :], (((1,), (1,)), ((), ())),
                              preferred_element_type=jnp.float32)
@@ -261,14 +283,14 @@ def _pad_last(x: jax.Array, size: int, value=0) -> jax.Array:
     return jnp.pad(x, pad, constant_values=value)
 
 
-def _block_plan(segment_ids, block_rows, block_cols):
+def _block_plan(segment_ids, block_rows, block_cols, window: int = 0):
     """int32 [batch, 4, n_row_blocks (padded to a power of two)]: lo, hi, start, end.
 
     Column blocks [lo, hi) are the ones a row block must visit; [start, end) inside them
-    need no mask (see block_sparsity.py).
+    need no mask (see block_sparsity.py); window > 0 narrows both to the band.
     """
-    lo, hi = visible_block_ranges(segment_ids, block_rows, block_cols)
-    start, end = fully_visible_block_ranges(segment_ids, block_rows, block_cols, hi)
+    lo, hi = visible_block_ranges(segment_ids, block_rows, block_cols, window)
+    start, end = fully_visible_block_ranges(segment_ids, block_rows, block_cols, hi, window)
     plan = jnp.stack([lo, hi, start, end], axis=1)
     return _pad_last(plan, pl.next_power_of_2(plan.shape[-1]))
 
@@ -281,13 +303,14 @@ def _padded_slopes(slopes):
     return _pad_last(slopes.astype(jnp.float32), pl.next_power_of_2(slopes.shape[0]))
 
 
-def _forward(q, k, v, segment_ids, slopes, scale, sizes: BlockSizes, interpret: bool):
+def _forward(q, k, v, segment_ids, slopes, scale, sizes: BlockSizes, interpret: bool,
+             window: int = 0):
     batch, seq, heads, head_dim = q.shape
     bq, bk = sizes.block_q, sizes.block_k
-    plan = _block_plan(segment_ids, bq, bk)
+    plan = _block_plan(segment_ids, bq, bk, window)
     specs = _Specs(seq, head_dim, pl.next_power_of_2(heads), plan.shape[-1])
     kernel = functools.partial(_forward_kernel, scale=scale, block_k=bk,
-                               split=sizes.unmasked_interior)
+                               split=sizes.unmasked_interior, window=window)
     out, lse = pl.pallas_call(
         kernel,
         grid=(seq // bq, batch, heads),
@@ -305,7 +328,7 @@ def _forward(q, k, v, segment_ids, slopes, scale, sizes: BlockSizes, interpret: 
 
 
 def _backward(q, k, v, segment_ids, slopes, out, lse, d_out, scale, sizes: BlockSizes,
-              interpret: bool):
+              interpret: bool, window: int = 0):
     batch, seq, heads, head_dim = q.shape
     delta = jnp.einsum("bshd,bshd->bhs", out.astype(jnp.float32), d_out.astype(jnp.float32))
     q_segments = _query_segments(segment_ids)
@@ -315,10 +338,11 @@ def _backward(q, k, v, segment_ids, slopes, out, lse, d_out, scale, sizes: Block
 
     bq, bk = sizes.block_q_dkv, sizes.block_k_dkv
     # Key blocks are the rows here: the same plan with rows and columns swapped.
-    plan = _block_plan(segment_ids, bk, bq)
+    plan = _block_plan(segment_ids, bk, bq, window)
     specs = _Specs(seq, head_dim, padded_slopes.shape[0], plan.shape[-1])
     dk, dv = pl.pallas_call(
-        functools.partial(_dkdv_kernel, scale=scale, block_q=bq, split=sizes.unmasked_interior),
+        functools.partial(_dkdv_kernel, scale=scale, block_q=bq, split=sizes.unmasked_interior,
+                          window=window),
         grid=(seq // bk, batch, heads),
         in_specs=[specs.plan, specs.slopes, specs.all_segments(), specs.segments(bk),
                   specs.all_tokens(), specs.tokens(bk), specs.tokens(bk),
@@ -332,10 +356,11 @@ def _backward(q, k, v, segment_ids, slopes, out, lse, d_out, scale, sizes: Block
     )(plan, padded_slopes, q_segments, segment_ids, q, k, v, d_out, lse, delta)
 
     bq, bk = sizes.block_q_dq, sizes.block_k_dq
-    plan = _block_plan(segment_ids, bq, bk)
+    plan = _block_plan(segment_ids, bq, bk, window)
     specs = _Specs(seq, head_dim, padded_slopes.shape[0], plan.shape[-1])
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, scale=scale, block_k=bk, split=sizes.unmasked_interior),
+        functools.partial(_dq_kernel, scale=scale, block_k=bk, split=sizes.unmasked_interior,
+                          window=window),
         grid=(seq // bq, batch, heads),
         in_specs=[specs.plan, specs.slopes, specs.segments(bq), specs.all_segments(),
                   specs.tokens(bq), specs.all_tokens(),
@@ -350,20 +375,20 @@ def _backward(q, k, v, segment_ids, slopes, out, lse, d_out, scale, sizes: Block
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _flash(q, k, v, segment_ids, slopes, scale, sizes, interpret):
-    return _forward(q, k, v, segment_ids, slopes, scale, sizes, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _flash(q, k, v, segment_ids, slopes, scale, sizes, interpret, window):
+    return _forward(q, k, v, segment_ids, slopes, scale, sizes, interpret, window)[0]
 
 
-def _flash_fwd(q, k, v, segment_ids, slopes, scale, sizes, interpret):
-    out, lse = _forward(q, k, v, segment_ids, slopes, scale, sizes, interpret)
+def _flash_fwd(q, k, v, segment_ids, slopes, scale, sizes, interpret, window):
+    out, lse = _forward(q, k, v, segment_ids, slopes, scale, sizes, interpret, window)
     return out, (q, k, v, segment_ids, slopes, out, lse)
 
 
-def _flash_bwd(scale, sizes, interpret, residuals, d_out):
+def _flash_bwd(scale, sizes, interpret, window, residuals, d_out):
     q, k, v, segment_ids, slopes, out, lse = residuals
     dq, dk, dv = _backward(q, k, v, segment_ids, slopes, out, lse, d_out, scale, sizes,
-                           interpret)
+                           interpret, window)
     # Segment ids are integers and ALiBi slopes are constants of the model: no cotangent.
     return dq, dk, dv, None, jnp.zeros_like(slopes)
 
@@ -383,27 +408,29 @@ def _check_inputs(q: jax.Array) -> None:
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
                     slopes: jax.Array, scale: float, *, block_sizes: Optional[BlockSizes] = None,
-                    interpret: bool = False) -> jax.Array:
+                    interpret: bool = False, window: int = 0) -> jax.Array:
     """ALiBi + segment-masked attention on [batch, seq, heads, head_dim]; any seq length.
 
-    segment_ids: [batch, seq] non-negative ints, 0 = padding. The sequence is padded
+    segment_ids: [batch, seq] non-negative ints, 0 = padding. window: a static int; > 0
+    limits each query to keys with |i - j| <= window (0: full attention). The sequence is padded
     internally (with padding segment 0) up to a multiple of the largest block and the output
     sliced back, so callers never see the blocking.
     """
     _check_inputs(q)
+    window = check_window(window)
     seq = q.shape[1]
     sizes = block_sizes or default_block_sizes_for_head_dim(seq, q.shape[-1])
     q, k, v, segment_ids = pad_sequence(q, k, v, segment_ids, max(sizes.blocks()))
     out = _flash(q, k, v, segment_ids, jnp.asarray(slopes, jnp.float32), float(scale), sizes,
-                 interpret)
+                 interpret, window)
     return out[:, :seq]
 
 
-def pallas_attention(q, k, v, segment_ids, slopes, scale):
+def pallas_attention(q, k, v, segment_ids, slopes, scale, window: int = 0):
     """The compiled GPU kernel (registered as implementation 'pallas')."""
-    return flash_attention(q, k, v, segment_ids, slopes, scale)
+    return flash_attention(q, k, v, segment_ids, slopes, scale, window=window)
 
 
-def pallas_attention_interpret(q, k, v, segment_ids, slopes, scale):
+def pallas_attention_interpret(q, k, v, segment_ids, slopes, scale, window: int = 0):
     """The same kernels run by the Pallas interpreter: any backend, slow (for tests)."""
-    return flash_attention(q, k, v, segment_ids, slopes, scale, interpret=True)
+    return flash_attention(q, k, v, segment_ids, slopes, scale, interpret=True, window=window)

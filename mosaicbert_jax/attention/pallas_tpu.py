@@ -8,7 +8,9 @@ blocks can hold visible pairs (block_sparsity.py) is scalar-prefetched into SMEM
 map of the visited axis walks only the visible range [lo, hi) and then repeats its last
 block (Pallas issues no new DMA for a repeated block), and `pl.when` skips the compute there.
 Forward and backward (one dK/dV kernel over query blocks, one dQ kernel over key blocks)
-are tied together with a custom_vjp.
+are tied together with a custom_vjp. An optional sliding window w > 0 (static; query i
+sees key j only when |i - j| <= w) narrows the plan to the band and is masked in the
+masked blocks; w = 0 leaves the kernels as they are.
 
 TPU layout rules decide the shapes: kernels see [heads, seq, head_dim] tiles of q, k, v
 transposed to [batch, heads, seq, head_dim] (a block's last two dims must be whole or
@@ -36,8 +38,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from mosaicbert_jax.attention.block_sparsity import (fully_visible_block_ranges,
-                                                    visible_block_ranges)
+from mosaicbert_jax.attention.block_sparsity import (check_window, fully_visible_block_ranges,
+                                                    visible_block_ranges, window_block_pairs)
 
 NUM_LANES = 128
 NUM_SUBLANES = 8
@@ -136,6 +138,15 @@ def _same_segment(row_ids_ref, col_ids_ref, cols: int) -> jax.Array:
     return row_ids == col_ids_ref[:1, :]
 
 
+def _visible(row_ids_ref, col_ids_ref, cols: int, masked: bool, distance, window: int):
+    """The mask of a tile: None when unmasked; else same segment, and |i - j| <= window
+    when window > 0."""
+    if not masked:
+        return None
+    same = _same_segment(row_ids_ref, col_ids_ref, cols)
+    return same & (distance <= window) if window else same
+
+
 def _plan_entry(plan_ref, batch, row_block, n_rows: int):
     """lo, hi, start, end of one row block from the flat scalar-prefetched plan."""
     base = batch * 4 * n_rows + row_block
@@ -174,7 +185,7 @@ def _for_each_head(heads: int, body) -> None:
 
 def _forward_kernel(plan_ref, slopes_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref,
                     o_ref, lse_ref, m_scratch, l_scratch, acc_scratch, *,
-                    scale: float, n_rows: int, split: bool):
+                    scale: float, n_rows: int, split: bool, window: int):
     batch, head_block, q_block, step = (pl.program_id(a) for a in range(4))
     heads, block_q, head_dim = q_ref.shape
     block_k = k_ref.shape[1]
@@ -187,7 +198,7 @@ def _forward_kernel(plan_ref, slopes_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_re
 
     def visit(k_block, masked):
         distance = _distance(q_block * block_q, k_block * block_k, block_q, block_k)
-        same = _same_segment(qseg_ref, kseg_ref, block_k) if masked else None
+        same = _visible(qseg_ref, kseg_ref, block_k, masked, distance, window)
 
         def one_head(h):
             slope = slopes_ref[head_block * heads + h]
@@ -226,7 +237,7 @@ def _forward_kernel(plan_ref, slopes_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_re
 
 def _dkdv_kernel(plan_ref, slopes_ref, kseg_ref, qseg_ref, q_ref, k_ref, v_ref, do_ref,
                  lse_ref, delta_ref, dk_ref, dv_ref, dk_scratch, dv_scratch, *,
-                 scale: float, n_rows: int, split: bool):
+                 scale: float, n_rows: int, split: bool, window: int):
     batch, head_block, k_block, step = (pl.program_id(a) for a in range(4))
     heads, block_k, _ = k_ref.shape
     block_q = q_ref.shape[1]
@@ -239,7 +250,7 @@ def _dkdv_kernel(plan_ref, slopes_ref, kseg_ref, qseg_ref, q_ref, k_ref, v_ref, 
     def visit(q_block, masked):
         # Transposed tiles [block_k, block_q]: dV = P^T dO and dK = dS^T Q need no transposes.
         distance = _distance(k_block * block_k, q_block * block_q, block_k, block_q)
-        same = _same_segment(kseg_ref, qseg_ref, block_q) if masked else None
+        same = _visible(kseg_ref, qseg_ref, block_q, masked, distance, window)
 
         def one_head(h):
             slope = slopes_ref[head_block * heads + h]
@@ -265,7 +276,7 @@ def _dkdv_kernel(plan_ref, slopes_ref, kseg_ref, qseg_ref, q_ref, k_ref, v_ref, 
 
 def _dq_kernel(plan_ref, slopes_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, do_ref,
                lse_ref, delta_ref, dq_ref, dq_scratch, *, scale: float, n_rows: int,
-               split: bool):
+               split: bool, window: int):
     batch, head_block, q_block, step = (pl.program_id(a) for a in range(4))
     heads, block_q, _ = q_ref.shape
     block_k = k_ref.shape[1]
@@ -276,7 +287,7 @@ def _dq_kernel(plan_ref, slopes_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, do
 
     def visit(k_block, masked):
         distance = _distance(q_block * block_q, k_block * block_k, block_q, block_k)
-        same = _same_segment(qseg_ref, kseg_ref, block_k) if masked else None
+        same = _visible(qseg_ref, kseg_ref, block_k, masked, distance, window)
 
         def one_head(h):
             slope = slopes_ref[head_block * heads + h]
@@ -303,14 +314,24 @@ def _dq_kernel(plan_ref, slopes_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, do
 # ----------------------------------------------------------------------------- pallas_calls
 
 
-def _flat_plan(segment_ids, block_rows: int, block_cols: int) -> jax.Array:
+def _flat_plan(segment_ids, block_rows: int, block_cols: int, window: int = 0) -> jax.Array:
     """int32 [batch * 4 * n_row_blocks]: lo, hi, start, end per row block (see block_sparsity).
 
     Flat, so SMEM holds it without padding a small trailing dim up to a tile.
     """
-    lo, hi = visible_block_ranges(segment_ids, block_rows, block_cols)
-    start, end = fully_visible_block_ranges(segment_ids, block_rows, block_cols, hi)
+    lo, hi = visible_block_ranges(segment_ids, block_rows, block_cols, window)
+    start, end = fully_visible_block_ranges(segment_ids, block_rows, block_cols, hi, window)
     return jnp.stack([lo, hi, start, end], axis=1).reshape(-1)
+
+
+def _visited_steps(seq: int, block_rows: int, block_cols: int, window: int) -> int:
+    """Length of the visited grid axis: every column block, or with a window only the most
+    that any row block's band holds (its visible range never exceeds the band)."""
+    n_rows, n_cols = seq // block_rows, seq // block_cols
+    if not window:
+        return n_cols
+    in_band, _ = window_block_pairs(n_rows, n_cols, block_rows, block_cols, window)
+    return int(in_band.sum(axis=1).max())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -377,14 +398,14 @@ def _compiler_params() -> pltpu.CompilerParams:
 
 
 def _forward(q, k, v, segments: _Segments, segment_ids, slopes, scale,
-             sizes: TpuBlockSizes, interpret):
+             sizes: TpuBlockSizes, interpret, window: int = 0):
     batch, num_heads, seq, head_dim = q.shape
     bq, bk, heads = sizes.block_q, sizes.block_k, sizes.heads_per_block
     n_rows = seq // bq
     spec = _specs(heads, head_dim, n_rows)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=1,
-        grid=(batch, num_heads // heads, n_rows, seq // bk),
+        grid=(batch, num_heads // heads, n_rows, _visited_steps(seq, bq, bk, window)),
         in_specs=[spec["slopes"], spec["row_columns"](bq), spec["visited_rows"](bk),
                   spec["row_tokens"](bq), spec["visited_tokens"](bk),
                   spec["visited_tokens"](bk)],
@@ -394,7 +415,7 @@ def _forward(q, k, v, segments: _Segments, segment_ids, slopes, scale,
                         pltpu.VMEM((heads, bq, head_dim), jnp.float32)],
     )
     kernel = functools.partial(_forward_kernel, scale=scale, n_rows=n_rows,
-                               split=sizes.unmasked_interior)
+                               split=sizes.unmasked_interior, window=window)
     return pl.pallas_call(
         kernel,
         grid_spec=grid_spec,
@@ -403,12 +424,12 @@ def _forward(q, k, v, segments: _Segments, segment_ids, slopes, scale,
         compiler_params=_compiler_params(),
         interpret=interpret,
         name="alibi_flash_forward_tpu",
-    )(_flat_plan(segment_ids, bq, bk), slopes, segments.query_columns, segments.key_rows,
-      q, k, v)
+    )(_flat_plan(segment_ids, bq, bk, window), slopes, segments.query_columns,
+      segments.key_rows, q, k, v)
 
 
 def _backward(q, k, v, segments: _Segments, segment_ids, slopes, out, lse, d_out, scale,
-              sizes: TpuBlockSizes, interpret):
+              sizes: TpuBlockSizes, interpret, window: int = 0):
     batch, num_heads, seq, head_dim = q.shape
     heads = sizes.heads_per_block
     delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1)
@@ -420,7 +441,7 @@ def _backward(q, k, v, segments: _Segments, segment_ids, slopes, out, lse, d_out
     # Key blocks are the rows here: the plan with rows and columns swapped.
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=1,
-        grid=(batch, num_heads // heads, n_rows, seq // bq),
+        grid=(batch, num_heads // heads, n_rows, _visited_steps(seq, bk, bq, window)),
         in_specs=[spec["slopes"], spec["row_columns"](bk), spec["visited_rows"](bq),
                   spec["visited_tokens"](bq), spec["row_tokens"](bk), spec["row_tokens"](bk),
                   spec["visited_tokens"](bq), spec["visited_stats"](bq),
@@ -431,14 +452,15 @@ def _backward(q, k, v, segments: _Segments, segment_ids, slopes, out, lse, d_out
     )
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, scale=scale, n_rows=n_rows,
-                          split=sizes.unmasked_interior),
+                          split=sizes.unmasked_interior, window=window),
         grid_spec=grid_spec,
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
                    jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=_compiler_params(),
         interpret=interpret,
         name="alibi_flash_dkdv_tpu",
-    )(_flat_plan(segment_ids, bk, bq), slopes, segments.key_columns, segments.query_rows,
+    )(_flat_plan(segment_ids, bk, bq, window), slopes, segments.key_columns,
+      segments.query_rows,
       q, k, v, d_out, lse, delta)
 
     bq, bk = sizes.block_q_dq, sizes.block_k_dq
@@ -446,7 +468,7 @@ def _backward(q, k, v, segments: _Segments, segment_ids, slopes, out, lse, d_out
     spec = _specs(heads, head_dim, n_rows)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=1,
-        grid=(batch, num_heads // heads, n_rows, seq // bk),
+        grid=(batch, num_heads // heads, n_rows, _visited_steps(seq, bq, bk, window)),
         in_specs=[spec["slopes"], spec["row_columns"](bq), spec["visited_rows"](bk),
                   spec["row_tokens"](bq), spec["visited_tokens"](bk),
                   spec["visited_tokens"](bk), spec["row_tokens"](bq), spec["row_stats"](bq),
@@ -456,37 +478,39 @@ def _backward(q, k, v, segments: _Segments, segment_ids, slopes, out, lse, d_out
     )
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, scale=scale, n_rows=n_rows,
-                          split=sizes.unmasked_interior),
+                          split=sizes.unmasked_interior, window=window),
         grid_spec=grid_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=_compiler_params(),
         interpret=interpret,
         name="alibi_flash_dq_tpu",
-    )(_flat_plan(segment_ids, bq, bk), slopes, segments.query_columns, segments.key_rows,
-      q, k, v, d_out, lse, delta)
+    )(_flat_plan(segment_ids, bq, bk, window), slopes, segments.query_columns,
+      segments.key_rows, q, k, v, d_out, lse, delta)
     return dq, dk, dv
 
 
 # ----------------------------------------------------------------------------- custom_vjp
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _flash(q, k, v, segment_ids, slopes, scale, sizes, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _flash(q, k, v, segment_ids, slopes, scale, sizes, interpret, window):
     segments = _Segments.build(segment_ids)
-    return _forward(q, k, v, segments, segment_ids, slopes, scale, sizes, interpret)[0]
+    return _forward(q, k, v, segments, segment_ids, slopes, scale, sizes, interpret,
+                    window)[0]
 
 
-def _flash_fwd(q, k, v, segment_ids, slopes, scale, sizes, interpret):
+def _flash_fwd(q, k, v, segment_ids, slopes, scale, sizes, interpret, window):
     segments = _Segments.build(segment_ids)
-    out, lse = _forward(q, k, v, segments, segment_ids, slopes, scale, sizes, interpret)
+    out, lse = _forward(q, k, v, segments, segment_ids, slopes, scale, sizes, interpret,
+                        window)
     return out, (q, k, v, segment_ids, slopes, out, lse)
 
 
-def _flash_bwd(scale, sizes, interpret, residuals, d_out):
+def _flash_bwd(scale, sizes, interpret, window, residuals, d_out):
     q, k, v, segment_ids, slopes, out, lse = residuals
     segments = _Segments.build(segment_ids)
     dq, dk, dv = _backward(q, k, v, segments, segment_ids, slopes, out, lse, d_out, scale,
-                           sizes, interpret)
+                           sizes, interpret, window)
     # Segment ids are integers and ALiBi slopes are constants of the model: no cotangent.
     return dq, dk, dv, None, jnp.zeros_like(slopes)
 
@@ -511,14 +535,16 @@ def _check_inputs(q: jax.Array, sizes: TpuBlockSizes) -> None:
 def flash_attention_tpu(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
                         slopes: jax.Array, scale: float, *,
                         block_sizes: Optional[TpuBlockSizes] = None,
-                        interpret: Any = False) -> jax.Array:
+                        interpret: Any = False, window: int = 0) -> jax.Array:
     """ALiBi + segment-masked attention on [batch, seq, heads, head_dim]; any seq length.
 
     segment_ids: [batch, seq] non-negative ints, 0 = padding. The sequence is padded
     internally (segment 0) to a multiple of the blocks and the output sliced back.
     interpret: False on TPU; True (or a `pltpu.InterpretParams`) runs the kernels in the
-    Pallas interpreter on any backend.
+    Pallas interpreter on any backend. window: static int; > 0 limits query i to keys with
+    |i - j| <= window (0: full attention).
     """
+    window = check_window(window)
     if not interpret and jax.default_backend() != "tpu":
         raise ValueError(f"the Pallas TPU kernel runs on TPU only (backend is "
                          f"{jax.default_backend()!r}); use implementation='pallas_tpu_interpret' "
@@ -537,15 +563,16 @@ def flash_attention_tpu(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: j
         return jnp.pad(x, [(0, 0), (0, 0), (0, padded - seq), (0, 0)]) if padded != seq else x
 
     out = _flash(heads_major(q), heads_major(k), heads_major(v), segment_ids,
-                 jnp.asarray(slopes, jnp.float32), float(scale), sizes, interpret)
+                 jnp.asarray(slopes, jnp.float32), float(scale), sizes, interpret, window)
     return jnp.swapaxes(out[:, :, :seq], 1, 2)
 
 
-def pallas_tpu_attention(q, k, v, segment_ids, slopes, scale):
+def pallas_tpu_attention(q, k, v, segment_ids, slopes, scale, window: int = 0):
     """The compiled TPU kernel (registered as 'pallas_tpu'; 'pallas'/'auto' on TPU)."""
-    return flash_attention_tpu(q, k, v, segment_ids, slopes, scale)
+    return flash_attention_tpu(q, k, v, segment_ids, slopes, scale, window=window)
 
 
-def pallas_tpu_attention_interpret(q, k, v, segment_ids, slopes, scale):
+def pallas_tpu_attention_interpret(q, k, v, segment_ids, slopes, scale, window: int = 0):
     """The same kernels run by the Pallas interpreter: any backend, slow (for tests)."""
-    return flash_attention_tpu(q, k, v, segment_ids, slopes, scale, interpret=True)
+    return flash_attention_tpu(q, k, v, segment_ids, slopes, scale, interpret=True,
+                               window=window)
