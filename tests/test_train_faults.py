@@ -50,6 +50,14 @@ def test_a_diverging_run_stops_and_every_checkpoint_it_left_is_finite(tmp_path):
         leaves = [np.asarray(x, np.float32) for x in _leaves(params)]
         assert all(np.isfinite(x).all() for x in leaves), step
 
+    # The same workdir under another model: one line, exit 2, the checkpoints left as they are.
+    other = run_train(tmp_path, "--config.model.preset=base", "--config.train.steps=8")
+    assert other.returncode == 2 and "Traceback" not in other.stderr
+    line = other.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: --workdir={tmp_path} holds a checkpoint (step {max(steps)}) "
+                           f"of a different model: preset=tiny (checkpoint) vs preset=base"), line
+    assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == steps
+
 
 def _leaves(tree):
     import jax
