@@ -163,3 +163,19 @@ def test_training_from_init_from_with_a_new_vocab_resumes_exactly(tmp_path, toke
     for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(full["state"]["params"])),
                     jax.tree_util.tree_leaves(jax.device_get(resumed["state"]["params"]))):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("seq_len", [512, 1024, 2048])
+def test_phase2_configs_load_validate_and_keep_the_recipes_tokens_per_batch(seq_len):
+    import importlib
+    from mosaicbert_jax.checkpoint import checkpoint_kind
+    from mosaicbert_jax.train import check_batch_layout
+    from mosaicbert_jax.training.defaults import validate_config
+    config = importlib.import_module(f"phase2_{seq_len}").get_config()
+    validate_config(config)
+    assert config.data.seq_len == seq_len and config.model.preset == "base"
+    assert config.train.global_batch_size * seq_len == 4096 * 128
+    assert config.optimizer.lr < tiny.get_default_config().optimizer.lr  # below the 5e-4 peak
+    check_batch_layout(config.train.global_batch_size, config.train.microbatches, 8, 1)
+    with pytest.raises(ValueError, match="REQUIRED:--config.init_from"):
+        checkpoint_kind(config.init_from)  # forgetting init_from is an error, not a fresh start
