@@ -11,12 +11,13 @@ How the numbers were chosen (what the sources say, and where it is our choice):
   each "was trained with ALiBi on a sequence length of" N tokens; they give no batch size, learning
   rate or token count, so nothing below is copied from them.
 - Batch: 512 x 1024 = 524,288 tokens, the same tokens per step as the 128-token recipe
-  (4096 x 128), so the optimizer sees the same number of tokens per update and the recipe's
-  learning-rate scale carries over. Our choice.
-- Learning rate 2e-4, 40% of the recipe's 5e-4 peak: continued pretraining from a trained model
-  wants a lower peak than training from scratch. ModernBERT (Warner et al. 2024, arXiv 2412.13663)
-  did its 8192-token context extension at a lower constant rate than its 8e-4 main phase (3e-4 as
-  we read the paper); the exact 2e-4 here is our choice, not measured.
+  (4096 x 128). ModernBERT did the same when it extended its context (arXiv 2412.13663, Table 3:
+  base went from 4608 x 1024 to 576 x 8192, 4.7M tokens per batch either way).
+- Learning rate 2e-4, 40% of the recipe's 5e-4 peak. ModernBERT's extension ran at 3e-4 against
+  its 8e-4 main phase (37.5%), constant for 250B tokens and then decayed over 50B (Table 3, as a
+  summary of the paper found by our search gives it; we did not read the table itself). We keep
+  about the same ratio; the exact 2e-4, and a linear decay instead of a constant phase, are our
+  choice, not measured.
 - Warmup 6% of the steps, as the recipe: the optimizer state is fresh (init_from keeps only the
   parameters), so Adam's second moments need a warmup again. Decay to 2% of peak, as the recipe.
 - Steps 7,000 (3.7B tokens, 10% of the 128-token phase's 70,000 x 524,288 = 36.7B): our choice of
