@@ -3,14 +3,17 @@
 A `--src` that is not a local folder but looks like `org/name` is resolved through
 huggingface_hub's cache (`snapshot_download`; with HF_HUB_OFFLINE=1 only the cache is read).
 The released repos hold no tokenizer: they use bert-base-uncased's, which is fetched (or read
-from the cache) alongside. The result is a small local folder of symlinks into the cache
-holding config.json, the weights and the tokenizer files, which every folder reader accepts.
+from the cache) alongside. The result is a temporary local folder of symlinks into the cache
+(removed at exit) holding config.json, the weights and the tokenizer files, which every folder
+reader accepts.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import shutil
 import tempfile
 from typing import Optional
 
@@ -78,10 +81,12 @@ def _model_snapshot(repo_id: str, cache: str) -> str:
         folder = hub.snapshot_download(repo_id, cache_dir=cache, local_files_only=hub_offline(),
                                        allow_patterns=list(wanted))
     except Exception as error:  # offline miss, network, auth or missing repo: one message
-        where = ("HF_HUB_OFFLINE is set and it is not in the cache" if hub_offline()
-                 else f"it could not be downloaded ({type(error).__name__})")
-        raise ValueError(f"--src {repo_id!r} is not a local folder and {where} {cache}; on a "
-                         f"machine with network run `{_download_command(repo_id, fetch, cache)}` "
+        where = (f"is not in the Hugging Face cache {cache} (HF_HUB_OFFLINE is set, so nothing is "
+                 f"downloaded)" if hub_offline() else
+                 f"could not be downloaded into the Hugging Face cache {cache} "
+                 f"({type(error).__name__})")
+        raise ValueError(f"--src {repo_id!r} is not a local folder and {where}; on a machine "
+                         f"with network run `{_download_command(repo_id, fetch, cache)}` "
                          f"and copy that cache here (or pass a local folder)") from error
     if not os.path.isfile(os.path.join(folder, CONFIG_FILE)) or not any(
             os.path.isfile(os.path.join(folder, name)) for name in TORCH_WEIGHT_FILES):
@@ -139,6 +144,7 @@ def resolve_model_source(src: str) -> str:
     if not tokenizers and tokenizer is not None:
         tokenizers = _tokenizer_files(tokenizer, src, cache)
     view = tempfile.mkdtemp(prefix="mosaicbert-hub-")
+    atexit.register(shutil.rmtree, view, ignore_errors=True)  # only links; the cache stays
     for path in files + tokenizers:
         if os.path.isfile(path):
             os.symlink(os.path.realpath(path), os.path.join(view, os.path.basename(path)))
