@@ -153,3 +153,33 @@ def test_offline_without_the_tokenizer_says_which_files_and_where(tmp_path, offl
     assert "bert-base-uncased" in message and str(offline_cache) in message
     assert "tokenizer.json" in message and "vocab.txt" in message
     assert "models--google-bert--bert-base-uncased" in message
+
+
+def test_init_from_takes_a_hub_name(tmp_path, offline_cache, golden_mlm):
+    """--config.init_from=mosaicml/mosaic-bert-base: the released weights, read from the cache."""
+    from mosaicbert_jax.model import MosaicBertForMaskedLM
+    from mosaicbert_jax.optim import recipe_optimizer
+    from mosaicbert_jax.sharding import make_mesh
+    from mosaicbert_jax.training.defaults import get_default_config
+    from mosaicbert_jax.training.init_from import apply_init_from
+    from mosaicbert_jax.training.step import init_state
+    import jax
+    add_to_cache(offline_cache, "mosaicml/mosaic-bert-base", original_repo_files(golden_mlm),
+                 COMMIT)
+    vocab = tokenizer_json(96)
+    snapshot = add_to_cache(offline_cache, "google-bert/bert-base-uncased",
+                            {"tokenizer.json": vocab}, TOKENIZER_COMMIT)
+    hf_config, state_dict = golden_mlm
+    config = config_from_hf_json(hf_config)
+    _, tx = recipe_optimizer(get_default_config().optimizer, 10)
+    state, _ = init_state(MosaicBertForMaskedLM(config), tx, 0,
+                          make_mesh({"data": -1, "fsdp": 1, "tensor": 1}))
+    reports = []
+    started = apply_init_from("mosaicml/mosaic-bert-base", state, 0, config,
+                              os.path.join(snapshot, "tokenizer.json"), reports.append)
+    want = torch_state_dict_to_flax(state_dict, config)
+    for (path, expected), got in zip(jax.tree_util.tree_flatten_with_path(want)[0],
+                                     jax.tree_util.tree_leaves(jax.device_get(
+                                         started["params"]))):
+        np.testing.assert_array_equal(got, expected, err_msg=jax.tree_util.keystr(path))
+    assert "same vocabulary (96 tokens), all 96 rows kept" in reports[0]

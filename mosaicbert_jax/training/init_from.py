@@ -1,7 +1,8 @@
 """Continued pretraining: `--config.init_from=DIR` starts a run from pretrained weights.
 
 DIR is anything `checkpoint.load_pretrained` reads (a converted folder, a save_pretrained folder,
-a training workdir or one of its steps, a PyTorch folder). Only the parameters are taken; the
+a training workdir or one of its steps, a PyTorch folder), or a released hub name such as
+mosaicml/mosaic-bert-base (read through the Hugging Face cache, see `mosaicbert_jax.hub`). Only the parameters are taken; the
 optimizer state and the schedule start fresh at step 0. When the data's tokenizer differs from
 the checkpoint's (compared token by token, by string), the embedding and MLM-bias rows of the
 tokens both vocabularies share are copied and every other row keeps its fresh init. Once the
@@ -18,7 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mosaicbert_jax import checkpoint
+from mosaicbert_jax import checkpoint, hub
 from mosaicbert_jax.config import MosaicBertConfig
 
 # Parameters indexed by token id along their first axis (path suffixes in the params tree).
@@ -152,8 +153,8 @@ def apply_init_from(path: str, state: dict, resume_step: int, model_config: Mosa
     if resume_step:
         report(f"init_from={path} ignored: resuming from step {resume_step} of this workdir")
         return state
-    params, summary = load_initial_params(os.path.expanduser(path), state["params"],
-                                          model_config, data_tokenizer)
+    source = hub.resolve_model_source(os.path.expanduser(path))  # a hub name: its cached files
+    params, summary = load_initial_params(source, state["params"], model_config, data_tokenizer)
     report(f"init_from {path}: parameters loaded, optimizer and schedule fresh; {summary}")
     return {**state, "params": params}
 
