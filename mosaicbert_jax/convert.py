@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 from etils import epath
 
-from mosaicbert_jax import checkpoint
+from mosaicbert_jax import checkpoint, hub
 from mosaicbert_jax.cli_errors import as_user_error, exit_status
 from mosaicbert_jax.config import MosaicBertConfig
 from mosaicbert_jax.param_layout import (CONFIG_FILE, TORCH_WEIGHT_FILES, Params, StateDict,
@@ -85,6 +85,7 @@ def _to_torch(args: argparse.Namespace) -> None:
 
 
 def _from_torch(args: argparse.Namespace) -> None:
+    args.src = hub.resolve_model_source(args.src)  # a hub name: its cached files (hub.py)
     state_dict, hf_config = read_torch_folder(args.src)
     config = config_from_hf_json(hf_config)
     params = torch_state_dict_to_flax(state_dict, config)
@@ -121,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "save_pretrained folder (config.json + Orbax params/).")
     from_torch.add_argument("--src", required=True,
                             help="folder with config.json and model.safetensors or "
-                                 "pytorch_model.bin")
+                                 "pytorch_model.bin, or a hub name such as "
+                                 "mosaicml/mosaic-bert-base (read through the HF cache)")
     from_torch.add_argument("--out", required=True, help="output folder (must not hold params/)")
     from_torch.set_defaults(run=_from_torch)
     return parser

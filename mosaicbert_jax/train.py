@@ -27,6 +27,7 @@ from mosaicbert_jax.optim import recipe_optimizer
 from mosaicbert_jax.sharding import batch_sharding, data_parallel_size, make_mesh
 from mosaicbert_jax.training.resume import TrainCheckpoints
 from mosaicbert_jax.training.defaults import validate_config
+from mosaicbert_jax.training.init_from import apply_init_from
 from mosaicbert_jax.training.flops import peak_tflops, training_flops_per_token
 from mosaicbert_jax.training.metrics_log import MetricsLog, format_duration
 from mosaicbert_jax.training.resume_checks import (already_trained_message, check_same_model,
@@ -181,6 +182,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     schedule, tx = recipe_optimizer(config.optimizer, tc.steps)
     model = MosaicBertForMaskedLM(model_cfg)
     state, shardings = init_state(model, tx, tc.seed, mesh)
+    state = apply_init_from(config.init_from, state, start, model_cfg, data.tokenizer_file,
+                            log.print)  # continued pretraining; ignored once resuming
     n_params = count_params(state["params"])
     if start:
         state = ckpt.restore_state(start, state, shardings)

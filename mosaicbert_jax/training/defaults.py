@@ -12,6 +12,10 @@ import ml_collections
 
 def get_default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
+    # Continued pretraining: start from this checkpoint's parameters (any layout
+    # checkpoint.load_pretrained reads, or a hub name such as mosaicml/mosaic-bert-base),
+    # optimizer and schedule fresh; "" = random init. Ignored once the workdir has a checkpoint.
+    c.init_from = ""
     c.model = ml_collections.ConfigDict(dict(
         preset="base",              # base | large | tiny
         dtype="bfloat16",           # compute dtype; parameters stay float32
