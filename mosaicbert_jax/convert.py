@@ -36,6 +36,10 @@ def export_torch_folder(out: str | os.PathLike, params: Params, config: MosaicBe
     """Writes config.json, model.safetensors and tokenizer files; returns the state dict."""
     from safetensors.numpy import save_file
 
+    if config.attention_window:
+        raise ValueError(f"this model attends within a sliding window (attention_window="
+                         f"{config.attention_window}), which the PyTorch MosaicBERT format "
+                         f"cannot express; its exported weights would compute something else")
     params = unwrap_variables(params)
     state_dict = flax_to_torch_state_dict(params, config)
     model_kind = infer_model_kind(params)

@@ -205,3 +205,14 @@ def test_dispatcher_window_support():
         attention(q, k, v, segment_ids, slopes, "xla", window=-1)
     assert {"pallas", "pallas_tpu", "xla", "cudnn"} <= set(window_implementations())
     assert "triton" not in window_implementations()
+
+
+def test_a_windowed_model_is_not_exported_to_the_torch_format(tmp_path):
+    from mosaicbert_jax import MosaicBertForMaskedLM
+    from mosaicbert_jax.convert import export_torch_folder
+    cfg = MosaicBertConfig.tiny(vocab_size=64, attention_window=8)
+    ids = jnp.ones((1, 8), jnp.int32)
+    params = MosaicBertForMaskedLM(cfg).init(jax.random.key(0), ids, ids)["params"]
+    with pytest.raises(ValueError, match="sliding window"):
+        export_torch_folder(tmp_path / "out", params, cfg)
+    assert not (tmp_path / "out").exists()
