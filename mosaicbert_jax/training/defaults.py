@@ -63,6 +63,51 @@ def get_default_config() -> ml_collections.ConfigDict:
     return c
 
 
+PHASE2_TOKENS_PER_BATCH = 4096 * 128  # the 128-token recipe's tokens per step
+
+
+def get_phase2_config(seq_len: int) -> ml_collections.ConfigDict:
+    """Phase 2 of MosaicBERT-base pretraining at `seq_len` tokens, continued (init_from) from a
+    128-token checkpoint; configs/phase2_{512,1024,2048}.py. See docs/long_context.md.
+
+    How the numbers were chosen (what the sources say, and where it is our choice):
+    - The released mosaicml/mosaic-bert-base-seqlen-{256,512,1024,2048} model cards say only that
+      each "was trained with ALiBi on a sequence length of" N tokens; they give no batch size,
+      learning rate or token count, so nothing below is copied from them.
+    - Batch: 524,288 tokens (1024 x 512, 512 x 1024, 256 x 2048), the same tokens per step as
+      the 128-token recipe (4096 x 128). ModernBERT did the same when it extended its context (arXiv 2412.13663, Table 3:
+      base went from 4608 x 1024 to 576 x 8192, 4.7M tokens per batch either way).
+    - Learning rate 2e-4, 40% of the recipe's 5e-4 peak. ModernBERT's extension ran at 3e-4 against
+      its 8e-4 main phase (37.5%), constant for 250B tokens and then decayed over 50B (Table 3, as a
+      summary of the paper found by our search gives it; we did not read the table itself). We keep
+      about the same ratio; the exact 2e-4, and a linear decay instead of a constant phase, are our
+      choice, not measured.
+    - Warmup 6% of the steps, as the recipe: the optimizer state is fresh (init_from keeps only the
+      parameters), so Adam's second moments need a warmup again. Decay to 2% of peak, as the recipe.
+    - Steps 7,000 (3.7B tokens, 10% of the 128-token phase's 70,000 x 524,288 = 36.7B): our choice of
+      budget, the same at every length so the phase-2 runs compare at equal tokens.
+    - ALiBi needs no change: the biases are computed for any length (no position table to extend).
+    - microbatches=1: raise it (--config.train.microbatches=2, 4) if a step does not fit; memory at
+      this length is still to be measured on a GPU (docs/long_context.md gives the command).
+    """
+    c = get_default_config()
+    # A path that does not exist, so a run without --config.init_from stops with an error
+    # naming it instead of silently training from scratch.
+    c.init_from = "REQUIRED:--config.init_from=<128-token checkpoint>"
+    c.model.preset = "base"
+    c.data.source = "shards"
+    c.data.seq_len = seq_len
+    c.train.global_batch_size = PHASE2_TOKENS_PER_BATCH // seq_len
+    c.train.steps = 7_000
+    c.train.eval_every = 1000
+    c.train.checkpoint_every = 1000
+    c.train.seed = 17
+    c.optimizer.lr = 2e-4
+    c.optimizer.warmup_fraction = 0.06
+    c.optimizer.final_lr_fraction = 0.02
+    return c
+
+
 def _flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, object]:
     out = {}
     for key, value in config.items():
