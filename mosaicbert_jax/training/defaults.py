@@ -75,8 +75,9 @@ def get_phase2_config(seq_len: int) -> ml_collections.ConfigDict:
       each "was trained with ALiBi on a sequence length of" N tokens; they give no batch size,
       learning rate or token count, so nothing below is copied from them.
     - Batch: 524,288 tokens (1024 x 512, 512 x 1024, 256 x 2048), the same tokens per step as
-      the 128-token recipe (4096 x 128). ModernBERT did the same when it extended its context (arXiv 2412.13663, Table 3:
-      base went from 4608 x 1024 to 576 x 8192, 4.7M tokens per batch either way).
+      the 128-token recipe (4096 x 128). ModernBERT did the same when it extended its context
+      (arXiv 2412.13663, Table 3: base went from 4608 x 1024 to 576 x 8192, 4.7M tokens per
+      batch either way).
     - Learning rate 2e-4, 40% of the recipe's 5e-4 peak. ModernBERT's extension ran at 3e-4 against
       its 8e-4 main phase (37.5%), constant for 250B tokens and then decayed over 50B (Table 3, as a
       summary of the paper found by our search gives it; we did not read the table itself). We keep
@@ -84,8 +85,8 @@ def get_phase2_config(seq_len: int) -> ml_collections.ConfigDict:
       choice, not measured.
     - Warmup 6% of the steps, as the recipe: the optimizer state is fresh (init_from keeps only the
       parameters), so Adam's second moments need a warmup again. Decay to 2% of peak, as the recipe.
-    - Steps 7,000 (3.7B tokens, 10% of the 128-token phase's 70,000 x 524,288 = 36.7B): our choice of
-      budget, the same at every length so the phase-2 runs compare at equal tokens.
+    - Steps 7,000 (3.7B tokens, 10% of the 128-token phase's 70,000 x 524,288 = 36.7B): our
+      choice of budget, the same at every length so the phase-2 runs compare at equal tokens.
     - ALiBi needs no change: the biases are computed for any length (no position table to extend).
     - microbatches=1: raise it (--config.train.microbatches=2, 4) if a step does not fit; memory at
       this length is still to be measured on a GPU (docs/long_context.md gives the command).
