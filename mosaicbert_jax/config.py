@@ -10,6 +10,9 @@ import jax.numpy as jnp
 from mosaicbert_jax.attention import available_implementations
 
 DROPOUT_RNGS = ("hash", "threefry")
+# The MLM head's LayerNorm eps: the original PyTorch MosaicBERT hard-codes it, whatever
+# layer_norm_eps says (spec: 1e-12), so converted checkpoints compute what the original does.
+MLM_HEAD_LAYER_NORM_EPS = 1e-12
 # Fused memory-bound ops (mosaicbert_jax/fused): auto = Pallas kernels on CUDA GPUs, else XLA.
 FUSED_IMPLEMENTATIONS = ("auto", "xla", "pallas", "pallas_interpret")
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from mosaicbert_jax import fused
 from mosaicbert_jax.attention import alibi_slopes, attention
-from mosaicbert_jax.config import MosaicBertConfig
+from mosaicbert_jax.config import MLM_HEAD_LAYER_NORM_EPS, MosaicBertConfig
 from mosaicbert_jax.dropout import Dropout
 from mosaicbert_jax.fused.reference import gelu
 
@@ -289,7 +289,7 @@ class MosaicBertMLMHead(nn.Module):
         x = nn.Dense(cfg.hidden_size, kernel_init=_dense_init(cfg), dtype=cfg.dtype,
                      param_dtype=cfg.param_dtype, name="transform_dense")(x)
         x = gelu(x).astype(cfg.dtype)
-        x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype,
+        x = nn.LayerNorm(epsilon=MLM_HEAD_LAYER_NORM_EPS, dtype=cfg.dtype,
                          param_dtype=cfg.param_dtype, name="transform_LayerNorm")(x)
         # The matmul writes logits in the compute dtype (as PyTorch autocast does) and the
         # upcast fuses into the loss: float32 output here costs 2.5 ms of a 66 ms base step

@@ -17,7 +17,7 @@ from typing import Any
 
 from mosaicbert_jax import param_layout
 from mosaicbert_jax.attention.alibi import alibi_slopes
-from mosaicbert_jax.config import MosaicBertConfig
+from mosaicbert_jax.config import MLM_HEAD_LAYER_NORM_EPS, MosaicBertConfig
 
 torch = param_layout.import_torch()
 nn = torch.nn
@@ -169,7 +169,7 @@ class MosaicBertTorchPredictionHeadTransform(nn.Module):
     def __init__(self, config: MosaicBertConfig):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=MLM_HEAD_LAYER_NORM_EPS)
 
     def forward(self, x):
         return self.LayerNorm(F.gelu(self.dense(x), approximate="none"))

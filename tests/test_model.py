@@ -8,6 +8,7 @@ import pytest
 from mosaicbert_jax import (MosaicBertConfig, MosaicBertForMaskedLM,
                             MosaicBertForSequenceClassification, MosaicBertModel, alibi_slopes,
                             attention, count_params)
+from mosaicbert_jax.config import MLM_HEAD_LAYER_NORM_EPS
 from mosaicbert_jax.model import gelu
 
 TINY = MosaicBertConfig.tiny(vocab_size=512)
@@ -265,3 +266,18 @@ def test_errors_name_the_bad_value():
     with pytest.raises(ValueError, match="unknown attention implementation"):
         attention(*(jnp.ones((1, 4, 2, 8)),) * 3, jnp.ones((1, 4), jnp.int32),
                   alibi_slopes(2), implementation="nope")
+
+
+def test_mlm_head_layernorm_eps_is_the_originals_whatever_the_config_says():
+    """The original hard-codes the MLM head's LayerNorm eps (1e-12): with a large
+    layer_norm_eps elsewhere, the head's LayerNorm output still has unit variance per row."""
+    cfg = MosaicBertConfig.tiny(vocab_size=64, layer_norm_eps=0.5)
+    model = MosaicBertForMaskedLM(cfg)
+    ids = jnp.asarray(np.random.default_rng(0).integers(5, 64, (2, 16)), jnp.int32)
+    variables = model.init(jax.random.key(0), ids, jnp.ones_like(ids))
+    _, state = model.apply(variables, ids, jnp.ones_like(ids), capture_intermediates=True,
+                           mutable=["intermediates"])
+    normed = np.asarray(state["intermediates"]["cls"]["transform_LayerNorm"]["__call__"][0])
+    # the head's input has a variance of ~1e-3 here: eps 0.5 would shrink it to ~0.002
+    np.testing.assert_allclose(normed.var(axis=-1), 1.0, rtol=1e-3)
+    assert MLM_HEAD_LAYER_NORM_EPS == 1e-12
