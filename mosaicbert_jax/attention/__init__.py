@@ -75,7 +75,7 @@ def window_implementations() -> list[str]:
     return sorted(set(_WINDOW_BUILTINS) | set(registered))
 
 
-def _gpu_supports_pallas() -> bool:
+def gpu_supports_pallas() -> bool:
     """Our Triton-backend kernel needs Ampere or newer (compute capability >= 8.0)."""
     capability = getattr(jax.devices()[0], "compute_capability", None)
     try:
@@ -97,7 +97,7 @@ def resolve_implementation(implementation: str, backend: Optional[str] = None) -
         if backend == "tpu" and "pallas_tpu" in available_implementations():
             return "pallas_tpu"
         return "pallas"
-    if backend == "gpu" and _gpu_supports_pallas():
+    if backend == "gpu" and gpu_supports_pallas():
         return "pallas"
     if backend == "tpu" and "pallas_tpu" in available_implementations():
         return "pallas_tpu"
@@ -137,5 +137,6 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
     return fn(*args, window=window)
 
 
-__all__ = ["alibi_slopes", "attention", "available_implementations", "register_implementation",
-           "resolve_implementation", "window_implementations", "xla_attention"]
+__all__ = ["alibi_slopes", "attention", "available_implementations", "gpu_supports_pallas",
+           "register_implementation", "resolve_implementation", "window_implementations",
+           "xla_attention"]

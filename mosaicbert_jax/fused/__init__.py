@@ -15,18 +15,9 @@ from typing import Optional
 
 import jax
 
+from mosaicbert_jax.attention import gpu_supports_pallas
 from mosaicbert_jax.config import FUSED_IMPLEMENTATIONS as IMPLEMENTATIONS
 from mosaicbert_jax.fused import reference
-
-
-def _gpu_runs_pallas() -> bool:
-    if jax.default_backend() != "gpu":
-        return False
-    capability = getattr(jax.devices()[0], "compute_capability", None)
-    try:
-        return capability is None or float(capability) >= 8.0
-    except (TypeError, ValueError):
-        return True
 
 
 def resolve(implementation: str, width: int, dropout_rng: str = "hash",
@@ -40,7 +31,8 @@ def resolve(implementation: str, width: int, dropout_rng: str = "hash",
         return "xla"
     fits = pallas_gpu.supports(width) and dropout_rng == "hash"
     if implementation == "auto":
-        has_pallas = _gpu_runs_pallas() if backend_has_pallas is None else backend_has_pallas
+        has_pallas = ((jax.default_backend() == "gpu" and gpu_supports_pallas())
+                      if backend_has_pallas is None else backend_has_pallas)
         return "pallas" if fits and has_pallas else "xla"
     if dropout_rng != "hash":
         raise ValueError(f"the fused kernels draw hash dropout masks, not {dropout_rng!r}; "
