@@ -63,6 +63,11 @@ class MosaicBertConfig:
     layernorm_implementation: str = "auto"
     # Rematerialise each layer's activations in the backward pass (saves memory).
     remat: bool = False
+    # FP8 (e4m3 forward, e5m2 output gradients, delayed scaling) for the encoder's large GEMMs:
+    # Wqkv, attention output, GLU up and down (mosaicbert_jax/fp8.py). Off until the
+    # learning-curve benchmark shows parity; the scaling stats keep `fp8_amax_history` amaxes.
+    fp8: bool = False
+    fp8_amax_history: int = 16
     num_labels: int = 2
     classifier_dropout_prob: Optional[float] = None
 
@@ -95,6 +100,12 @@ class MosaicBertConfig:
             if value.startswith("pallas") and self.dropout_rng != "hash":
                 raise ValueError(f"{name}={value!r} draws hash dropout masks but dropout_rng="
                                  f"{self.dropout_rng!r}; use dropout_rng='hash' or {name}='xla'")
+        if not isinstance(self.fp8, bool):
+            raise ValueError(f"fp8={self.fp8!r} must be True or False")
+        if (isinstance(self.fp8_amax_history, bool) or not isinstance(self.fp8_amax_history, int)
+                or self.fp8_amax_history < 1):
+            raise ValueError(f"fp8_amax_history={self.fp8_amax_history!r} must be an int >= 1 "
+                             f"(16 is usual)")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mosaicbert_jax import fused
+from mosaicbert_jax import fp8, fused
 from mosaicbert_jax.attention import alibi_slopes, attention
 from mosaicbert_jax.config import MLM_HEAD_LAYER_NORM_EPS, MosaicBertConfig
 from mosaicbert_jax.dropout import Dropout
@@ -24,6 +24,13 @@ from mosaicbert_jax.fused.reference import gelu
 
 def _dense_init(config: MosaicBertConfig):
     return nn.initializers.normal(stddev=config.initializer_range)
+
+
+def _big_dense(cfg: MosaicBertConfig, features: int, name: str, use_bias: bool = True):
+    """nn.Dense for the encoder's large GEMMs: FP8 matmuls when cfg.fp8 (same params)."""
+    return nn.Dense(features, use_bias=use_bias, kernel_init=_dense_init(cfg), dtype=cfg.dtype,
+                    param_dtype=cfg.param_dtype, name=name,
+                    dot_general_cls=fp8.dot_general_cls(cfg.fp8, cfg.fp8_amax_history))
 
 
 def check_inputs(config: MosaicBertConfig, input_ids: Any, segment_ids: Any,
@@ -104,8 +111,7 @@ class MosaicBertSelfAttention(nn.Module):
     def __call__(self, x, segment_ids):
         cfg = self.config
         batch, seq, _ = x.shape
-        qkv = nn.Dense(3 * cfg.hidden_size, kernel_init=_dense_init(cfg), dtype=cfg.dtype,
-                       param_dtype=cfg.param_dtype, name="Wqkv")(x)
+        qkv = _big_dense(cfg, 3 * cfg.hidden_size, "Wqkv")(x)
         qkv = qkv.reshape(batch, seq, 3, cfg.num_attention_heads, cfg.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         slopes = jnp.asarray(alibi_slopes(cfg.num_attention_heads))
@@ -133,7 +139,8 @@ def _fused_impl(name: str, cfg: MosaicBertConfig, width: int) -> str:
 
 class DenseBiasApart(nn.Module):
     """nn.Dense's parameters (same names, shapes, inits) and matmul, returning the bias
-    instead of adding it, so the fused LayerNorm kernel adds it without another pass."""
+    instead of adding it, so the fused LayerNorm kernel adds it without another pass
+    (an FP8 matmul when cfg.fp8, as _big_dense)."""
 
     features: int
     config: MosaicBertConfig
@@ -144,8 +151,8 @@ class DenseBiasApart(nn.Module):
         kernel = self.param("kernel", _dense_init(cfg), (x.shape[-1], self.features),
                             cfg.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), cfg.param_dtype)
-        y = jax.lax.dot_general(x.astype(cfg.dtype), kernel.astype(cfg.dtype),
-                                (((x.ndim - 1,), (0,)), ((), ())))
+        dot = fp8.Fp8DotGeneral(cfg.fp8_amax_history) if cfg.fp8 else jax.lax.dot_general
+        y = dot(x.astype(cfg.dtype), kernel.astype(cfg.dtype), (((x.ndim - 1,), (0,)), ((), ())))
         return y, bias
 
 
@@ -155,8 +162,7 @@ def _dense_add_layernorm(cfg: MosaicBertConfig, x, residual, dropout: Optional[D
     plain flax composition."""
     impl = _fused_impl("layernorm_implementation", cfg, cfg.hidden_size)
     if impl == "xla":
-        x = nn.Dense(cfg.hidden_size, kernel_init=_dense_init(cfg), dtype=cfg.dtype,
-                     param_dtype=cfg.param_dtype, name=dense_name)(x)
+        x = _big_dense(cfg, cfg.hidden_size, dense_name)(x)
         if dropout is not None:
             x = dropout(x, deterministic)
         return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype,
@@ -190,8 +196,7 @@ class MosaicBertGatedMLP(nn.Module):
     @nn.compact
     def __call__(self, x, deterministic: bool):
         cfg = self.config
-        h = nn.Dense(2 * cfg.intermediate_size, use_bias=False, kernel_init=_dense_init(cfg),
-                     dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="gated_layers")(x)
+        h = _big_dense(cfg, 2 * cfg.intermediate_size, "gated_layers", use_bias=False)(x)
         dropout = Dropout(cfg.hidden_dropout_prob, cfg.dropout_rng)
         impl = _fused_impl("glu_implementation", cfg, cfg.intermediate_size)
         if impl == "xla":

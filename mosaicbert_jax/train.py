@@ -30,9 +30,9 @@ from mosaicbert_jax.training.defaults import validate_config
 from mosaicbert_jax.training.init_from import apply_init_from
 from mosaicbert_jax.training.flops import peak_tflops, training_flops_per_token
 from mosaicbert_jax.training.metrics_log import MetricsLog, format_duration
-from mosaicbert_jax.training.resume_checks import (already_trained_message, check_same_model,
-                                                   check_steps, schedule_change_message,
-                                                   train_config_item)
+from mosaicbert_jax.training.resume_checks import (already_trained_message, check_same_fp8,
+                                                   check_same_model, check_steps,
+                                                   schedule_change_message, train_config_item)
 from mosaicbert_jax.training.multihost import (check_same_on_every_process, exit_on_error,
                                                maybe_initialize_distributed,
                                                start_error_watcher, stop_error_watcher)
@@ -63,7 +63,8 @@ def model_config_from(config: ml_collections.ConfigDict, vocab_size: int) -> Mos
         glu_implementation=config.model.glu_implementation,
         layernorm_implementation=config.model.layernorm_implementation,
         attention_window=config.model.attention_window,
-        global_attention_every=config.model.global_attention_every)
+        global_attention_every=config.model.global_attention_every,
+        fp8=config.model.fp8, fp8_amax_history=config.model.fp8_amax_history)
     return MosaicBertConfig.from_preset(config.model.preset, **overrides)
 
 
@@ -113,13 +114,14 @@ def check_finite(seen_nonfinite: jax.Array, metrics: dict, ckpt: TrainCheckpoint
         f"from the last good checkpoint")
 
 
-def evaluate(eval_step, params, eval_iter, initial_state: dict, num_batches: int, sharding,
+def evaluate(eval_step, state, eval_iter, initial_state: dict, num_batches: int, sharding,
              global_batch: int) -> dict:
     """MLM loss and accuracy over the same `num_batches` held-out batches every time."""
     eval_iter.set_state(initial_state)
     totals = None
     for _ in range(num_batches):
-        sums = eval_step(params, _to_global(next(eval_iter), sharding, global_batch))
+        sums = eval_step(state["params"], _to_global(next(eval_iter), sharding, global_batch),
+                         state.get("fp8"))
         totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
     denom = max(float(totals["weight_sum"]), 1.0)
@@ -162,8 +164,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         f"--workdir={workdir} must be one directory that every process sees")
     schedule_note = None
     if start:
-        check_same_model(ckpt.restore_model_config(start), config_to_dict(model_cfg),
-                         config.model.preset, start, workdir)
+        saved_model = ckpt.restore_model_config(start)
+        check_same_model(saved_model, config_to_dict(model_cfg), config.model.preset, start,
+                         workdir)
+        check_same_fp8(saved_model, config_to_dict(model_cfg), start, workdir)
         check_steps(start, tc.steps, workdir)
         if start == tc.steps:
             ckpt.close()
@@ -192,7 +196,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     train_step = make_train_step(model, tx, schedule, mesh, shardings, tc.microbatches,
                                  dropout_seed=tc.seed)
-    eval_step = make_eval_step(model, mesh, shardings["params"])
+    eval_step = make_eval_step(model, mesh, shardings["params"], shardings.get("fp8"))
     sharding = batch_sharding(mesh)
     tokens_per_step = tc.global_batch_size * config.data.seq_len
     flops_per_token = training_flops_per_token(model_cfg, config.data.seq_len,
@@ -203,7 +207,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
               f"device(s), global batch {tc.global_batch_size} x {config.data.seq_len} tokens, "
               f"steps {start} -> {tc.steps}")
 
-    first_eval = evaluate(eval_step, state["params"], eval_iter, eval_initial,
+    first_eval = evaluate(eval_step, state, eval_iter, eval_initial,
                           tc.eval_batches, sharding, tc.global_batch_size) if start == 0 else None
     if first_eval:
         log.write("eval", 0, first_eval,
@@ -245,7 +249,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             window_start, window_steps = time.perf_counter(), 0
         if is_eval_step:
             eval_start = time.perf_counter()
-            last_eval = evaluate(eval_step, state["params"], eval_iter, eval_initial,
+            last_eval = evaluate(eval_step, state, eval_iter, eval_initial,
                                  tc.eval_batches, sharding, tc.global_batch_size)
             log.write("eval", step, last_eval, f"eval step {step}: loss "
                       f"{last_eval['loss']:.4f} acc {last_eval['accuracy']:.4f}")

@@ -49,6 +49,26 @@ def check_same_model(saved: Optional[dict[str, Any]], new: dict[str, Any], prese
         f"model in a new --workdir; the checkpoints are left as they are")
 
 
+def check_same_fp8(saved: Optional[dict[str, Any]], new: dict[str, Any], step: int,
+                   workdir: str) -> None:
+    """FP8 on or off (and its history length) must match the checkpoint: its train state holds
+    the FP8 scaling stats exactly when it was trained with FP8."""
+    if saved is None:
+        return
+    was, now = bool(saved.get("fp8", False)), bool(new.get("fp8", False))
+    if was != now:
+        raise UserError(
+            f"--workdir={workdir} holds a checkpoint (step {step}) trained with fp8={was}, but "
+            f"the config has fp8={now}; resume it with --config.model.fp8={was}, or start the "
+            f"new setting in a new --workdir (continued pretraining: --config.init_from)")
+    if now and saved.get("fp8_amax_history") != new.get("fp8_amax_history"):
+        raise UserError(
+            f"--workdir={workdir} holds a checkpoint (step {step}) with fp8_amax_history="
+            f"{saved.get('fp8_amax_history')}, but the config has "
+            f"{new.get('fp8_amax_history')}; resume it with "
+            f"--config.model.fp8_amax_history={saved.get('fp8_amax_history')}")
+
+
 def check_steps(start: int, total: int, workdir: str) -> None:
     """A train.steps below the checkpoint's step cannot be resumed."""
     if start > total:

@@ -1,6 +1,8 @@
 """The jitted MLM train and eval steps: sparse head, fp32 loss, microbatch accumulation.
 
-The state is a plain dict {"step", "params", "opt_state"} so it saves with Orbax as is.
+The state is a plain dict {"step", "params", "opt_state"} so it saves with Orbax as is; with
+model.config.fp8 it also holds "fp8", the FP8 scaling stats (mosaicbert_jax/fp8.py), replicated,
+whose "gradients" in the step are their updated values.
 A step whose loss or gradient norm is not finite returns the state it was given, unchanged,
 with metrics["finite"] = 0 and metrics["nonfinite_step"] = that step's number, so the training
 loop can stop before anything of that step reaches a checkpoint.
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from mosaicbert_jax import fp8
 from mosaicbert_jax.model import MosaicBertForMaskedLM
 from mosaicbert_jax.sharding import batch_sharding, tree_shardings
 
@@ -27,14 +30,22 @@ SUM_KEYS = ("loss_sum", "correct_sum", "weight_sum")
 
 def init_state(model: MosaicBertForMaskedLM, tx: optax.GradientTransformation, seed: int,
                mesh: Mesh) -> tuple[dict, Any]:
-    """Initialises params and optimizer state directly in their shardings on the mesh."""
+    """Initialises params and optimizer state (and FP8 stats when model.config.fp8) directly
+    in their shardings on the mesh."""
     def init_fn():
         ids = jnp.ones((1, 8), jnp.int32)
-        params = model.init(jax.random.key(seed), ids, jnp.ones_like(ids))["params"]
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+        variables = model.init(jax.random.key(seed), ids, jnp.ones_like(ids))
+        params = variables["params"]
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+        if model.config.fp8:
+            state["fp8"] = variables[fp8.STATS]
+        return state
 
     abstract = jax.eval_shape(init_fn)
     shardings = tree_shardings(abstract, mesh)
+    if "fp8" in abstract:  # small, read by every layer: replicated
+        replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+        shardings["fp8"] = jax.tree_util.tree_map(lambda _: replicated, abstract["fp8"])
     return jax.jit(init_fn, out_shardings=shardings)(), shardings
 
 
@@ -67,39 +78,48 @@ def make_train_step(model: MosaicBertForMaskedLM, tx: optax.GradientTransformati
                     microbatches: int = 1, dropout_seed: int = 0) -> Callable:
     """Returns jitted step(state, batch) -> (state, metrics); state is donated.
 
-    A non-finite loss or gradient norm keeps the input state (see the module docstring)."""
+    A non-finite loss or gradient norm keeps the input state (see the module docstring).
+    With FP8 the stats' "gradients" are their new values: microbatches combine them by max
+    (fp8.combine_microbatch_stats), and they never reach the gradient norm or the optimizer."""
     dropout_key = jax.random.key(dropout_seed)
 
-    def sums_fn(params, micro, rng):
-        logits = model.apply({"params": params}, micro["input_ids"], micro["segment_ids"],
-                             masked_positions=micro["masked_positions"], deterministic=False,
-                             rngs={"dropout": rng})
+    def sums_fn(params, fp8_stats, micro, rng):
+        logits = model.apply(_variables(params, fp8_stats), micro["input_ids"],
+                             micro["segment_ids"], masked_positions=micro["masked_positions"],
+                             deterministic=False, rngs={"dropout": rng})
         sums = masked_lm_sums(logits, micro["masked_labels"], micro["masked_weights"])
         return sums["loss_sum"], sums
 
-    grad_fn = jax.grad(sums_fn, has_aux=True)
+    grad_fn = jax.grad(sums_fn, argnums=(0, 1), has_aux=True)
 
     def step(state, batch):
-        params = state["params"]
+        params, fp8_stats = state["params"], state.get("fp8")
         rng = jax.random.fold_in(dropout_key, state["step"])
         if microbatches == 1:
-            grads, sums = grad_fn(params, batch, rng)
+            (grads, new_fp8), sums = grad_fn(params, fp8_stats, batch, rng)
         else:
             micro = _split_microbatches(batch, microbatches, mesh)
 
             def body(carry, inputs):
                 index, mb = inputs
-                g, s = grad_fn(params, mb, jax.random.fold_in(rng, index))
-                return jax.tree_util.tree_map(jnp.add, carry, (g, s)), None
+                (g, f), s = grad_fn(params, fp8_stats, mb, jax.random.fold_in(rng, index))
+                grads_sum, fp8_max, sums_sum = carry
+                return (jax.tree_util.tree_map(jnp.add, grads_sum, g),
+                        fp8.combine_microbatch_stats(fp8_max, f),
+                        jax.tree_util.tree_map(jnp.add, sums_sum, s)), None
 
             zero_sums = {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS}
-            zeros = (jax.tree_util.tree_map(jnp.zeros_like, params), zero_sums)
-            (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(microbatches), micro))
+            zeros = (jax.tree_util.tree_map(jnp.zeros_like, params),
+                     jax.tree_util.tree_map(jnp.zeros_like, fp8_stats), zero_sums)
+            (grads, new_fp8, sums), _ = jax.lax.scan(body, zeros,
+                                                     (jnp.arange(microbatches), micro))
         denom = jnp.maximum(sums["weight_sum"], 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                      "opt_state": opt_state}
+        if fp8_stats is not None:
+            new_state["fp8"] = fp8.updated_stats(fp8_stats, new_fp8)
         loss, grad_norm = sums["loss_sum"] / denom, global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old),
@@ -122,12 +142,25 @@ def first_nonfinite(seen: jax.Array, metrics: dict) -> jax.Array:
     return jnp.where(seen > 0, seen, metrics["nonfinite_step"])
 
 
-def make_eval_step(model: MosaicBertForMaskedLM, mesh: Mesh, params_shardings: Any) -> Callable:
-    """Returns jitted eval(params, batch) -> sums of loss, correct and valid slots."""
-    def step(params, batch):
-        logits = model.apply({"params": params}, batch["input_ids"], batch["segment_ids"],
-                             masked_positions=batch["masked_positions"], deterministic=True)
+def _variables(params: Any, fp8_stats: Any) -> dict:
+    """The model's variables: params, and the FP8 stats when there are any."""
+    return {"params": params} if fp8_stats is None else {"params": params, fp8.STATS: fp8_stats}
+
+
+def make_eval_step(model: MosaicBertForMaskedLM, mesh: Mesh, params_shardings: Any,
+                   fp8_shardings: Any = None) -> Callable:
+    """Returns eval(params, batch, fp8_stats=None) -> sums of loss, correct and valid slots;
+    pass state.get("fp8") so an FP8 model evaluates with its current scales (not updated)."""
+    def step(params, batch, fp8_stats):
+        logits = model.apply(_variables(params, fp8_stats), batch["input_ids"],
+                             batch["segment_ids"], masked_positions=batch["masked_positions"],
+                             deterministic=True)
         return masked_lm_sums(logits, batch["masked_labels"], batch["masked_weights"])
 
     data = batch_sharding(mesh)
-    return jax.jit(step, in_shardings=(params_shardings, {k: data for k in BATCH_KEYS}))
+    jitted = jax.jit(step, in_shardings=(params_shardings, {k: data for k in BATCH_KEYS},
+                                         fp8_shardings))
+
+    def eval_step(params: Any, batch: Batch, fp8_stats: Any = None) -> dict:
+        return jitted(params, batch, fp8_stats)
+    return eval_step

@@ -1,0 +1,163 @@
+"""FP8 matmuls with delayed per-tensor scaling, for the large GEMMs (issue 17; off by default).
+
+`Fp8DotGeneral` is a drop-in `dot_general` for nn.Dense (its `dot_general_cls`) and our own
+dense layers. The activation and the kernel are quantised to float8_e4m3fn and dequantised
+("qdq") right before a bf16 dot_general, the output cotangent to float8_e5m2 in the backward:
+the pattern XLA's GPU GemmRewriter turns into cuBLASLt FP8 GEMMs. On other backends the qdq
+runs as written (same numerics, no speed-up).
+
+Delayed scaling: each tensor (input, kernel, output_grad) keeps, in the STATS collection, an
+amax history and the scale used now: q = clip(x / scale, +-fmax).astype(fp8), x ~ q * scale.
+After a step the tensor's amax is rolled into its history and the next scale is
+max(history) * 2**margin / fmax (the old scale kept when that is 0 or not finite).
+The new stats come out of the backward pass: the stats are inputs of custom_vjp ops whose
+"cotangents" are the updated stats, so differentiating w.r.t. (params, stats) returns the new
+stats as the stats' "gradients" (see `updated_stats` and training/step.py).
+Applied without the STATS collection (fine-tuning, fill-mask, export), the layer computes a
+plain dot in the compute dtype: the stats are training state, not part of the model.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+STATS = "fp8_stats"  # the flax variable collection holding every FP8 dot's stats
+FORWARD_DTYPE = jnp.float8_e4m3fn   # activations and kernels
+BACKWARD_DTYPE = jnp.float8_e5m2    # output gradients
+TENSORS = ("input", "kernel", "output_grad")
+MARGIN = 0
+
+
+def fp8_max(dtype: Any) -> float:
+    """The largest finite value of an FP8 dtype (448 for e4m3fn, 57344 for e5m2)."""
+    return float(jnp.finfo(dtype).max)
+
+
+def quantize_dequantize(x: jax.Array, fp8_dtype: Any, scale: jax.Array) -> jax.Array:
+    """x rounded through `fp8_dtype` at `scale` (values beyond fmax * scale clip), in x.dtype."""
+    limit = fp8_max(fp8_dtype)
+    scale = scale.astype(x.dtype)
+    q = jnp.clip(x / scale, -limit, limit).astype(fp8_dtype)
+    return q.astype(x.dtype) * scale
+
+
+def roll_history(history: jax.Array, amax: jax.Array) -> jax.Array:
+    """The history with its oldest entry dropped and `amax` first; a non-finite amax is
+    recorded as 0 (no information), so one bad step cannot poison the next scales."""
+    amax = jnp.where(jnp.isfinite(amax), amax, 0.0).astype(history.dtype)
+    return jnp.roll(history, 1).at[0].set(amax)
+
+
+def scale_from_history(history: jax.Array, old_scale: jax.Array, fp8_dtype: Any,
+                       margin: int = MARGIN) -> jax.Array:
+    """max(history) * 2**margin / fmax, or `old_scale` when that max is 0, inf or nan."""
+    amax = jnp.max(history)
+    scale = amax * (2.0 ** margin) / fp8_max(fp8_dtype)
+    good = jnp.isfinite(amax) & (amax > 0)
+    return jnp.where(good, scale, old_scale).astype(old_scale.dtype)
+
+
+def _amax(x: jax.Array) -> jax.Array:
+    return jnp.max(jnp.abs(x)).astype(jnp.float32)
+
+
+def _next_stats(x: jax.Array, scale: jax.Array, history: jax.Array, fp8_dtype: Any):
+    history = roll_history(history, _amax(x))
+    return scale_from_history(history, scale, fp8_dtype), history
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def qdq_operand(fp8_dtype: Any, x: jax.Array, scale: jax.Array, history: jax.Array):
+    """Forward: x through FP8 at `scale`. Backward: x's cotangent passes straight through;
+    the cotangents of (scale, history) are the updated stats."""
+    return quantize_dequantize(x, fp8_dtype, scale)
+
+
+def _qdq_operand_fwd(fp8_dtype, x, scale, history):
+    return quantize_dequantize(x, fp8_dtype, scale), _next_stats(x, scale, history, fp8_dtype)
+
+
+def _qdq_operand_bwd(fp8_dtype, new_stats, g):
+    new_scale, new_history = new_stats
+    return g, new_scale, new_history
+
+
+qdq_operand.defvjp(_qdq_operand_fwd, _qdq_operand_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def qdq_cotangent(fp8_dtype: Any, y: jax.Array, scale: jax.Array, history: jax.Array):
+    """Forward: identity. Backward: y's cotangent goes through FP8 at `scale`; the
+    cotangents of (scale, history) are the updated stats of that cotangent."""
+    return y
+
+
+def _qdq_cotangent_fwd(fp8_dtype, y, scale, history):
+    return y, (scale, history)
+
+
+def _qdq_cotangent_bwd(fp8_dtype, residual, g):
+    scale, history = residual
+    new_scale, new_history = _next_stats(g, scale, history, fp8_dtype)
+    return quantize_dequantize(g, fp8_dtype, scale), new_scale, new_history
+
+
+qdq_cotangent.defvjp(_qdq_cotangent_fwd, _qdq_cotangent_bwd)
+
+
+class Fp8DotGeneral(nn.Module):
+    """lax.dot_general with e4m3 operands and an e5m2 output gradient, delayed scaling.
+
+    Stats (collection STATS): `{tensor}_scale` [] and `{tensor}_amax_history` [history_length]
+    for tensor in TENSORS. Call signature as lax.dot_general (how nn.Dense calls it)."""
+
+    history_length: int = 16
+
+    @nn.compact
+    def __call__(self, lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any,
+                 precision: Any = None, preferred_element_type: Optional[Any] = None):
+        if not (self.is_initializing() or self.has_variable(STATS, "input_scale")):
+            return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                       preferred_element_type=preferred_element_type)
+        stats = {}
+        for tensor in TENSORS:
+            stats[tensor] = (
+                self.variable(STATS, f"{tensor}_scale", jnp.ones, (), jnp.float32).value,
+                self.variable(STATS, f"{tensor}_amax_history", jnp.zeros,
+                              (self.history_length,), jnp.float32).value)
+        compute_dtype = jnp.result_type(lhs, rhs)
+        lhs = qdq_operand(FORWARD_DTYPE, lhs.astype(compute_dtype), *stats["input"])
+        rhs = qdq_operand(FORWARD_DTYPE, rhs.astype(compute_dtype), *stats["kernel"])
+        out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                  preferred_element_type=preferred_element_type or compute_dtype)
+        return qdq_cotangent(BACKWARD_DTYPE, out, *stats["output_grad"])
+
+
+def dot_general_cls(enabled: bool, history_length: int) -> Any:
+    """What to pass as nn.Dense(dot_general_cls=...): None (plain dot) or an Fp8DotGeneral."""
+    return partial(Fp8DotGeneral, history_length=history_length) if enabled else None
+
+
+def combine_microbatch_stats(a: Any, b: Any) -> Any:
+    """Elementwise max: the histories of microbatches of one step combine to the history of the
+    whole batch (its amax is the max of theirs); scales are recomputed by `updated_stats`."""
+    return jax.tree_util.tree_map(jnp.maximum, a, b)
+
+
+def updated_stats(old: Any, new: Any) -> Any:
+    """The stats after a step: `new`'s histories (the stats' "gradients", possibly combined over
+    microbatches) and scales recomputed from them, `old`'s scale where a history is all 0."""
+    if "input_scale" not in old:
+        return {name: updated_stats(old[name], new[name]) for name in old}
+    out = {}
+    for tensor in TENSORS:
+        fp8_dtype = BACKWARD_DTYPE if tensor == "output_grad" else FORWARD_DTYPE
+        history = new[f"{tensor}_amax_history"]
+        out[f"{tensor}_amax_history"] = history
+        out[f"{tensor}_scale"] = scale_from_history(history, old[f"{tensor}_scale"], fp8_dtype)
+    return out
