@@ -1,0 +1,260 @@
+"""FP8 GEMMs with delayed scaling: qdq error bounds, the scaling rule, the stats a real train step
+writes (checked against amaxes recomputed independently), microbatch combination, exact resume
+through real Orbax checkpoints, and fp8 off leaving everything as it was."""
+
+import os
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mosaicbert_jax import MosaicBertConfig, MosaicBertForMaskedLM, fp8
+from mosaicbert_jax.cli_errors import UserError
+from mosaicbert_jax.data.synthetic import SyntheticMLMBatches
+from mosaicbert_jax.model import MosaicBertEmbeddings
+from mosaicbert_jax.optim import decoupled_adamw, warmup_linear_decay
+from mosaicbert_jax.sharding import batch_sharding, make_mesh
+from mosaicbert_jax.train import train_and_evaluate
+from mosaicbert_jax.training.step import init_state, make_train_step, masked_lm_sums
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_train import small_config  # noqa: E402
+
+VOCAB = 256
+LAYER0 = ("bert", "encoder", "layer_0")
+WQKV = LAYER0 + ("attention_self", "Wqkv")
+
+
+def tiny(**overrides):
+    return MosaicBertConfig.tiny(vocab_size=VOCAB, hidden_dropout_prob=0.0, **overrides)
+
+
+def at(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """A tiny FP8 model's fresh state, its compiled train step and one batch."""
+    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    model = MosaicBertForMaskedLM(tiny(fp8=True))
+    schedule = warmup_linear_decay(1e-3, 10)
+    tx = decoupled_adamw(schedule, 1e-3)
+    state, shardings = init_state(model, tx, 0, mesh)
+    step = make_train_step(model, tx, schedule, mesh, shardings)
+    batch = jax.device_put(next(SyntheticMLMBatches(8, 32, VOCAB, seed=3, mean_doc_len=12)),
+                           batch_sharding(mesh))
+    new_state, metrics = step(jax.tree_util.tree_map(jnp.copy, state), batch)
+    return dict(mesh=mesh, model=model, tx=tx, schedule=schedule, state=state,
+                shardings=shardings, step=step, batch=batch, new_state=new_state,
+                metrics=metrics)
+
+
+def copy(tree):
+    return jax.tree_util.tree_map(jnp.copy, tree)
+
+
+@pytest.mark.parametrize("dtype, mantissa_bits", [(jnp.float8_e4m3fn, 3),
+                                                  (jnp.float8_e5m2, 2)])
+def test_qdq_round_trip_error_within_half_an_fp8_ulp(dtype, mantissa_bits):
+    scale = jnp.float32(0.25)
+    limit = fp8.fp8_max(dtype) * 0.25
+    x = jax.random.uniform(jax.random.key(0), (4096,), jnp.float32, -limit, limit)
+    x = x[jnp.abs(x) > 1.0]  # normal numbers of the fp8 grid at this scale
+    y = fp8.quantize_dequantize(x, dtype, scale)
+    relative = np.abs(np.asarray(y - x)) / np.abs(np.asarray(x))
+    half_ulp = 2.0 ** -(mantissa_bits + 1)
+    assert relative.max() <= half_ulp * 1.001
+    assert relative.max() > half_ulp / 2  # it did round to the coarse grid
+    # Beyond fmax * scale it clips to exactly that, and values are scale multiples of fp8 ones.
+    big = fp8.quantize_dequantize(jnp.array([3 * limit, -3 * limit]), dtype, scale)
+    np.testing.assert_array_equal(big, [limit, -limit])
+    np.testing.assert_array_equal((y / scale).astype(dtype).astype(jnp.float32), y / scale)
+
+
+def test_delayed_scaling_rolls_the_history_and_scales_from_its_max():
+    history = jnp.array([1.0, 4.0, 2.0, 0.0])
+    rolled = fp8.roll_history(history, jnp.float32(3.0))
+    np.testing.assert_array_equal(rolled, [3.0, 1.0, 4.0, 2.0])
+    old = jnp.float32(0.5)
+    scale = fp8.scale_from_history(rolled, old, jnp.float8_e4m3fn)
+    np.testing.assert_allclose(scale, 4.0 / 448.0, rtol=1e-6)
+    # Two more rolls drop the 4: the scale follows the new max (the 3).
+    twice = fp8.roll_history(fp8.roll_history(rolled, jnp.float32(0.5)), jnp.float32(0.5))
+    np.testing.assert_array_equal(twice, [0.5, 0.5, 3.0, 1.0])
+    scale = fp8.scale_from_history(twice, old, jnp.float8_e4m3fn)
+    np.testing.assert_allclose(scale, 3.0 / 448.0, rtol=1e-6)
+    np.testing.assert_allclose(fp8.scale_from_history(rolled, old, jnp.float8_e5m2),
+                               4.0 / 57344.0, rtol=1e-6)
+    # Guards: an all-zero or non-finite history keeps the old scale; a NaN amax records 0.
+    assert float(fp8.scale_from_history(jnp.zeros(4), old, jnp.float8_e4m3fn)) == 0.5
+    assert float(fp8.scale_from_history(jnp.array([jnp.inf, 1.0]), old,
+                                        jnp.float8_e4m3fn)) == 0.5
+    np.testing.assert_array_equal(fp8.roll_history(history, jnp.float32(jnp.nan)),
+                                  [0.0, 1.0, 4.0, 2.0])
+
+
+def test_config_rejects_bad_fp8_values():
+    with pytest.raises(ValueError, match="fp8='True' must be True or False"):
+        tiny(fp8="True")
+    with pytest.raises(ValueError, match="fp8_amax_history=0 must be an int >= 1"):
+        tiny(fp8=True, fp8_amax_history=0)
+
+
+def _stats_after_one_pass(model, variables, batch):
+    """The stats' "gradients" of one loss pass: the stats calibrated to this batch."""
+    def loss(params, stats):
+        logits = model.apply({"params": params, fp8.STATS: stats}, batch["input_ids"],
+                             batch["segment_ids"], masked_positions=batch["masked_positions"])
+        return masked_lm_sums(logits, batch["masked_labels"], batch["masked_weights"])["loss_sum"]
+    _, stats = jax.grad(loss, argnums=(0, 1))(variables["params"], variables[fp8.STATS])
+    return fp8.updated_stats(variables[fp8.STATS], stats)
+
+
+def _mean_loss(model, variables, batch):
+    logits = model.apply(variables, batch["input_ids"], batch["segment_ids"],
+                         masked_positions=batch["masked_positions"])
+    sums = masked_lm_sums(logits, batch["masked_labels"], batch["masked_weights"])
+    return float(sums["loss_sum"] / sums["weight_sum"])
+
+
+def test_fp8_loss_is_close_to_but_not_the_full_precision_loss(setup):
+    batch, model = setup["batch"], setup["model"]
+    params = setup["state"]["params"]
+    exact = _mean_loss(MosaicBertForMaskedLM(tiny()), {"params": params}, batch)
+    stats = _stats_after_one_pass(model, {"params": params, fp8.STATS: setup["state"]["fp8"]},
+                                  batch)
+    quantized = _mean_loss(model, {"params": params, fp8.STATS: stats}, batch)
+    # e4m3 rounds each operand by <= 6% (half its ulp), independently per element, so the
+    # 128- and 256-term dots average it down to well under 1% of the logits; a loss off by more
+    # than 2% means the scales or the qdq are wrong, an equal loss that FP8 did not run.
+    assert abs(quantized - exact) / exact < 0.02, (quantized, exact)
+    assert abs(quantized - exact) > 1e-5, (quantized, exact)
+    # Without its stats (fine-tuning, fill-mask) the FP8 model computes the plain dots.
+    assert _mean_loss(model, {"params": params}, batch) == exact
+
+
+def test_train_step_writes_the_true_amaxes_of_the_tensors(setup):
+    model, state, batch, new_state = (setup["model"], setup["state"], setup["batch"],
+                                      setup["new_state"])
+    stats = at(new_state["fp8"], WQKV + ("Fp8DotGeneral_0",))
+    old = at(state["fp8"], WQKV + ("Fp8DotGeneral_0",))
+    variables = {"params": state["params"], fp8.STATS: state["fp8"]}
+    # Recomputed independently: Wqkv's input is the embeddings' output; its kernel the params.
+    _, captured = model.apply(variables, batch["input_ids"], batch["segment_ids"],
+                              masked_positions=batch["masked_positions"],
+                              capture_intermediates=lambda m, _: isinstance(
+                                  m, MosaicBertEmbeddings))
+    embedded = captured["intermediates"]["bert"]["embeddings"]["__call__"][0]
+    kernel = at(state["params"], WQKV + ("kernel",))
+    # The output gradient: the loss' cotangent at Wqkv's output, taken by adding a zero there.
+    delta = jnp.zeros(batch["input_ids"].shape + (3 * model.config.hidden_size,))
+
+    def add_delta(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if (isinstance(context.module, fp8.Fp8DotGeneral)
+                and context.module.scope.path[:len(WQKV)] == WQKV):
+            return out + delta.astype(out.dtype)
+        return out
+
+    def loss(d):
+        nonlocal delta
+        delta = d
+        with nn.intercept_methods(add_delta):
+            logits = model.apply(variables, batch["input_ids"], batch["segment_ids"],
+                                 masked_positions=batch["masked_positions"])
+        return masked_lm_sums(logits, batch["masked_labels"], batch["masked_weights"])["loss_sum"]
+
+    cotangent = jax.grad(loss)(delta)
+    for tensor, value in (("input", embedded), ("kernel", kernel), ("output_grad", cotangent)):
+        history = np.asarray(stats[f"{tensor}_amax_history"])
+        true_amax = float(jnp.max(jnp.abs(value)))
+        assert true_amax > 0
+        np.testing.assert_allclose(history[0], true_amax, rtol=1e-5, err_msg=tensor)
+        np.testing.assert_array_equal(history[1:], np.asarray(
+            old[f"{tensor}_amax_history"])[:-1])  # the rest rolled by one
+        fmax = fp8.fp8_max(fp8.BACKWARD_DTYPE if tensor == "output_grad"
+                           else fp8.FORWARD_DTYPE)
+        np.testing.assert_allclose(stats[f"{tensor}_scale"], true_amax / fmax, rtol=1e-5)
+    # Every FP8 dot of the model got an output gradient from the backward.
+    for leaf_path, leaf in jax.tree_util.tree_flatten_with_path(new_state["fp8"])[0]:
+        if "output_grad_amax_history" in jax.tree_util.keystr(leaf_path):
+            assert float(leaf[0]) > 0, jax.tree_util.keystr(leaf_path)
+
+
+def test_two_microbatches_give_the_max_combined_stats_of_one_batch(setup):
+    step2 = make_train_step(setup["model"], setup["tx"], setup["schedule"], setup["mesh"],
+                            setup["shardings"], microbatches=2)
+    accumulated, _ = step2(copy(setup["state"]), setup["batch"])
+    one, two = setup["new_state"]["fp8"], accumulated["fp8"]
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(one)[0],
+                            jax.tree_util.tree_leaves(two)):
+        # A summed combination would double each amax; a max gives the full batch's.
+        np.testing.assert_allclose(a, b, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+
+
+def test_a_nonfinite_step_keeps_the_old_fp8_stats(setup):
+    state = copy(setup["state"])
+    kernel = at(state["params"], LAYER0 + ("mlp", "wo", "kernel"))
+    at(state["params"], LAYER0 + ("mlp", "wo"))["kernel"] = kernel.at[0, 0].set(jnp.nan)
+    kept, metrics = setup["step"](copy(state), setup["batch"])
+    assert float(metrics["finite"]) == 0.0
+    for a, b in zip(jax.tree_util.tree_leaves(state["fp8"]),
+                    jax.tree_util.tree_leaves(kept["fp8"])):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_fp8_off_has_no_stats_and_the_same_params_as_fp8_on():
+    ids = jnp.ones((1, 8), jnp.int32)
+    off = jax.eval_shape(lambda: MosaicBertForMaskedLM(tiny()).init(jax.random.key(0), ids, ids))
+    on = jax.eval_shape(lambda: MosaicBertForMaskedLM(tiny(fp8=True)).init(
+        jax.random.key(0), ids, ids))
+    assert set(off) == {"params"} and set(on) == {"params", fp8.STATS}
+    assert jax.tree_util.tree_structure(off["params"]) == jax.tree_util.tree_structure(
+        on["params"])
+    # The fused-LayerNorm path (DenseBiasApart) keeps stats for its dense layers too.
+    fused = jax.eval_shape(lambda: MosaicBertForMaskedLM(tiny(
+        fp8=True, layernorm_implementation="pallas_interpret")).init(jax.random.key(0), ids,
+                                                                    ids))
+    assert jax.tree_util.tree_structure(fused[fp8.STATS]) == jax.tree_util.tree_structure(
+        on[fp8.STATS])
+    assert set(at(on[fp8.STATS], LAYER0)) == {"attention_self", "attention_output", "mlp"}
+    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    tx = decoupled_adamw(warmup_linear_decay(1e-3, 10), 1e-3)
+    state = jax.eval_shape(lambda: init_state(MosaicBertForMaskedLM(tiny()), tx, 0, mesh)[0])
+    assert set(state) == {"step", "params", "opt_state"}
+
+
+def fp8_config(**train):
+    config = small_config(**train)
+    config.model.fp8 = True
+    config.model.hidden_dropout_prob = 0.0
+    config.train.steps = 4
+    config.train.eval_every = 2
+    config.train.checkpoint_every = 2
+    return config
+
+
+def test_resume_with_fp8_is_exact_and_refuses_a_changed_fp8_setting(tmp_path):
+    whole = train_and_evaluate(fp8_config(), str(tmp_path / "whole"))
+    first = train_and_evaluate(fp8_config(), str(tmp_path / "split"), stop_after=2)
+    assert first["steps"] == 2
+    history = at(first["state"]["fp8"], WQKV + ("Fp8DotGeneral_0", "input_amax_history"))
+    assert float(history[1]) > 0 and float(history[2]) == 0  # two steps rolled in
+    resumed = train_and_evaluate(fp8_config(), str(tmp_path / "split"))
+    assert resumed["resumed_from"] == 2
+    for key in ("params", "fp8"):
+        whole_leaves = jax.tree_util.tree_leaves(jax.device_get(whole["state"][key]))
+        resumed_leaves = jax.tree_util.tree_leaves(jax.device_get(resumed["state"][key]))
+        assert len(whole_leaves) == len(resumed_leaves)
+        for a, b in zip(whole_leaves, resumed_leaves):
+            np.testing.assert_array_equal(a, b)
+    off = fp8_config(steps=6)
+    off.model.fp8 = False
+    with pytest.raises(UserError, match=r"trained with fp8=True.*--config\.model\.fp8=True"):
+        train_and_evaluate(off, str(tmp_path / "split"))
