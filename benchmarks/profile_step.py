@@ -4,7 +4,10 @@
 
 Traces a few steps of the trainer's own train step (train_throughput.build_train_step), reads
 the trace with jax.profiler.ProfileData and prints GPU time per step by kernel category and
-the top kernels, so optimisation targets are measured rather than guessed.
+the top kernels, so optimisation targets are measured rather than guessed. With --fp8 it
+profiles the FP8 model (model.fp8) and first counts the GEMM custom calls of the compiled step:
+`__cublas$lt$matmul$f8` ones are the FP8 GEMMs XLA's GemmRewriter made of our qdq pattern
+(12 per layer expected: 4 dense layers x forward, input grad, kernel grad).
 """
 
 from __future__ import annotations
@@ -29,6 +32,14 @@ CATEGORIES = [  # first match wins; matched against the lower-cased kernel name
     ("elementwise fusion", ("fusion", "loop_", "elementwise")),
     ("memset/memcpy", ("memset", "memcpy")),
 ]
+
+
+GEMM_TARGETS = ("__cublas$lt$matmul$f8", "__cublas$lt$matmul", "__cublas$gemm")
+
+
+def gemm_custom_calls(hlo_text: str) -> dict[str, int]:
+    """How many custom calls of each cuBLAS GEMM target the compiled HLO text holds."""
+    return {target: hlo_text.count(f'custom_call_target="{target}"') for target in GEMM_TARGETS}
 
 
 def category(name: str) -> str:
@@ -65,6 +76,8 @@ def main() -> None:
     parser.add_argument("--dropout-rng", default="hash")
     parser.add_argument("--fused", default="auto", help="fused-op implementation: auto, xla, pallas")
     parser.add_argument("--fused-blocks", default="", help="e.g. glu_rows=8,ln_rows=4")
+    parser.add_argument("--fp8", action="store_true",
+                        help="profile the FP8 model (model.fp8) and count its FP8 GEMMs")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--hlo-out", default="", help="also write the compiled step's HLO here")
@@ -77,10 +90,14 @@ def main() -> None:
     step, state, batches, _, _ = build_train_step(preset, int(seq), int(batch), args.attention,
                                                   {"data": 1, "fsdp": -1, "tensor": 1},
                                                   dropout_rng=args.dropout_rng,
-                                                  fused=args.fused)
-    if args.hlo_out:  # to look up what each top fusion computes
-        with open(args.hlo_out, "w") as f:
-            f.write(step.lower(state, batches[0]).compile().as_text())
+                                                  fused=args.fused, fp8=args.fp8)
+    if args.hlo_out or args.fp8:
+        hlo_text = step.lower(state, batches[0]).compile().as_text()
+        if args.hlo_out:  # to look up what each top fusion computes
+            with open(args.hlo_out, "w") as f:
+                f.write(hlo_text)
+        print("GEMM custom calls in the compiled step: " + ", ".join(
+            f"{target} {count}" for target, count in gemm_custom_calls(hlo_text).items()))
     for i in range(3):  # compile and warm up outside the trace
         state, metrics = step(state, batches[i % 4])
     jax.block_until_ready(metrics)
@@ -98,7 +115,7 @@ def main() -> None:
         counts[name] += 1
     total = sum(by_cat.values())
     print(f"\n{args.case} attention={args.attention} dropout={args.dropout_rng} "
-          f"fused={args.fused} on "
+          f"fused={args.fused} fp8={args.fp8} on "
           f"{jax.devices()[0].device_kind}: {total:.1f} ms of kernels per step, "
           f"{len(events) / args.steps:.0f} kernels per step")
     print("| category | ms/step | share |\n| --- | --- | --- |")

@@ -11,7 +11,8 @@ eval loss against train seconds for each side and the train time each needs to r
 original's final eval loss. Rows default to ../shared/data/ttq/rows.npy (uint16, 128 tokens,
 the first --eval-rows held out). Sides: jax (ours, the trainer's own step), original (the
 reference code imported from --reference-src, attention through torch SDPA with its ALiBi +
-padding bias, bf16 autocast), hfbert (transformers BertForMaskedLM, SDPA, torch.compile).
+padding bias, bf16 autocast), hfbert (transformers BertForMaskedLM, SDPA, torch.compile),
+jax-fp8 (ours with model.fp8: FP8 GEMMs; e.g. --sides jax,jax-fp8 for the parity check).
 """
 
 from __future__ import annotations
@@ -93,13 +94,16 @@ def run_jax(args, rows: Rows) -> dict:
         pallas_gpu.set_default_blocks(pallas_gpu.parse_blocks(args.fused_blocks))
     mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
     overrides = dict(item.split("=") for item in args.jax_model.split(",")) if args.jax_model else {}
+    overrides = {k: {"True": True, "False": False}.get(v, v) for k, v in overrides.items()}
+    if args.side == "jax-fp8":  # ours with FP8 GEMMs (model.fp8), beside the bf16 "jax" side
+        overrides["fp8"] = True
     cfg = MosaicBertConfig.base(dtype="bfloat16", vocab_size=VOCAB, **overrides)
     model = MosaicBertForMaskedLM(cfg)
     schedule = warmup_linear_decay(args.lr, args.steps, 0.06, 0.02)
     tx = decoupled_adamw(schedule, args.lr, 0.9, 0.98, 1e-6, 1e-5)
     state, shardings = init_state(model, tx, 17, mesh)
     step_fn = make_train_step(model, tx, schedule, mesh, shardings, 1, dropout_seed=17)
-    eval_fn = make_eval_step(model, mesh, shardings["params"])
+    eval_fn = make_eval_step(model, mesh, shardings["params"], shardings.get("fp8"))
     sharding = batch_sharding(mesh)
     segments = np.ones((args.batch, 128), np.int32)
 
@@ -110,8 +114,8 @@ def run_jax(args, rows: Rows) -> dict:
 
     evals = [to_device(*b) for b in rows.eval_batches]
 
-    def evaluate(params):
-        sums = [jax.device_get(eval_fn(params, b)) for b in evals]
+    def evaluate(params, fp8_stats=None):
+        sums = [jax.device_get(eval_fn(params, b, fp8_stats)) for b in evals]
         weight = sum(float(s["weight_sum"]) for s in sums)
         return (sum(float(s["loss_sum"]) for s in sums) / weight,
                 sum(float(s["correct_sum"]) for s in sums) / weight)
@@ -120,8 +124,9 @@ def run_jax(args, rows: Rows) -> dict:
     compiled = step_fn.lower(state, to_device(*rows.train_batch(0))).compile()
     compile_s = time.perf_counter() - t
     return _train_loop(args, rows, lambda b: to_device(*b),
-                       lambda s, b: compiled(s, b)[0], state, lambda s: evaluate(s["params"]),
-                       jax.block_until_ready, compile_s, {"config": overrides})
+                       lambda s, b: compiled(s, b)[0], state,
+                       lambda s: evaluate(s["params"], s.get("fp8")), jax.block_until_ready,
+                       compile_s, {"config": overrides})
 
 
 def _train_loop(args, rows, prepare, step, state, evaluate, sync, compile_s, extra) -> dict:
@@ -286,7 +291,8 @@ def main() -> None:
         sys.exit(f"error: rows file {args.rows} not found; pass --rows (see ../shared/data/ttq)")
     if args.side:  # child process: one side, result as the last line
         rows = Rows(args.rows, args.batch, args.eval_rows)
-        result = run_jax(args, rows) if args.side == "jax" else run_torch(args, rows)
+        result = (run_jax(args, rows) if args.side in ("jax", "jax-fp8")
+                  else run_torch(args, rows))
         result["lr"] = args.lr
         print("TTQ_RESULT " + json.dumps(result), flush=True)
         return

@@ -7,6 +7,7 @@ per device, step time and MFU against the bf16 matmul ceiling that this same run
 BertForMaskedLM (bf16 autocast, SDPA) at the same batch in a subprocess.
 
   PYTHONPATH=. python benchmarks/train_throughput.py --cases base:128:256,base:512:64
+--precision bf16,fp8 (or --fp8) times each case with the FP8 GEMMs (model.fp8) beside bf16.
 On several GPUs, --scaling times each case on one GPU and then on all of them with a
 data-parallel and an FSDP mesh, and prints per-GPU throughput and scaling efficiency.
 """
@@ -57,7 +58,7 @@ def matmul_ceiling_tflops(n: int = 8192, reps: int = 20) -> float:
 def recipe_config(preset: str, seq_len: int, global_batch: int, attention: str,
                   mesh_axes: dict, microbatches: int = 1, remat: bool = False,
                   mean_doc_len: int = 0, dropout_rng: str = "hash",
-                  fused: str = "auto") -> ml_collections.ConfigDict:
+                  fused: str = "auto", fp8: bool = False) -> ml_collections.ConfigDict:
     """configs/base.py (the recipe) with only what a benchmark varies overridden."""
     spec = importlib.util.spec_from_file_location("recipe_config", RECIPE_CONFIG)
     module = importlib.util.module_from_spec(spec)
@@ -69,6 +70,7 @@ def recipe_config(preset: str, seq_len: int, global_batch: int, attention: str,
     config.model.remat = remat
     config.model.glu_implementation = fused
     config.model.layernorm_implementation = fused
+    config.model.fp8 = fp8
     config.data.source = "synthetic"
     config.data.seq_len = seq_len
     config.data.synthetic_mean_doc_len = mean_doc_len
@@ -81,14 +83,14 @@ def recipe_config(preset: str, seq_len: int, global_batch: int, attention: str,
 def build_train_step(preset: str, seq_len: int, batch_per_device: int, attention: str,
                      mesh_axes: dict, microbatches: int = 1, remat: bool = False,
                      mean_doc_len: int = 0, dropout_rng: str = "hash", devices=None,
-                     fused: str = "auto"):
+                     fused: str = "auto", fp8: bool = False):
     """The trainer's jitted train step for a preset, its initial state and 4 sharded batches,
     built as train.py builds them from the recipe config. `fused` sets both fused-op switches
-    (model.glu_implementation, model.layernorm_implementation)."""
+    (model.glu_implementation, model.layernorm_implementation); `fp8` model.fp8."""
     mesh = make_mesh(mesh_axes, devices)
     global_batch = batch_per_device * mesh.devices.size
     config = recipe_config(preset, seq_len, global_batch, attention, mesh_axes, microbatches,
-                           remat, mean_doc_len, dropout_rng, fused)
+                           remat, mean_doc_len, dropout_rng, fused, fp8)
     tc = config.train
     data = make_training_data(config.data, global_batch, tc.seed, 0, 1, config.model.vocab_size)
     cfg = model_config_from(config, data.vocab_size)
@@ -104,10 +106,10 @@ def build_train_step(preset: str, seq_len: int, batch_per_device: int, attention
 def time_train_step(preset: str, seq_len: int, batch_per_device: int, attention: str,
                     mesh_axes: dict, steps: int, microbatches: int, remat: bool,
                     mean_doc_len: int, dropout_rng: str = "hash", devices=None,
-                    fused: str = "auto") -> dict:
+                    fused: str = "auto", precision: str = "bf16") -> dict:
     step, state, batches, cfg, mesh = build_train_step(
         preset, seq_len, batch_per_device, attention, mesh_axes, microbatches, remat,
-        mean_doc_len, dropout_rng, devices, fused)
+        mean_doc_len, dropout_rng, devices, fused, fp8=precision == "fp8")
     n_dev = mesh.devices.size
     global_batch = batch_per_device * n_dev
     t0 = time.perf_counter()
@@ -131,6 +133,7 @@ def time_train_step(preset: str, seq_len: int, batch_per_device: int, attention:
     tokens_per_s = global_batch * seq_len / step_s
     return {"preset": preset, "seq_len": seq_len, "batch_per_device": batch_per_device,
             "devices": n_dev, "attention": attention, "dropout_rng": dropout_rng, "fused": fused,
+            "precision": precision,
             "mesh": dict(mesh.shape), "step_ms": step_s * 1e3,
             "tokens_per_s_per_device": tokens_per_s / n_dev,
             "flops_per_token": training_flops_per_token(cfg, seq_len, 0.3),
@@ -220,6 +223,9 @@ def main() -> None:
     parser.add_argument("--fused-blocks", default="",
                         help="fused-kernel tile sizes, e.g. glu_rows=8,ln_rows=4 (see "
                              "benchmarks/fused_ops.py)")
+    parser.add_argument("--precision", default="bf16",
+                        help="comma list: bf16 (the default model), fp8 (model.fp8: FP8 GEMMs)")
+    parser.add_argument("--fp8", action="store_true", help="shorthand for --precision bf16,fp8")
     parser.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1")
     parser.add_argument("--scaling", action="store_true",
                         help="time each case on 1 device, then on all with a data-parallel and "
@@ -236,6 +242,11 @@ def main() -> None:
     parser.add_argument("--no-xla-defaults", action="store_true",
                         help="leave XLA_FLAGS as given (default: add mosaicbert_jax.xla_flags)")
     args = parser.parse_args()
+    if args.fp8:
+        args.precision = "bf16,fp8"
+    precisions = args.precision.split(",")
+    if set(precisions) - {"bf16", "fp8"}:
+        parser.error(f"--precision={args.precision}: use a comma list of bf16, fp8")
     if not args.no_xla_defaults:
         apply_gpu_defaults()  # what the train command runs with
     if args.fused_blocks:
@@ -260,16 +271,16 @@ def main() -> None:
           f"matmul ceiling {ceiling:.0f} TFLOP/s (bf16 8192^3, measured now)")
     rows = []
     for preset, seq, batch in cases:
-        for attention, dropout_rng, fused, (mesh_name, mesh_axes, devices) in itertools.product(
-                args.attention.split(","), args.dropout_rng.split(","), args.fused.split(","),
-                meshes):
+        for attention, dropout_rng, fused, precision, (mesh_name, mesh_axes, devices) in (
+                itertools.product(args.attention.split(","), args.dropout_rng.split(","),
+                                  args.fused.split(","), precisions, meshes)):
             try:
                 r = time_train_step(preset, seq, batch, attention, mesh_axes, args.steps,
                                     args.microbatches, args.remat, args.mean_doc_len,
-                                    dropout_rng, devices, fused)
+                                    dropout_rng, devices, fused, precision)
             except Exception as e:  # report and go on to the next case
-                print(f"{preset}:{seq}:{batch} {attention} {dropout_rng} {fused}: FAILED "
-                      f"{type(e).__name__}: {str(e)[:300]}")
+                print(f"{preset}:{seq}:{batch} {attention} {dropout_rng} {fused} {precision}: "
+                      f"FAILED {type(e).__name__}: {str(e)[:300]}")
                 continue
             r["mesh_name"] = mesh_name
             r["mfu"] = r["tokens_per_s_per_device"] * r["flops_per_token"] / (ceiling * 1e12)
@@ -277,16 +288,16 @@ def main() -> None:
             r["torch_tokens_per_s"] = ref["tokens_per_s"] if ref else None
             rows.append(r)
             print(json.dumps(r), flush=True)
-    print(f"\n| model | seq | batch/dev | attention | dropout | fused | step ms | tokens/s/dev | "
-          f"MFU (vs {ceiling:.0f}) | HF BERT torch{'' if args.torch_eager else ' compiled'} "
-          f"tokens/s | ratio |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"\n| model | seq | batch/dev | attention | dropout | fused | precision | step ms | "
+          f"tokens/s/dev | MFU (vs bf16 {ceiling:.0f}) | HF BERT torch"
+          f"{'' if args.torch_eager else ' compiled'} tokens/s | ratio |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         ref = r["torch_tokens_per_s"]
         ref_text = f"{ref:,.0f}" if ref else "-"
         ratio = f"{r['tokens_per_s_per_device'] / ref:.2f}x" if ref else "-"
         print(f"| {r['preset']} | {r['seq_len']} | {r['batch_per_device']} | {r['attention']} | "
-              f"{r['dropout_rng']} | {r['fused']} | "
+              f"{r['dropout_rng']} | {r['fused']} | {r['precision']} | "
               f"{r['step_ms']:.1f} | {r['tokens_per_s_per_device']:,.0f} | {r['mfu']:.1%} | "
               f"{ref_text} | {ratio} |")
     if args.scaling:

@@ -261,3 +261,33 @@ def test_resume_with_fp8_is_exact_and_refuses_a_changed_fp8_setting(tmp_path):
     off.model.fp8 = False
     with pytest.raises(UserError, match=r"trained with fp8=True.*--config\.model\.fp8=True"):
         train_and_evaluate(off, str(tmp_path / "split"))
+
+
+def test_bf16_fp8_dot_lowers_and_compiles_with_both_fp8_types():
+    dense = nn.Dense(64, dtype=jnp.bfloat16, dot_general_cls=fp8.dot_general_cls(True, 16))
+    x = jnp.ones((4, 32), jnp.bfloat16)
+    variables = dense.init(jax.random.key(0), x)
+
+    def loss(params, stats):
+        out = dense.apply({"params": params, fp8.STATS: stats}, x)
+        return out.astype(jnp.float32).sum()
+
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(variables["params"],
+                                                             variables[fp8.STATS])
+    text = lowered.as_text()
+    assert "f8E4M3FN" in text and "f8E5M2" in text
+    compiled = lowered.compile().as_text()
+    assert "f8e4m3fn" in compiled and "f8e5m2" in compiled
+
+
+def test_profile_step_counts_the_fp8_gemm_custom_calls():
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+    from profile_step import gemm_custom_calls
+    hlo = ('%a = custom-call(f8e4m3fn[8,16] %x, f8e4m3fn[16,32] %w), '
+           'custom_call_target="__cublas$lt$matmul$f8"\n'
+           '%b = custom-call(f8e5m2[8,32] %g, f8e4m3fn[16,32] %w), '
+           'custom_call_target="__cublas$lt$matmul$f8"\n'
+           '%c = custom-call(bf16[8,16] %y, bf16[16,32] %v), '
+           'custom_call_target="__cublas$lt$matmul"\n')
+    assert gemm_custom_calls(hlo) == {"__cublas$lt$matmul$f8": 2, "__cublas$lt$matmul": 1,
+                                      "__cublas$gemm": 0}

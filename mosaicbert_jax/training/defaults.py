@@ -29,7 +29,7 @@ def get_default_config() -> ml_collections.ConfigDict:
         attention_window=0,         # 0: full attention; w: keys within w tokens (docs/attention.md)
         global_attention_every=0,   # with a window: layers 0, n, 2n, ... stay global (0: none)
         vocab_size=-1,              # -1: the preset's (30528 for bert-base-uncased)
-        fp8=False,                  # FP8 GEMMs, delayed scaling (mosaicbert_jax/fp8.py); off until parity
+        fp8=False,                  # FP8 GEMMs with delayed scaling (mosaicbert_jax/fp8.py)
         fp8_amax_history=16,        # amaxes each FP8 scale is taken over
     ))
     c.data = ml_collections.ConfigDict(dict(
