@@ -18,6 +18,7 @@ from mosaicbert_jax.model import MosaicBertEmbeddings
 from mosaicbert_jax.optim import decoupled_adamw, warmup_linear_decay
 from mosaicbert_jax.sharding import batch_sharding, make_mesh
 from mosaicbert_jax.train import train_and_evaluate
+from mosaicbert_jax.training.resume_checks import check_same_fp8
 from mosaicbert_jax.training.step import init_state, make_train_step, masked_lm_sums
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -291,3 +292,15 @@ def test_profile_step_counts_the_fp8_gemm_custom_calls():
            'custom_call_target="__cublas$lt$matmul"\n')
     assert gemm_custom_calls(hlo) == {"__cublas$lt$matmul$f8": 2, "__cublas$lt$matmul": 1,
                                       "__cublas$gemm": 0}
+
+
+def test_resume_check_names_the_fp8_setting_of_the_checkpoint():
+    on, off = {"fp8": True, "fp8_amax_history": 16}, {"fp8": False, "fp8_amax_history": 16}
+    with pytest.raises(UserError, match=r"trained with fp8=False.*--config\.model\.fp8=False"):
+        check_same_fp8(off, on, 10, "/w")
+    with pytest.raises(UserError, match=r"--config\.model\.fp8_amax_history=16"):
+        check_same_fp8(on, {"fp8": True, "fp8_amax_history": 8}, 10, "/w")
+    check_same_fp8({"hidden_size": 128}, off, 10, "/w")  # older checkpoints had no fp8: off
+    check_same_fp8(on, dict(on), 10, "/w")
+    with pytest.raises(UserError, match=r"--config\.model\.fp8=False"):
+        check_same_fp8({"hidden_size": 128}, on, 10, "/w")

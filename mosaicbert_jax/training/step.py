@@ -103,9 +103,9 @@ def make_train_step(model: MosaicBertForMaskedLM, tx: optax.GradientTransformati
             def body(carry, inputs):
                 index, mb = inputs
                 (g, f), s = grad_fn(params, fp8_stats, mb, jax.random.fold_in(rng, index))
-                grads_sum, fp8_max, sums_sum = carry
+                grads_sum, fp8_seen, sums_sum = carry
                 return (jax.tree_util.tree_map(jnp.add, grads_sum, g),
-                        fp8.combine_microbatch_stats(fp8_max, f),
+                        fp8.combine_microbatch_stats(fp8_seen, f),
                         jax.tree_util.tree_map(jnp.add, sums_sum, s)), None
 
             zero_sums = {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS}
