@@ -13,12 +13,13 @@ never visited; only masked blocks compare |i - j| with w. With w = 0 the kernels
 full-attention ones, unchanged.
 
 Kernels index q, k, v in their [batch, seq, heads, head_dim] layout through squeezed block
-dims, so no transposes are needed around them. The fused-QKV entry (flash_attention_qkv)
-runs the same kernels on the projection's [batch, seq, 3, heads, head_dim] output: the
-BlockSpecs fix the slot, so q, k, v are read in place, and the backward writes d(qkv) as
-one array (dK/dV into slots 1 and 2, then dQ into slot 0 of the same buffer, aliased), so
-neither slice copies nor a concatenate surround the kernels. Softmax statistics live in log2 units
+dims, so no transposes are needed around them. Softmax statistics live in log2 units
 (exp2 with scale * log2(e) folded in); the stored logsumexp is in the same units.
+
+The fused-QKV entry (flash_attention_qkv) runs the same kernels on the projection's
+[batch, seq, 3, heads, head_dim] output: the BlockSpecs fix the slot, so q, k, v are read
+in place, and the backward writes d(qkv) as one array (dK/dV into slots 1 and 2, then dQ
+into slot 0 of the same buffer, aliased): no slice copies or concatenate around the kernels.
 """
 
 from __future__ import annotations
@@ -403,11 +404,12 @@ def _backward(q, k, v, segment_ids, slopes, out, lse, d_out, scale, sizes: Block
     # Key blocks are the rows here: the same plan with rows and columns swapped.
     plan = _block_plan(segment_ids, bk, bq, window)
     specs = _Specs(seq, head_dim, padded_slopes.shape[0], plan.shape[-1])
-    kernel = functools.partial(_dkdv_into_slots, k_slot, v_slot) if fused else _dkdv_kernel
     if fused:  # one block spanning the slots; dK and dV go to theirs, slot 0 waits for dQ
-        dkdv_specs, dkdv_shapes = specs.tokens_all_slots(bk), jax.ShapeDtypeStruct(
-            q.shape, q.dtype)
+        kernel = functools.partial(_dkdv_into_slots, k_slot, v_slot)
+        dkdv_specs = specs.tokens_all_slots(bk)
+        dkdv_shapes = jax.ShapeDtypeStruct(q.shape, q.dtype)
     else:
+        kernel = _dkdv_kernel
         dkdv_specs = [specs.tokens(bk), specs.tokens(bk)]
         dkdv_shapes = [jax.ShapeDtypeStruct(k.shape, k.dtype),
                        jax.ShapeDtypeStruct(v.shape, v.dtype)]
