@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mosaicbert_jax import fused
-from mosaicbert_jax.attention import alibi_slopes, attention
+from mosaicbert_jax.attention import alibi_slopes, attention_qkv
 from mosaicbert_jax.config import MLM_HEAD_LAYER_NORM_EPS, MosaicBertConfig
 from mosaicbert_jax.dropout import Dropout
 from mosaicbert_jax.fused.reference import gelu
@@ -107,10 +107,10 @@ class MosaicBertSelfAttention(nn.Module):
         qkv = nn.Dense(3 * cfg.hidden_size, kernel_init=_dense_init(cfg), dtype=cfg.dtype,
                        param_dtype=cfg.param_dtype, name="Wqkv")(x)
         qkv = qkv.reshape(batch, seq, 3, cfg.num_attention_heads, cfg.head_dim)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         slopes = jnp.asarray(alibi_slopes(cfg.num_attention_heads))
-        out = attention(q, k, v, segment_ids, slopes, implementation=cfg.attention_implementation,
-                        window=self.window)
+        # Kernels with a fused-QKV entry read q, k, v in place (no slice copies, one d(qkv)).
+        out = attention_qkv(qkv, segment_ids, slopes,
+                            implementation=cfg.attention_implementation, window=self.window)
         return out.reshape(batch, seq, cfg.hidden_size)
 
 
