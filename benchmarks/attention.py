@@ -14,6 +14,11 @@ forward+backward. The cuDNN and tokamax baselines get the ALiBi + segment mask a
 materialised [batch, heads, seq, seq] bias built outside the timed call (their kernels have
 no in-kernel ALiBi); 'xla' is our reference, which builds its bias inside.
 
+pallas_qkv_sliced and pallas_qkv time the kernel the way the model calls it, on one fused
+[batch, seq, 3, heads, head_dim] projection output with the gradient of that array:
+sliced = the three slices into flash_attention (copies before, a concatenate after),
+pallas_qkv = flash_attention_qkv (slots read in place, d(qkv) written by the kernels).
+
 --window W (> 0) times sliding-window attention (keys with |i - j| <= W) in every
 implementation that has it (the baselines get the window in their materialised bias; the
 Triton kernel has none and is skipped); visible pairs then count the window too.
@@ -42,13 +47,13 @@ import numpy as np
 from mosaicbert_jax.attention import alibi_slopes
 from mosaicbert_jax.attention.cudnn import materialised_bias
 from mosaicbert_jax.attention.pallas_gpu import (BlockSizes, default_block_sizes_for_head_dim,
-                                                 flash_attention)
+                                                 flash_attention, flash_attention_qkv)
 from mosaicbert_jax.attention.reference import xla_attention
 
 # Block-size variants timed by --sweep (next to the default for each length).
 CHECK_ROWS = 2
 # Checked against the reference at every length (the baselines at the first one only).
-OUR_KERNELS = ("pallas", "pallas_tpu", "triton")
+OUR_KERNELS = ("pallas", "pallas_qkv_sliced", "pallas_qkv", "pallas_tpu", "triton")
 SWEEP = {
     "large_blocks": dataclasses.asdict(BlockSizes()),
     "fwd128x128_w8": dict(block_q=128, block_k=128, num_warps=8),
@@ -138,15 +143,29 @@ class Case:
     name: str
     fn: Callable  # (q, k, v, segment_ids, bias) -> out
     needs_bias: bool = False
+    # (qkv [batch, seq, 3, heads, head_dim], segment_ids, bias) -> out: if set, the timed
+    # calls take one fused qkv (and give its gradient) instead of q, k, v.
+    qkv_fn: Optional[Callable] = None
 
     def __post_init__(self):
         # Jitted once per case, so every layout of a length reuses the compiled program.
-        self.forward = jax.jit(self.fn)
+        self.forward = jax.jit(self.qkv_fn or self.fn)
 
         def forward_backward(q, k, v, s, b, d_out):
             _, vjp = jax.vjp(lambda q, k, v: self.fn(q, k, v, s, b), q, k, v)
             return vjp(d_out)
-        self.forward_backward = jax.jit(forward_backward)
+
+        def qkv_forward_backward(qkv, s, b, d_out):
+            _, vjp = jax.vjp(lambda qkv: self.qkv_fn(qkv, s, b), qkv)
+            return vjp(d_out)
+        self.forward_backward = jax.jit(qkv_forward_backward if self.qkv_fn
+                                        else forward_backward)
+
+
+def qkv_case(name: str, qkv_fn: Callable) -> Case:
+    """A case timed on one fused qkv; checked (fn) on q, k, v stacked into it."""
+    return Case(name, lambda q, k, v, s, b: qkv_fn(jnp.stack([q, k, v], axis=2), s, b),
+                qkv_fn=qkv_fn)
 
 
 def implementations(args, slopes, scale) -> list[Case]:
@@ -164,6 +183,13 @@ def implementations(args, slopes, scale) -> list[Case]:
             cases.append(Case("pallas", lambda q, k, v, s, b: flash_attention(
                 q, k, v, s, slopes, scale, interpret=args.interpret, window=args.window)))
             cases += pallas_variants(args, slopes, scale) if args.sweep else []
+        elif name == "pallas_qkv_sliced":
+            cases.append(qkv_case(name, lambda qkv, s, b: flash_attention(
+                qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], s, slopes, scale,
+                interpret=args.interpret, window=args.window)))
+        elif name == "pallas_qkv":
+            cases.append(qkv_case(name, lambda qkv, s, b: flash_attention_qkv(
+                qkv, s, slopes, scale, interpret=args.interpret, window=args.window)))
         elif name == "pallas_tpu":
             from mosaicbert_jax.attention.pallas_tpu import flash_attention_tpu
             cases.append(Case("pallas_tpu", lambda q, k, v, s, b: flash_attention_tpu(
@@ -250,7 +276,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--layouts", default="one,two,packed")
-    parser.add_argument("--impls", default="xla,cudnn,pallas,tokamax:mosaic,tokamax:triton")
+    parser.add_argument("--impls", default="xla,cudnn,pallas,pallas_qkv_sliced,pallas_qkv,"
+                        "tokamax:mosaic,tokamax:triton")
     parser.add_argument("--sweep", action="store_true", help="also time block-size variants")
     parser.add_argument("--sweep-seq-lens", default="128,1024")
     parser.add_argument("--sweep-variants", default=",".join(SWEEP))
@@ -276,6 +303,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         batch = max(1, args.tokens // seq)
         shape = (batch, seq, args.heads, args.head_dim)
         q, k, v, d_out = (jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(4))
+        qkv = jnp.stack([q, k, v], axis=2) if any(c.qkv_fn for c in all_cases) else None
         cases = [c for c in all_cases if not c.name.startswith("pallas[")
                  or str(seq) in args.sweep_seq_lens.split(",")]
         for layout in args.layouts.split(","):
@@ -298,8 +326,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                     b_checked = None if b is None else b[:CHECK_ROWS]
                     errors = check(case, *rows_checked[:4], b_checked, rows_checked[4],
                                    want) if checked else ""
-                    t_fwd = median_ms(case.forward, q, k, v, seg, b)
-                    t_all = median_ms(case.forward_backward, q, k, v, seg, b, d_out)
+                    inputs = (qkv,) if case.qkv_fn else (q, k, v)
+                    t_fwd = median_ms(case.forward, *inputs, seg, b)
+                    t_all = median_ms(case.forward_backward, *inputs, seg, b, d_out)
                 except Exception as err:  # one failing baseline must not end the run
                     print(f"{case.name} S={seq} {layout}: FAILED {type(err).__name__}: "
                           f"{str(err)[:300]}", flush=True)
@@ -313,6 +342,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                       f"  fwd+bwd {t_all:7.3f} ms  {row['fwd_bwd_tflops']:6.1f} TFLOP/s"
                       f"  err(o,dq,dk,dv) {errors}", flush=True)
             del bias, want, rows_checked
+        del qkv
     table = markdown_table(rows, device.device_kind, args)
     print("\n" + table)
     with open(args.results, "w") as f:

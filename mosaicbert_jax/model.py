@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mosaicbert_jax import fp8, fused
-from mosaicbert_jax.attention import alibi_slopes, attention
+from mosaicbert_jax.attention import alibi_slopes, attention_qkv
 from mosaicbert_jax.config import MLM_HEAD_LAYER_NORM_EPS, MosaicBertConfig
 from mosaicbert_jax.dropout import Dropout
 from mosaicbert_jax.fused.reference import gelu
@@ -113,10 +113,10 @@ class MosaicBertSelfAttention(nn.Module):
         batch, seq, _ = x.shape
         qkv = _big_dense(cfg, 3 * cfg.hidden_size, "Wqkv")(x)
         qkv = qkv.reshape(batch, seq, 3, cfg.num_attention_heads, cfg.head_dim)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         slopes = jnp.asarray(alibi_slopes(cfg.num_attention_heads))
-        out = attention(q, k, v, segment_ids, slopes, implementation=cfg.attention_implementation,
-                        window=self.window)
+        # Kernels with a fused-QKV entry read q, k, v in place (no slice copies, one d(qkv)).
+        out = attention_qkv(qkv, segment_ids, slopes,
+                            implementation=cfg.attention_implementation, window=self.window)
         return out.reshape(batch, seq, cfg.hidden_size)
 
 
@@ -157,26 +157,36 @@ class DenseBiasApart(nn.Module):
 
 
 def _dense_add_layernorm(cfg: MosaicBertConfig, x, residual, dropout: Optional[Dropout],
-                         deterministic: bool, dense_name: str, norm_name: str):
+                         deterministic: bool, dense_name: str, norm_name: str,
+                         copies: int = 1):
     """LayerNorm(dropout(Dense(x)) + residual): one fused kernel after the matmul, or the
-    plain flax composition."""
+    plain flax composition. copies = 2 returns the output twice, one per consumer (the
+    next matmul, the next residual), so the fused backward adds their cotangents in-kernel."""
     impl = _fused_impl("layernorm_implementation", cfg, cfg.hidden_size)
     if impl == "xla":
         x = _big_dense(cfg, cfg.hidden_size, dense_name)(x)
         if dropout is not None:
             x = dropout(x, deterministic)
-        return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype,
-                            param_dtype=cfg.param_dtype, name=norm_name)(x + residual)
+        y = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype,
+                         param_dtype=cfg.param_dtype, name=norm_name)(x + residual)
+        return y if copies == 1 else (y,) * copies
     x, x_bias = DenseBiasApart(cfg.hidden_size, cfg, name=dense_name)(x)
     seed, rate = (dropout.hash_seed(deterministic) if dropout is not None
                   else (jnp.zeros((2,), jnp.uint32), 0.0))
     scale, bias = LayerNormParams(cfg, name=norm_name)()
     return fused.dropout_add_layernorm(x, residual, scale, bias, seed, rate, cfg.layer_norm_eps,
-                                       x_bias, implementation=impl)
+                                       x_bias, implementation=impl, copies=copies)
+
+
+def _per_consumer(x) -> tuple[jax.Array, jax.Array]:
+    """(input of the next matmul, next residual): a layer output given once per consumer,
+    or one array used for both."""
+    return x if isinstance(x, tuple) else (x, x)
 
 
 class MosaicBertSelfOutput(nn.Module):
-    """Output dense, dropout, residual add, post-LN."""
+    """Output dense, dropout, residual add, post-LN; the output once per consumer (the MLP's
+    matmul and its residual)."""
 
     config: MosaicBertConfig
 
@@ -185,17 +195,20 @@ class MosaicBertSelfOutput(nn.Module):
         cfg = self.config
         dropout = Dropout(cfg.hidden_dropout_prob, cfg.dropout_rng)
         return _dense_add_layernorm(cfg, hidden, residual, dropout, deterministic, "dense",
-                                    "LayerNorm")
+                                    "LayerNorm", copies=2)
 
 
 class MosaicBertGatedMLP(nn.Module):
-    """GLU: one bias-free projection to 2 x intermediate, gelu(first half) * second half."""
+    """GLU: one bias-free projection to 2 x intermediate, gelu(first half) * second half.
+    Takes its input once per consumer or as one array; returns `copies` outputs."""
 
     config: MosaicBertConfig
+    copies: int = 1
 
     @nn.compact
     def __call__(self, x, deterministic: bool):
         cfg = self.config
+        x, residual = _per_consumer(x)
         h = _big_dense(cfg, 2 * cfg.intermediate_size, "gated_layers", use_bias=False)(x)
         dropout = Dropout(cfg.hidden_dropout_prob, cfg.dropout_rng)
         impl = _fused_impl("glu_implementation", cfg, cfg.intermediate_size)
@@ -206,7 +219,8 @@ class MosaicBertGatedMLP(nn.Module):
         else:
             seed, rate = dropout.hash_seed(deterministic)
             h = fused.glu_dropout(h, seed, rate, impl)
-        return _dense_add_layernorm(cfg, h, x, None, deterministic, "wo", "layernorm")
+        return _dense_add_layernorm(cfg, h, residual, None, deterministic, "wo", "layernorm",
+                                    copies=self.copies)
 
 
 def gather_positions(x: jax.Array, positions: jax.Array) -> jax.Array:
@@ -221,20 +235,26 @@ def gather_positions(x: jax.Array, positions: jax.Array) -> jax.Array:
 
 
 class MosaicBertLayer(nn.Module):
-    """One post-LN block. With `positions`, only those rows go through output and MLP."""
+    """One post-LN block. With `positions`, only those rows go through output and MLP.
+
+    x is the layer input as one array or once per consumer (QKV matmul, residual); the
+    output is given `output_copies` times (2 between layers, 1 after the last)."""
 
     config: MosaicBertConfig
     attention_window: int = 0
+    output_copies: int = 1
 
     @nn.compact
     def __call__(self, x, segment_ids, deterministic: bool, positions=None):
         cfg = self.config
+        x, residual = _per_consumer(x)
         context = MosaicBertSelfAttention(cfg, window=self.attention_window,
                                           name="attention_self")(x, segment_ids)
         if positions is not None:  # sparse last layer: keys/values need every token, the rest not
-            context, x = gather_positions(context, positions), gather_positions(x, positions)
-        x = MosaicBertSelfOutput(cfg, name="attention_output")(context, x, deterministic)
-        return MosaicBertGatedMLP(cfg, name="mlp")(x, deterministic)
+            context = gather_positions(context, positions)
+            residual = gather_positions(residual, positions)
+        x = MosaicBertSelfOutput(cfg, name="attention_output")(context, residual, deterministic)
+        return MosaicBertGatedMLP(cfg, copies=self.output_copies, name="mlp")(x, deterministic)
 
 
 def layer_attention_window(cfg: MosaicBertConfig, layer: int) -> int:
@@ -261,6 +281,7 @@ class MosaicBertEncoder(nn.Module):
             is_last = i == cfg.num_hidden_layers - 1
             positions = last_layer_positions if is_last else None
             x = layer_cls(cfg, attention_window=layer_attention_window(cfg, i),
+                          output_copies=1 if is_last else 2,
                           name=f"layer_{i}")(x, segment_ids, deterministic, positions)
         return x
 

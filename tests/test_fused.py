@@ -68,6 +68,31 @@ def test_layernorm_kernel_matches_composition(dtype, rate):
     _assert_close(run("pallas_interpret"), run("xla"), dtype, seed, f"layernorm rate={rate}")
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_layernorm_with_two_consumers_adds_their_cotangents(dtype):
+    """copies=2: the kernel's backward adds the two outputs' cotangents itself; the gradients
+    equal autodiff's of one output used twice, and differ from either cotangent alone."""
+    rng, seed = fresh_rng()
+    rows, width = int(rng.choice([48, 80, 144])), 768
+    x, r, dy1, dy2 = (jnp.asarray(rng.standard_normal((rows, width)), dtype) for _ in range(4))
+    x_bias, scale, bias = (jnp.asarray(rng.standard_normal(width), jnp.float32) * 0.5 + off
+                           for off in (0.0, 1.0, 0.0))
+    key = _seed(rng)
+
+    def grads(impl, copies, cotangents):
+        def fn(x, r, s, b, xb):
+            return fused.dropout_add_layernorm(x, r, s, b, key, 0.1, 1e-12, xb,
+                                               implementation=impl, copies=copies)
+        out, vjp = jax.vjp(fn, x, r, scale, bias, x_bias)
+        return vjp(cotangents)
+
+    two = jax.jit(lambda: grads("pallas_interpret", 2, (dy1, dy2)))()
+    summed = jax.jit(lambda: grads("xla", 1, dy1 + dy2))()
+    _assert_close(two, summed, dtype, seed, "layernorm copies=2")
+    first_only = jax.jit(lambda: grads("xla", 1, dy1))()
+    assert relative_error(two[0], first_only[0]) > 0.3  # the second cotangent counted
+
+
 def test_kernels_lower_for_cuda():
     """The Pallas kernels pass the Triton lowering (the step a GPU compile starts with)."""
     h = jnp.zeros((64, 2 * 3072), jnp.bfloat16)
@@ -76,7 +101,9 @@ def test_kernels_lower_for_cuda():
     glu = lambda h: jax.vjp(lambda h: pallas_gpu.glu_dropout(h, key, 0.1), h)[1](h[:, :3072])
     ln = lambda x: jax.vjp(lambda x, r: pallas_gpu.dropout_add_layernorm(
         x, r, s, s, key, 0.1, 1e-12, s), x, x)[1](x)
-    for fn, arg in ((glu, h), (ln, x)):
+    ln2 = lambda x: jax.vjp(lambda x, r: pallas_gpu.dropout_add_layernorm(
+        x, r, s, s, key, 0.1, 1e-12, s, copies=2), x, x)[1]((x, x))
+    for fn, arg in ((glu, h), (ln, x), (ln2, x)):
         text = jax.jit(fn).trace(arg).lower(lowering_platforms=("cuda",)).as_text()
         assert "__gpu$xla.gpu.triton" in text or "triton_kernel_call" in text
 

@@ -153,3 +153,31 @@ def test_the_command_line_reports_a_user_error_in_one_line(tmp_path):
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         "error: config.data.source='nope'; use one of ('shards', 'embedded', 'synthetic')")
+
+
+def test_masked_lm_sums_are_cross_entropy_and_accuracy_computed_plainly():
+    """Loss, gradient and accuracy of the one-pass formulation against a direct numpy
+    log-softmax, on logits large enough that an unshifted logsumexp would overflow."""
+    from mosaicbert_jax.training.step import masked_lm_sums
+    rng = np.random.default_rng()
+    logits = rng.standard_normal((3, 5, 40)) * 30 + 80
+    labels = rng.integers(0, 40, (3, 5))
+    labels[0, 0] = int(np.argmax(logits[0, 0]))  # at least one correct prediction
+    weights = (rng.random((3, 5)) > 0.3).astype(np.float32)
+    weights[0, 0] = 1.0
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    want_loss = -(np.take_along_axis(log_probs, labels[..., None], -1)[..., 0] * weights).sum()
+    want_correct = ((logits.argmax(-1) == labels) * weights).sum()
+    one_hot = np.eye(40)[labels]
+    want_grad = (np.exp(log_probs) - one_hot) * weights[..., None]
+
+    sums = masked_lm_sums(jnp.asarray(logits, jnp.float32), jnp.asarray(labels),
+                          jnp.asarray(weights))
+    np.testing.assert_allclose(float(sums["loss_sum"]), want_loss, rtol=1e-5)
+    assert float(sums["correct_sum"]) == want_correct >= 1
+    assert float(sums["weight_sum"]) == weights.sum()
+    grad = jax.grad(lambda l: masked_lm_sums(l, jnp.asarray(labels),
+                                             jnp.asarray(weights))["loss_sum"])(
+        jnp.asarray(logits, jnp.float32))
+    np.testing.assert_allclose(np.asarray(grad), want_grad, atol=1e-5)

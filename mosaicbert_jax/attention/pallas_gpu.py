@@ -15,6 +15,11 @@ full-attention ones, unchanged.
 Kernels index q, k, v in their [batch, seq, heads, head_dim] layout through squeezed block
 dims, so no transposes are needed around them. Softmax statistics live in log2 units
 (exp2 with scale * log2(e) folded in); the stored logsumexp is in the same units.
+
+The fused-QKV entry (flash_attention_qkv) runs the same kernels on the projection's
+[batch, seq, 3, heads, head_dim] output: the BlockSpecs fix the slot, so q, k, v are read
+in place, and the backward writes d(qkv) as one array (dK/dV into slots 1 and 2, then dQ
+into slot 0 of the same buffer, aliased): no slice copies or concatenate around the kernels.
 """
 
 from __future__ import annotations
@@ -250,18 +255,34 @@ def _dq_kernel(plan_ref, slopes_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, do
 
 
 class _Specs:
-    """BlockSpecs shared by the kernels; grids are (row_block, batch, head)."""
+    """BlockSpecs shared by the kernels; grids are (row_block, batch, head).
+
+    Token specs take a slot: None for a [batch, seq, heads, head_dim] array, 0/1/2 for
+    that slice of a fused [batch, seq, 3, heads, head_dim] one (the slot dim squeezed).
+    """
 
     def __init__(self, seq: int, head_dim: int, num_heads_padded: int, num_blocks_padded: int):
         self.seq, self.head_dim = seq, head_dim
         self.slopes = pl.BlockSpec((num_heads_padded,), lambda i, b, h: (0,))
         self.plan = pl.BlockSpec((None, 4, num_blocks_padded), lambda i, b, h: (b, 0, 0))
 
-    def tokens(self, block: int) -> pl.BlockSpec:
-        return pl.BlockSpec((None, block, None, self.head_dim), lambda i, b, h: (b, i, h, 0))
+    def tokens(self, block: int, slot: Optional[int] = None) -> pl.BlockSpec:
+        if slot is None:
+            return pl.BlockSpec((None, block, None, self.head_dim), lambda i, b, h: (b, i, h, 0))
+        return pl.BlockSpec((None, block, None, None, self.head_dim),
+                            lambda i, b, h: (b, i, slot, h, 0))
 
-    def all_tokens(self) -> pl.BlockSpec:
-        return pl.BlockSpec((None, self.seq, None, self.head_dim), lambda i, b, h: (b, 0, h, 0))
+    def all_tokens(self, slot: Optional[int] = None) -> pl.BlockSpec:
+        if slot is None:
+            return pl.BlockSpec((None, self.seq, None, self.head_dim),
+                                lambda i, b, h: (b, 0, h, 0))
+        return pl.BlockSpec((None, self.seq, None, None, self.head_dim),
+                            lambda i, b, h: (b, 0, slot, h, 0))
+
+    def tokens_all_slots(self, block: int) -> pl.BlockSpec:
+        """[block, 3, head_dim] of a fused array: one output block for two slots' tiles."""
+        return pl.BlockSpec((None, block, 3, None, self.head_dim),
+                            lambda i, b, h: (b, i, 0, h, 0))
 
     @staticmethod
     def segments(block: int) -> pl.BlockSpec:
@@ -276,6 +297,39 @@ class _Specs:
 
     def all_row_stats(self) -> pl.BlockSpec:
         return pl.BlockSpec((None, None, self.seq), lambda i, b, h: (b, h, 0))
+
+
+class _SlotRef:
+    """One slot of a [rows, 3, head_dim] output block, written like a [rows, head_dim] ref
+    (`ref[...] = tile`), so the fused backward runs the dK/dV kernel as it is."""
+
+    def __init__(self, ref, slot: int):
+        self._ref, self._slot = ref, slot
+
+    @property
+    def dtype(self):
+        return self._ref.dtype
+
+    def __setitem__(self, index, value) -> None:
+        assert index is Ellipsis, "kernels write whole tiles"
+        self._ref[:, self._slot, :] = value
+
+
+def _dkdv_into_slots(k_slot: int, v_slot: int, *refs, **params) -> None:
+    """_dkdv_kernel writing dK and dV into two slots of one fused output block."""
+    *inputs, dqkv_ref = refs
+    _dkdv_kernel(*inputs, _SlotRef(dqkv_ref, k_slot), _SlotRef(dqkv_ref, v_slot), **params)
+
+
+def _dq_into_aliased(*refs, **params) -> None:
+    """_dq_kernel with the aliased d(qkv) input (never read: dQ only fills its own slot)."""
+    *inputs, _aliased_dqkv_ref, dq_ref = refs
+    _dq_kernel(*inputs, dq_ref, **params)
+
+
+# Separate q, k, v arrays, or slots 0, 1, 2 of one fused [batch, seq, 3, heads, head_dim].
+_SEPARATE = (None, None, None)
+QKV_SLOTS = (0, 1, 2)
 
 
 def _pad_last(x: jax.Array, size: int, value=0) -> jax.Array:
@@ -304,8 +358,14 @@ def _padded_slopes(slopes):
 
 
 def _forward(q, k, v, segment_ids, slopes, scale, sizes: BlockSizes, interpret: bool,
-             window: int = 0):
-    batch, seq, heads, head_dim = q.shape
+             window: int = 0, slots=_SEPARATE):
+    """Output [batch, seq, heads, head_dim] and logsumexp [batch, heads, seq] (log2 units).
+
+    slots=QKV_SLOTS: q, k and v are one fused array (passed three times) read at its slots.
+    """
+    batch, seq = q.shape[:2]
+    heads, head_dim = q.shape[-2:]
+    q_slot, k_slot, v_slot = slots
     bq, bk = sizes.block_q, sizes.block_k
     plan = _block_plan(segment_ids, bq, bk, window)
     specs = _Specs(seq, head_dim, pl.next_power_of_2(heads), plan.shape[-1])
@@ -315,9 +375,9 @@ def _forward(q, k, v, segment_ids, slopes, scale, sizes: BlockSizes, interpret: 
         kernel,
         grid=(seq // bq, batch, heads),
         in_specs=[specs.plan, specs.slopes, specs.segments(bq), specs.all_segments(),
-                  specs.tokens(bq), specs.all_tokens(), specs.all_tokens()],
+                  specs.tokens(bq, q_slot), specs.all_tokens(k_slot), specs.all_tokens(v_slot)],
         out_specs=[specs.tokens(bq), specs.row_stats(bq)],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_shape=[jax.ShapeDtypeStruct((batch, seq, heads, head_dim), q.dtype),
                    jax.ShapeDtypeStruct((batch, heads, seq), jnp.float32)],
         compiler_params=plgpu.CompilerParams(num_warps=sizes.num_warps,
                                              num_stages=sizes.num_stages),
@@ -328,8 +388,12 @@ def _forward(q, k, v, segment_ids, slopes, scale, sizes: BlockSizes, interpret: 
 
 
 def _backward(q, k, v, segment_ids, slopes, out, lse, d_out, scale, sizes: BlockSizes,
-              interpret: bool, window: int = 0):
-    batch, seq, heads, head_dim = q.shape
+              interpret: bool, window: int = 0, slots=_SEPARATE):
+    """(dq, dk, dv); with slots=QKV_SLOTS one d(qkv) [batch, seq, 3, heads, head_dim]."""
+    batch, seq = q.shape[:2]
+    heads, head_dim = q.shape[-2:]
+    q_slot, k_slot, v_slot = slots
+    fused = q_slot is not None
     delta = jnp.einsum("bshd,bshd->bhs", out.astype(jnp.float32), d_out.astype(jnp.float32))
     q_segments = _query_segments(segment_ids)
     padded_slopes = _padded_slopes(slopes)
@@ -340,16 +404,24 @@ def _backward(q, k, v, segment_ids, slopes, out, lse, d_out, scale, sizes: Block
     # Key blocks are the rows here: the same plan with rows and columns swapped.
     plan = _block_plan(segment_ids, bk, bq, window)
     specs = _Specs(seq, head_dim, padded_slopes.shape[0], plan.shape[-1])
-    dk, dv = pl.pallas_call(
-        functools.partial(_dkdv_kernel, scale=scale, block_q=bq, split=sizes.unmasked_interior,
+    if fused:  # one block spanning the slots; dK and dV go to theirs, slot 0 waits for dQ
+        kernel = functools.partial(_dkdv_into_slots, k_slot, v_slot)
+        dkdv_specs = specs.tokens_all_slots(bk)
+        dkdv_shapes = jax.ShapeDtypeStruct(q.shape, q.dtype)
+    else:
+        kernel = _dkdv_kernel
+        dkdv_specs = [specs.tokens(bk), specs.tokens(bk)]
+        dkdv_shapes = [jax.ShapeDtypeStruct(k.shape, k.dtype),
+                       jax.ShapeDtypeStruct(v.shape, v.dtype)]
+    dkdv = pl.pallas_call(
+        functools.partial(kernel, scale=scale, block_q=bq, split=sizes.unmasked_interior,
                           window=window),
         grid=(seq // bk, batch, heads),
         in_specs=[specs.plan, specs.slopes, specs.all_segments(), specs.segments(bk),
-                  specs.all_tokens(), specs.tokens(bk), specs.tokens(bk),
+                  specs.all_tokens(q_slot), specs.tokens(bk, k_slot), specs.tokens(bk, v_slot),
                   specs.all_tokens(), specs.all_row_stats(), specs.all_row_stats()],
-        out_specs=[specs.tokens(bk), specs.tokens(bk)],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
-                   jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        out_specs=dkdv_specs,
+        out_shape=dkdv_shapes,
         compiler_params=params,
         interpret=interpret,
         name="alibi_flash_dkdv",
@@ -358,21 +430,28 @@ def _backward(q, k, v, segment_ids, slopes, out, lse, d_out, scale, sizes: Block
     bq, bk = sizes.block_q_dq, sizes.block_k_dq
     plan = _block_plan(segment_ids, bq, bk, window)
     specs = _Specs(seq, head_dim, padded_slopes.shape[0], plan.shape[-1])
+    in_specs = [specs.plan, specs.slopes, specs.segments(bq), specs.all_segments(),
+                specs.tokens(bq, q_slot), specs.all_tokens(k_slot), specs.all_tokens(v_slot),
+                specs.tokens(bq), specs.row_stats(bq), specs.row_stats(bq)]
+    args = [plan, padded_slopes, q_segments, segment_ids, q, k, v, d_out, lse, delta]
+    kernel, aliases = _dq_kernel, {}
+    if fused:  # dQ fills slot 0 of the dK/dV output in place; slots 1 and 2 keep their values
+        kernel, aliases = _dq_into_aliased, {len(args): 0}
+        in_specs.append(specs.tokens(bq, q_slot))
+        args.append(dkdv)
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, scale=scale, block_k=bk, split=sizes.unmasked_interior,
+        functools.partial(kernel, scale=scale, block_k=bk, split=sizes.unmasked_interior,
                           window=window),
         grid=(seq // bq, batch, heads),
-        in_specs=[specs.plan, specs.slopes, specs.segments(bq), specs.all_segments(),
-                  specs.tokens(bq), specs.all_tokens(),
-                  specs.all_tokens(), specs.tokens(bq), specs.row_stats(bq),
-                  specs.row_stats(bq)],
-        out_specs=specs.tokens(bq),
+        in_specs=in_specs,
+        out_specs=specs.tokens(bq, q_slot),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        input_output_aliases=aliases,
         compiler_params=params,
         interpret=interpret,
         name="alibi_flash_dq",
-    )(plan, padded_slopes, q_segments, segment_ids, q, k, v, d_out, lse, delta)
-    return dq, dk, dv
+    )(*args)
+    return dq if fused else (dq, *dkdv)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
@@ -394,6 +473,28 @@ def _flash_bwd(scale, sizes, interpret, window, residuals, d_out):
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _flash_qkv(qkv, segment_ids, slopes, scale, sizes, interpret, window):
+    return _forward(qkv, qkv, qkv, segment_ids, slopes, scale, sizes, interpret, window,
+                    QKV_SLOTS)[0]
+
+
+def _flash_qkv_fwd(qkv, segment_ids, slopes, scale, sizes, interpret, window):
+    out, lse = _forward(qkv, qkv, qkv, segment_ids, slopes, scale, sizes, interpret, window,
+                        QKV_SLOTS)
+    return out, (qkv, segment_ids, slopes, out, lse)
+
+
+def _flash_qkv_bwd(scale, sizes, interpret, window, residuals, d_out):
+    qkv, segment_ids, slopes, out, lse = residuals
+    d_qkv = _backward(qkv, qkv, qkv, segment_ids, slopes, out, lse, d_out, scale, sizes,
+                      interpret, window, QKV_SLOTS)
+    return d_qkv, None, jnp.zeros_like(slopes)
+
+
+_flash_qkv.defvjp(_flash_qkv_fwd, _flash_qkv_bwd)
 
 
 def _check_inputs(q: jax.Array) -> None:
@@ -426,6 +527,41 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
     return out[:, :seq]
 
 
+def _pad_fused_sequence(qkv, segment_ids, multiple: int):
+    """pad_sequence for a fused [batch, seq, 3, heads, head_dim] array: along seq to a
+    multiple of `multiple`, segment ids with 0 (padding), so every block is full."""
+    seq = qkv.shape[1]
+    padded = -(-seq // multiple) * multiple
+    segment_ids = segment_ids.astype(jnp.int32)
+    if padded != seq:
+        qkv = jnp.pad(qkv, [(0, 0), (0, padded - seq), (0, 0), (0, 0), (0, 0)])
+        segment_ids = jnp.pad(segment_ids, [(0, 0), (0, padded - seq)])
+    return qkv, segment_ids
+
+
+def flash_attention_qkv(qkv: jax.Array, segment_ids: jax.Array, slopes: jax.Array,
+                        scale: float, *, block_sizes: Optional[BlockSizes] = None,
+                        interpret: bool = False, window: int = 0) -> jax.Array:
+    """flash_attention on the fused projection qkv [batch, seq, 3, heads, head_dim] (q, k, v
+    in slots 0, 1, 2) -> [batch, seq, heads, head_dim].
+
+    The kernels read the slots in place and the gradient is one d(qkv) array written by
+    the kernels, so no slice copies or concatenate surround them; same blocks, padding and
+    window as flash_attention.
+    """
+    if qkv.ndim != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"qkv shape {qkv.shape} must be [batch, seq, 3, heads, head_dim] "
+                         "(q, k, v in slots 0, 1, 2); for separate arrays use flash_attention")
+    _check_inputs(qkv)
+    window = check_window(window)
+    seq = qkv.shape[1]
+    sizes = block_sizes or default_block_sizes_for_head_dim(seq, qkv.shape[-1])
+    qkv, segment_ids = _pad_fused_sequence(qkv, segment_ids, max(sizes.blocks()))
+    out = _flash_qkv(qkv, segment_ids, jnp.asarray(slopes, jnp.float32), float(scale), sizes,
+                     interpret, window)
+    return out[:, :seq]
+
+
 def pallas_attention(q, k, v, segment_ids, slopes, scale, window: int = 0):
     """The compiled GPU kernel (registered as implementation 'pallas')."""
     return flash_attention(q, k, v, segment_ids, slopes, scale, window=window)
@@ -434,3 +570,13 @@ def pallas_attention(q, k, v, segment_ids, slopes, scale, window: int = 0):
 def pallas_attention_interpret(q, k, v, segment_ids, slopes, scale, window: int = 0):
     """The same kernels run by the Pallas interpreter: any backend, slow (for tests)."""
     return flash_attention(q, k, v, segment_ids, slopes, scale, interpret=True, window=window)
+
+
+def pallas_attention_qkv(qkv, segment_ids, slopes, scale, window: int = 0):
+    """The compiled kernel's fused-QKV entry (used by attention_qkv for 'pallas')."""
+    return flash_attention_qkv(qkv, segment_ids, slopes, scale, window=window)
+
+
+def pallas_attention_qkv_interpret(qkv, segment_ids, slopes, scale, window: int = 0):
+    """The fused-QKV entry in the Pallas interpreter (attention_qkv for 'pallas_interpret')."""
+    return flash_attention_qkv(qkv, segment_ids, slopes, scale, interpret=True, window=window)

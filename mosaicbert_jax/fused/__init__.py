@@ -56,15 +56,19 @@ def glu_dropout(h: jax.Array, seed: jax.Array, rate: float,
 def dropout_add_layernorm(x: jax.Array, residual: jax.Array, scale: jax.Array,
                           bias: jax.Array, seed: jax.Array, rate: float, eps: float,
                           x_bias: Optional[jax.Array] = None, *,
-                          implementation: str = "auto") -> jax.Array:
-    """LayerNorm(dropout(x + x_bias) + residual) on the last axis, in x's dtype."""
+                          implementation: str = "auto", copies: int = 1):
+    """LayerNorm(dropout(x + x_bias) + residual) on the last axis, in x's dtype.
+
+    copies = 2 returns the output twice (for two consumers); the Pallas backward adds their
+    cotangents in its kernel, where autodiff would add them in a pass of its own."""
     impl = resolve(implementation, x.shape[-1])
     if impl == "xla":
-        return reference.dropout_add_layernorm(x, residual, scale, bias, seed, rate, eps,
-                                               x_bias)
+        y = reference.dropout_add_layernorm(x, residual, scale, bias, seed, rate, eps, x_bias)
+        return y if copies == 1 else (y,) * copies
     from mosaicbert_jax.fused import pallas_gpu
     return pallas_gpu.dropout_add_layernorm(x, residual, scale, bias, seed, rate, eps, x_bias,
-                                            interpret=impl == "pallas_interpret")
+                                            interpret=impl == "pallas_interpret",
+                                            copies=copies)
 
 
 __all__ = ["IMPLEMENTATIONS", "dropout_add_layernorm", "glu_dropout", "resolve"]

@@ -7,7 +7,7 @@ Two fused ops, each a custom_vjp over one forward and one backward kernel:
 - `dropout_add_layernorm`: LayerNorm(dropout(x + x_bias) + residual). The forward reads x and
   the residual once and writes y plus two float32 row statistics; the backward recomputes the
   normalised input and writes d(x), d(residual) and per-block partial sums of d(scale),
-  d(bias), d(x_bias).
+  d(bias), d(x_bias) (a block of up to 64 rows, walked a few rows at a time).
 All arithmetic is float32 in registers; the dropout mask is `dropout.keep_from_position` of
 the element's (row, column), the same mask the unfused `hash_dropout` draws for the same seed.
 """
@@ -40,15 +40,30 @@ _ERF_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
 
 @dataclasses.dataclass(frozen=True)
 class FusedBlocks:
-    """Tile sizes and launch settings of the fused kernels."""
-    # The fastest of benchmarks/fused_ops.py's sweep on an H200 (2026-12-01, base shapes).
+    """Tile sizes and launch settings of the fused kernels (forward and backward apart)."""
+    # The fastest of benchmarks/fused_ops.py's sweeps on an H200 (2026-12-01, base shapes;
+    # the GLU variants were within 2% of each other).
     glu_rows: int = 8
     glu_cols: int = 256
     glu_warps: int = 4
+    glu_rows_bwd: int = 8
+    glu_cols_bwd: int = 256
+    glu_warps_bwd: int = 4
     ln_rows: int = 4
-    ln_rows_bwd: int = 4
     ln_warps: int = 4
+    # The LayerNorm backward walks ln_rows_bwd rows at a time through a block of up to
+    # ln_block_rows_bwd rows, so the partial sums of d(scale), d(bias), d(x_bias) it writes
+    # are one row per block, not per ln_rows_bwd rows (at 4 rows a block those partials were
+    # 3/4 of the bytes of d(x) again, plus a reduction pass over them).
+    ln_rows_bwd: int = 8
+    ln_block_rows_bwd: int = 64
     ln_warps_bwd: int = 4
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"{f.name}={value} must be a power of two >= 1")
 
 
 _DEFAULT_BLOCKS = [FusedBlocks()]
@@ -139,10 +154,11 @@ def _glu_bwd_kernel(seed_ref, h_ref, g_ref, dh_ref, *, rate: float):
     dh_ref[:, 1, :] = (g * gelu).astype(dh_ref.dtype)
 
 
-def _glu_call(kernel, out_shape, rows: int, width: int, blocks: FusedBlocks, interpret: bool,
-              extra_in: int, name: str):
-    br = _largest_pow2_divisor(rows, blocks.glu_rows)
-    bc = _largest_pow2_divisor(width, blocks.glu_cols)
+def _glu_call(kernel, out_shape, rows: int, width: int, tiles: tuple[int, int, int],
+              interpret: bool, extra_in: int, name: str):
+    block_rows, block_cols, warps = tiles
+    br = _largest_pow2_divisor(rows, block_rows)
+    bc = _largest_pow2_divisor(width, block_cols)
     h_spec = pl.BlockSpec((br, 2, bc), lambda i, j: (i, 0, j))
     g_spec = pl.BlockSpec((br, bc), lambda i, j: (i, j))
     seed_spec = pl.BlockSpec((2,), lambda i, j: (0,))
@@ -151,15 +167,16 @@ def _glu_call(kernel, out_shape, rows: int, width: int, blocks: FusedBlocks, int
         kernel, grid=(rows // br, width // bc),
         in_specs=[seed_spec, h_spec] + [g_spec] * extra_in, out_specs=out_spec,
         out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(num_warps=blocks.glu_warps, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
         interpret=interpret, name=name)
 
 
 def _glu_forward(h, seed, rate, blocks, interpret):
     rows, width = h.shape[0], h.shape[1] // 2
     call = _glu_call(functools.partial(_glu_fwd_kernel, rate=rate),
-                     jax.ShapeDtypeStruct((rows, width), h.dtype), rows, width, blocks,
-                     interpret, 0, "glu_dropout_fwd")
+                     jax.ShapeDtypeStruct((rows, width), h.dtype), rows, width,
+                     (blocks.glu_rows, blocks.glu_cols, blocks.glu_warps), interpret, 0,
+                     "glu_dropout_fwd")
     return call(seed, h.reshape(rows, 2, width))
 
 
@@ -176,8 +193,9 @@ def _glu_bwd(rate, blocks, interpret, residuals, g):
     h, seed = residuals
     rows, width = g.shape
     call = _glu_call(functools.partial(_glu_bwd_kernel, rate=rate),
-                     jax.ShapeDtypeStruct((rows, 2, width), h.dtype), rows, width, blocks,
-                     interpret, 1, "glu_dropout_bwd")
+                     jax.ShapeDtypeStruct((rows, 2, width), h.dtype), rows, width,
+                     (blocks.glu_rows_bwd, blocks.glu_cols_bwd, blocks.glu_warps_bwd), interpret,
+                     1, "glu_dropout_bwd")
     return call(seed, h.reshape(rows, 2, width), g).reshape(h.shape), None
 
 
@@ -199,8 +217,9 @@ def glu_dropout(h: jax.Array, seed: jax.Array, rate: float, interpret: bool = Fa
 
 # ----------------------------------------------------------------------------- LayerNorm
 
-def _row_chunks(ref, chunk: int):
-    return [ref[:, c * chunk:(c + 1) * chunk].astype(jnp.float32)
+def _row_chunks(ref, rows, chunk: int):
+    """The float32 column chunks of ref[rows] (rows: a slice or pl.ds of the block)."""
+    return [ref[rows, c * chunk:(c + 1) * chunk].astype(jnp.float32)
             for c in range(ref.shape[1] // chunk)]
 
 
@@ -209,15 +228,17 @@ def _vector_chunks(ref, chunk: int):
             for c in range(ref.shape[0] // chunk)]
 
 
-def _dropped_sum(seed_ref, x_ref, xb_ref, r_ref, chunk: int, rate: float):
-    """Chunks of dropout(x + x_bias) + residual for this program's rows, float32."""
-    rows = x_ref.shape[0]
+def _dropped_sum(seed_ref, x_ref, xb_ref, r_ref, rows, row0, count: int, chunk: int,
+                 rate: float):
+    """Chunks of dropout(x + x_bias) + residual for block rows `rows` (`count` of them,
+    global row number of the first: row0), float32."""
     zs = []
-    for c, (x, xb, r) in enumerate(zip(_row_chunks(x_ref, chunk), _vector_chunks(xb_ref, chunk),
-                                       _row_chunks(r_ref, chunk))):
+    for c, (x, xb, r) in enumerate(zip(_row_chunks(x_ref, rows, chunk),
+                                       _vector_chunks(xb_ref, chunk),
+                                       _row_chunks(r_ref, rows, chunk))):
         x = x + xb
         if rate > 0.0:
-            keep = _keep(seed_ref, pl.program_id(0) * rows, rows, c * chunk, chunk, rate)
+            keep = _keep(seed_ref, row0, count, c * chunk, chunk, rate)
             x = jnp.where(keep, x * (1.0 / (1.0 - rate)), 0.0)
         zs.append(x + r)
     return zs
@@ -225,8 +246,9 @@ def _dropped_sum(seed_ref, x_ref, xb_ref, r_ref, chunk: int, rate: float):
 
 def _ln_fwd_kernel(seed_ref, x_ref, xb_ref, r_ref, w_ref, b_ref, y_ref, mean_ref, rstd_ref, *,
                    rate: float, eps: float, chunk: int):
-    width = x_ref.shape[1]
-    zs = _dropped_sum(seed_ref, x_ref, xb_ref, r_ref, chunk, rate)
+    rows, width = x_ref.shape
+    zs = _dropped_sum(seed_ref, x_ref, xb_ref, r_ref, slice(None), pl.program_id(0) * rows,
+                      rows, chunk, rate)
     mean = sum(jnp.sum(z, axis=1) for z in zs) / width
     var = sum(jnp.sum(jnp.square(z - mean[:, None]), axis=1) for z in zs) / width
     rstd = lax.rsqrt(var + eps)
@@ -238,27 +260,51 @@ def _ln_fwd_kernel(seed_ref, x_ref, xb_ref, r_ref, w_ref, b_ref, y_ref, mean_ref
     rstd_ref[...] = rstd
 
 
-def _ln_bwd_kernel(seed_ref, x_ref, xb_ref, r_ref, w_ref, mean_ref, rstd_ref, dy_ref,
-                   dx_ref, dr_ref, dw_ref, db_ref, dxb_ref, *, rate: float, chunk: int):
-    rows, width = x_ref.shape
-    zs = _dropped_sum(seed_ref, x_ref, xb_ref, r_ref, chunk, rate)
-    mean, rstd = mean_ref[...][:, None], rstd_ref[...][:, None]
-    xhats = [(z - mean) * rstd for z in zs]
-    dys = _row_chunks(dy_ref, chunk)
-    gs = [dy * w for dy, w in zip(dys, _vector_chunks(w_ref, chunk))]
-    mean_g = sum(jnp.sum(g, axis=1) for g in gs)[:, None] / width
-    mean_gx = sum(jnp.sum(g * xh, axis=1) for g, xh in zip(gs, xhats))[:, None] / width
-    for c, (g, xh, dy) in enumerate(zip(gs, xhats, dys)):
+def _ln_bwd_kernel(seed_ref, x_ref, xb_ref, r_ref, w_ref, mean_ref, rstd_ref, *refs,
+                   rate: float, chunk: int, step_rows: int, copies: int):
+    """One block of rows, `step_rows` at a time; d(scale), d(bias), d(x_bias) are summed
+    over the whole block in registers and written once. The cotangents of the `copies`
+    outputs (refs[:copies]) are added here, so that sum costs no pass of its own."""
+    dy_refs, (dx_ref, dr_ref, dw_ref, db_ref, dxb_ref) = refs[:copies], refs[copies:]
+    block, width = x_ref.shape
+    ws = _vector_chunks(w_ref, chunk)
+    chunks = len(ws)
+    block_row0 = pl.program_id(0) * block  # outside the loop: the interpreter needs that
+
+    def step(i, sums):
+        first = pl.multiple_of(i * step_rows, step_rows)
+        rows = pl.ds(first, step_rows)
+        zs = _dropped_sum(seed_ref, x_ref, xb_ref, r_ref, rows, block_row0 + first, step_rows,
+                          chunk, rate)
+        mean, rstd = mean_ref[rows][:, None], rstd_ref[rows][:, None]
+        xhats = [(z - mean) * rstd for z in zs]
+        dys = _row_chunks(dy_refs[0], rows, chunk)
+        for more in dy_refs[1:]:
+            dys = [dy + extra for dy, extra in zip(dys, _row_chunks(more, rows, chunk))]
+        gs = [dy * w for dy, w in zip(dys, ws)]
+        mean_g = sum(jnp.sum(g, axis=1) for g in gs)[:, None] / width
+        mean_gx = sum(jnp.sum(g * xh, axis=1) for g, xh in zip(gs, xhats))[:, None] / width
+        dw, db, dxb = list(sums[:chunks]), list(sums[chunks:2 * chunks]), list(sums[2 * chunks:])
+        for c, (g, xh, dy) in enumerate(zip(gs, xhats, dys)):
+            cols = slice(c * chunk, (c + 1) * chunk)
+            dz = rstd * (g - mean_g - xh * mean_gx)
+            dr_ref[rows, cols] = dz.astype(dr_ref.dtype)
+            if rate > 0.0:
+                keep = _keep(seed_ref, block_row0 + first, step_rows, c * chunk, chunk, rate)
+                dz = jnp.where(keep, dz * (1.0 / (1.0 - rate)), 0.0)
+            dx_ref[rows, cols] = dz.astype(dx_ref.dtype)
+            dw[c] = dw[c] + jnp.sum(dy * xh, axis=0)
+            db[c] = db[c] + jnp.sum(dy, axis=0)
+            dxb[c] = dxb[c] + jnp.sum(dz, axis=0)
+        return tuple(dw + db + dxb)
+
+    zeros = tuple(jnp.zeros((chunk,), jnp.float32) for _ in range(3 * chunks))
+    sums = lax.fori_loop(0, block // step_rows, step, zeros)
+    for c in range(chunks):
         cols = slice(c * chunk, (c + 1) * chunk)
-        dz = rstd * (g - mean_g - xh * mean_gx)
-        dr_ref[:, cols] = dz.astype(dr_ref.dtype)
-        if rate > 0.0:
-            keep = _keep(seed_ref, pl.program_id(0) * rows, rows, c * chunk, chunk, rate)
-            dz = jnp.where(keep, dz * (1.0 / (1.0 - rate)), 0.0)
-        dx_ref[:, cols] = dz.astype(dx_ref.dtype)
-        dw_ref[cols] = jnp.sum(dy * xh, axis=0)
-        db_ref[cols] = jnp.sum(dy, axis=0)
-        dxb_ref[cols] = jnp.sum(dz, axis=0)
+        dw_ref[cols] = sums[c]
+        db_ref[cols] = sums[chunks + c]
+        dxb_ref[cols] = sums[2 * chunks + c]
 
 
 def _ln_specs(rows: int, width: int, block_rows: int):
@@ -284,36 +330,39 @@ def _ln_forward(x, x_bias, residual, scale, bias, seed, rate, eps, blocks, inter
     )(seed, x, x_bias, residual, scale, bias)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _ln(x, x_bias, residual, scale, bias, seed, rate, eps, blocks, interpret):
-    return _ln_forward(x, x_bias, residual, scale, bias, seed, rate, eps, blocks, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def _ln(x, x_bias, residual, scale, bias, seed, rate, eps, blocks, interpret, copies):
+    y = _ln_forward(x, x_bias, residual, scale, bias, seed, rate, eps, blocks, interpret)[0]
+    return (y,) * copies
 
 
-def _ln_fwd(x, x_bias, residual, scale, bias, seed, rate, eps, blocks, interpret):
+def _ln_fwd(x, x_bias, residual, scale, bias, seed, rate, eps, blocks, interpret, copies):
     y, mean, rstd = _ln_forward(x, x_bias, residual, scale, bias, seed, rate, eps, blocks,
                                 interpret)
-    return y, (x, x_bias, residual, scale, bias, seed, mean, rstd)
+    return (y,) * copies, (x, x_bias, residual, scale, bias, seed, mean, rstd)
 
 
-def _ln_bwd(rate, eps, blocks, interpret, residuals, dy):
+def _ln_bwd(rate, eps, blocks, interpret, copies, residuals, dys):
     x, x_bias, residual, scale, bias, seed, mean, rstd = residuals
     rows, width = x.shape
-    br, row_spec, vec_spec, stat_spec = _ln_specs(rows, width, blocks.ln_rows_bwd)
+    br, row_spec, vec_spec, stat_spec = _ln_specs(rows, width, blocks.ln_block_rows_bwd)
+    step_rows = min(blocks.ln_rows_bwd, br)
     partial_spec = pl.BlockSpec((None, width), lambda i: (i, 0))
     groups = rows // br
     partial_shape = jax.ShapeDtypeStruct((groups, width), jnp.float32)
     dx, dr, dw, db, dxb = pl.pallas_call(
-        functools.partial(_ln_bwd_kernel, rate=rate, chunk=_chunk(width)),
+        functools.partial(_ln_bwd_kernel, rate=rate, chunk=_chunk(width),
+                          step_rows=step_rows, copies=copies),
         grid=(groups,),
         in_specs=[pl.BlockSpec((2,), lambda i: (0,)), row_spec, vec_spec, row_spec, vec_spec,
-                  stat_spec, stat_spec, row_spec],
+                  stat_spec, stat_spec] + [row_spec] * copies,
         out_specs=[row_spec, row_spec, partial_spec, partial_spec, partial_spec],
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype),
                    jax.ShapeDtypeStruct(residual.shape, residual.dtype),
                    partial_shape, partial_shape, partial_shape],
         compiler_params=plgpu.CompilerParams(num_warps=blocks.ln_warps_bwd, num_stages=1),
         interpret=interpret, name="dropout_add_layernorm_bwd",
-    )(seed, x, x_bias, residual, scale, mean, rstd, dy)
+    )(seed, x, x_bias, residual, scale, mean, rstd, *dys)
     sums = [jnp.sum(p, axis=0).astype(like.dtype)
             for p, like in ((dxb, x_bias), (dw, scale), (db, bias))]
     return (dx, sums[0], dr, sums[1], sums[2], None)
@@ -325,15 +374,20 @@ _ln.defvjp(_ln_fwd, _ln_bwd)
 def dropout_add_layernorm(x: jax.Array, residual: jax.Array, scale: jax.Array, bias: jax.Array,
                           seed: jax.Array, rate: float, eps: float,
                           x_bias: Optional[jax.Array] = None, interpret: bool = False,
-                          blocks: Optional[FusedBlocks] = None) -> jax.Array:
+                          blocks: Optional[FusedBlocks] = None, copies: int = 1):
     """LayerNorm(dropout(x + x_bias) + residual) over the last axis, in x's dtype.
 
     x_bias is the bias of the dense layer that produced x (added here rather than in a
-    separate pass over x); statistics are float32."""
+    separate pass over x); statistics are float32. copies = 2 returns the output twice, for
+    two consumers (the next matmul and the next residual): the backward kernel then adds
+    their two cotangents itself instead of autodiff adding them in a pass of their own."""
+    if copies not in (1, 2):
+        raise ValueError(f"copies={copies} must be 1 or 2")
     width = x.shape[-1]
     if x_bias is None:
         x_bias = jnp.zeros((width,), jnp.float32)
-    y = _ln(x.reshape(-1, width), x_bias, residual.reshape(-1, width).astype(x.dtype), scale,
-            bias, seed.astype(jnp.uint32), float(rate), float(eps), blocks or default_blocks(),
-            interpret)
-    return y.reshape(x.shape)
+    ys = _ln(x.reshape(-1, width), x_bias, residual.reshape(-1, width).astype(x.dtype), scale,
+             bias, seed.astype(jnp.uint32), float(rate), float(eps), blocks or default_blocks(),
+             interpret, copies)
+    ys = tuple(y.reshape(x.shape) for y in ys)
+    return ys[0] if copies == 1 else ys
