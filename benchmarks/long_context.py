@@ -426,14 +426,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("extrapolation", help="a short-trained model's eval loss at longer lengths")
     p.add_argument("--params", required=True,
                    help="a checkpoint load_pretrained reads (time_to_quality --save-params)")
-    p.add_argument("--rows", default="/work/main/.ttq/long_rows.npz")
+    p.add_argument("--rows", default=".ttq/long_rows.npz")
     p.add_argument("--lengths", default="128,256,512,1024")
     p.add_argument("--eval-rows", type=int, default=0, help="0: all eval rows")
     p.add_argument("--tokens-per-batch", type=int, default=32768)
     p.add_argument("--seed", type=int, default=20_000)
 
     p = sub.add_parser("window-loss", help="full vs windowed attention trained on the same rows")
-    p.add_argument("--rows", default="/work/main/.ttq/long_rows.npz")
+    p.add_argument("--rows", default=".ttq/long_rows.npz")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=400)

@@ -111,7 +111,7 @@ def cut_rows(docs: list[np.ndarray], length: int, max_per_doc: int = 0) -> np.nd
 
 def build(roots: list[str], tokenizer_path: str, ttq_rows_path: str, min_doc_tokens: int = 1024,
           max_overlap: float = 0.05, eval_len: int = 1024, train_len: int = 512,
-          eval_rows: int = 512, eval_rows_per_doc: int = 4, min_train_rows: int = 30_000,
+          eval_rows: int = 256, eval_rows_per_doc: int = 4, min_train_rows: int = 30_000,
           seed: int = 0, width: int = 16) -> dict:
     """Returns {"eval", "train"} rows and the counts the script prints.
 
@@ -175,12 +175,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="folders to walk, e.g. a Python's site-packages")
     parser.add_argument("--tokenizer", default="../shared/data/ttq/rows_tokenizer.json")
     parser.add_argument("--ttq-rows", default="../shared/data/ttq/rows.npy")
-    parser.add_argument("--out", default="/work/main/.ttq/long_rows.npz")
+    parser.add_argument("--out", default=".ttq/long_rows.npz")
     parser.add_argument("--min-doc-tokens", type=int, default=1024)
     parser.add_argument("--max-overlap", type=float, default=0.05,
                         help="drop a document when more than this share of its 16-token "
                              "shingles occur in the TTQ rows")
-    parser.add_argument("--eval-rows", type=int, default=512)
+    parser.add_argument("--eval-rows", type=int, default=256)
     parser.add_argument("--eval-rows-per-doc", type=int, default=4)
     parser.add_argument("--min-train-rows", type=int, default=30_000,
                         help="below this many in-document train rows, rows may span documents")
