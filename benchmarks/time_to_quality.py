@@ -6,12 +6,15 @@ Each side trains MosaicBERT-base-sized models (BERT-base for transformers) in it
 on the same GPU, on the SAME rows with the SAME masks (30% masking, 80/10/10, drawn here with
 numpy from the step number) and the same recipe (decoupled AdamW (0.9, 0.98), eps 1e-6, wd 1e-5,
 6% warmup, linear decay to 0.02x), and is evaluated every --eval-every steps on the same
-held-out rows at 15% masking. Train seconds exclude evaluation and compilation. The report gives
+held-out rows at 15% masking. Train seconds exclude evaluation and compilation (the device is
+synced only around evals, so steps queue as in training). The report gives
 eval loss against train seconds for each side and the train time each needs to reach the
 original's final eval loss. Rows default to ../shared/data/ttq/rows.npy (uint16, 128 tokens,
 the first --eval-rows held out). Sides: jax (ours, the trainer's own step), original (the
 reference code imported from --reference-src, attention through torch SDPA with its ALiBi +
 padding bias, bf16 autocast), hfbert (transformers BertForMaskedLM, SDPA, torch.compile).
+--save-params DIR saves our side's final params (save_pretrained) for
+benchmarks/long_context.py extrapolation.
 """
 
 from __future__ import annotations
@@ -137,7 +140,7 @@ def run_jax(args, rows: Rows) -> dict:
 
 def parse_model_overrides(text) -> dict:
     """--jax-model 'glu_implementation=xla,attention_window=64' (or a dict) -> config overrides,
-    numbers as numbers."""
+    numbers as numbers and true/false as bools."""
     if isinstance(text, dict):
         return dict(text)
     overrides = {}
@@ -145,6 +148,9 @@ def parse_model_overrides(text) -> dict:
         if "=" not in item:
             raise SystemExit(f"error: --jax-model item {item!r} is not key=value")
         key, value = item.split("=", 1)
+        if value.lower() in ("true", "false"):
+            overrides[key] = value.lower() == "true"
+            continue
         try:
             overrides[key] = int(value)
         except ValueError:
