@@ -188,8 +188,8 @@ def speed(args) -> dict:
                 print(f"ModernBERT {seq}x{batch}: {r['step_ms']:.1f} ms, "
                       f"{r['tokens_per_s']:,.0f} tok/s, compile {r['compile_s']:.0f} s", flush=True)
     window_text = f"window {args.window}, global every {args.global_every} layers"
-    print(f"\n| seq x batch | ours full tok/s | GB | ours windowed ({window_text}) tok/s | GB | "
-          f"ModernBERT-base{'' if args.peer_eager else ' compiled'} tok/s | GB |")
+    print(f"\n| seq x batch | ours full tok/s | GiB | ours windowed ({window_text}) tok/s | GiB | "
+          f"ModernBERT-base{'' if args.peer_eager else ' compiled'} tok/s | GiB |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for seq, batch in cases:
         print(f"| {seq} x {batch} | {_fmt_rate(ours.get((seq, 'full')))} | "
