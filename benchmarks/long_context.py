@@ -151,6 +151,28 @@ def phase2_gpu_hours(full_tokens_per_s: dict[int, float], gpus: int = 8) -> list
     return out
 
 
+def speed_report(args) -> dict:
+    """The speed tables again from one or more `speed --json` files (e.g. cases split over
+    two runs), so the GPU-hours table sees every length."""
+    ours, peer, cases, first = {}, {}, [], None
+    for path in args.inputs:
+        with open(path) as f:
+            data = json.load(f)
+        first = first or data
+        for r in data["ours"]:
+            ours[(r["seq_len"], r["variant"])] = r
+            if (r["seq_len"], r["batch_per_device"]) not in cases:
+                cases.append((r["seq_len"], r["batch_per_device"]))
+        for r in data["peer"]:
+            peer[r["seq_len"]] = r
+            if (r["seq_len"], r["batch"]) not in cases:
+                cases.append((r["seq_len"], r["batch"]))
+    if first is None:
+        raise SystemExit("error: speed-report needs at least one speed --json file")
+    return print_speed_report(ours, peer, sorted(cases), first["window"],
+                              first["global_every"], args.gpus, first["peer_compiled"])
+
+
 def _fmt_rate(r: dict | None) -> str:
     if not r:
         return "- | -"
@@ -187,9 +209,17 @@ def speed(args) -> dict:
                 peer[seq] = r
                 print(f"ModernBERT {seq}x{batch}: {r['step_ms']:.1f} ms, "
                       f"{r['tokens_per_s']:,.0f} tok/s, compile {r['compile_s']:.0f} s", flush=True)
-    window_text = f"window {args.window}, global every {args.global_every} layers"
+    return print_speed_report(ours, peer, cases, args.window, args.global_every, args.gpus,
+                              compiled=not args.peer_eager)
+
+
+def print_speed_report(ours: dict, peer: dict, cases: list[tuple[int, int]], window: int,
+                       global_every: int, gpus: int, compiled: bool = True) -> dict:
+    """The speed tables and the phase-2 GPU-hours from measured cases (ours keyed by
+    (seq_len, variant), peer by seq_len); returns everything for --json."""
+    window_text = f"window {window}, global every {global_every} layers"
     print(f"\n| seq x batch | ours full tok/s | GiB | ours windowed ({window_text}) tok/s | GiB | "
-          f"ModernBERT-base{'' if args.peer_eager else ' compiled'} tok/s | GiB |")
+          f"ModernBERT-base{' compiled' if compiled else ''} tok/s | GiB |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for seq, batch in cases:
         print(f"| {seq} x {batch} | {_fmt_rate(ours.get((seq, 'full')))} | "
@@ -200,18 +230,19 @@ def speed(args) -> dict:
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "-"
         print(f"| {seq} x {r['batch_per_device']} | {variant} | {r['step_ms']:.1f} | {mfu} |")
     full = {seq: r["tokens_per_s"] for (seq, variant), r in ours.items() if variant == "full"}
-    hours = phase2_gpu_hours(full, args.gpus)
+    hours = phase2_gpu_hours(full, gpus)
     print(f"\n| phase-2 config | tokens | our full tok/s at that length | GPU-hours (1 GPU) | "
-          f"hours on {args.gpus} GPUs (linear) |")
+          f"hours on {gpus} GPUs (linear) |")
     print("| --- | --- | --- | --- | --- |")
     for h in hours:
         rate = f"{h['tokens_per_s']:,.0f}" if h["tokens_per_s"] else "not measured"
         one = f"{h['gpu_hours']:.1f}" if h["gpu_hours"] else "-"
-        many = h[f"wall_hours_{args.gpus}_gpus"]
+        many = h[f"wall_hours_{gpus}_gpus"]
         print(f"| {h['config']} | {h['tokens'] / 1e9:.2f}B | {rate} | {one} | "
               f"{f'{many:.2f}' if many else '-'} |")
     return {"ours": [dict(r) for r in ours.values()], "peer": list(peer.values()),
-            "phase2": hours}
+            "phase2": hours, "window": window, "global_every": global_every,
+            "peer_compiled": compiled}
 
 
 # ---------------------------------------------------------------- masked rows cut to lengths
@@ -416,6 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--case-timeout", type=int, default=420)
     add_window_flags(p)
 
+    p = sub.add_parser("speed-report", help="the speed tables from saved speed --json files")
+    p.add_argument("inputs", nargs="+", help="speed --json files")
+    p.add_argument("--gpus", type=int, default=8)
+
     p = sub.add_parser("_speed-case", help=argparse.SUPPRESS)  # one of our cases, in a child
     for name in ("--seq", "--batch", "--steps", "--window", "--global-every"):
         p.add_argument(name, type=int, required=True)
@@ -442,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-train-rows", type=int, default=0, help="0: all")
     p.add_argument("--preset", default="base")
     add_window_flags(p)
-    for name in ("speed", "extrapolation", "window-loss"):
+    for name in ("speed", "speed-report", "extrapolation", "window-loss"):
         sub.choices[name].add_argument("--json", default="",
                                        help="also write everything to this JSON file")
     return parser
@@ -453,7 +488,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "_speed-case":
         print(RESULT_PREFIX + json.dumps(run_speed_case(args)), flush=True)
         return
-    result = {"speed": speed, "extrapolation": extrapolation,
+    result = {"speed": speed, "speed-report": speed_report, "extrapolation": extrapolation,
               "window-loss": window_loss}[args.command](args)
     if args.json:
         with open(args.json, "w") as f:

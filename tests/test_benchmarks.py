@@ -108,6 +108,14 @@ def test_long_context_speed_times_full_and_windowed_each_in_its_own_process(tmp_
         first["tokens"] / ours["full"]["tokens_per_s"] / 3600, rel=1e-9)
     assert data["phase2"][1]["gpu_hours"] is None  # 1024 was not measured
     assert "| 512 x 1 |" in result.stdout and "configs/phase2_2048.py" in result.stdout
+    # speed-report merges saved runs (cases split over two calls) into the same tables.
+    from long_context import main
+    merged = tmp_path / "merged.json"
+    main(["speed-report", str(out), "--gpus", "4", "--json", str(merged)])
+    again = json.loads(merged.read_text())
+    assert again["phase2"][0]["gpu_hours"] == first["gpu_hours"]
+    assert again["phase2"][0]["wall_hours_4_gpus"] == pytest.approx(first["gpu_hours"] / 4)
+    assert (again["window"], again["global_every"]) == (8, 2)
 
 
 def test_modernbert_peer_trains_a_tiny_config_eagerly_on_cpu():
