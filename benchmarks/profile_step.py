@@ -90,7 +90,8 @@ def main() -> None:
     step, state, batches, _, _ = build_train_step(preset, int(seq), int(batch), args.attention,
                                                   {"data": 1, "fsdp": -1, "tensor": 1},
                                                   dropout_rng=args.dropout_rng,
-                                                  fused=args.fused, fp8=args.fp8)
+                                                  fused=args.fused,
+                                                  model_overrides={"fp8": args.fp8})
     if args.hlo_out or args.fp8:
         hlo_text = step.lower(state, batches[0]).compile().as_text()
         if args.hlo_out:  # to look up what each top fusion computes

@@ -6,13 +6,16 @@ Each side trains MosaicBERT-base-sized models (BERT-base for transformers) in it
 on the same GPU, on the SAME rows with the SAME masks (30% masking, 80/10/10, drawn here with
 numpy from the step number) and the same recipe (decoupled AdamW (0.9, 0.98), eps 1e-6, wd 1e-5,
 6% warmup, linear decay to 0.02x), and is evaluated every --eval-every steps on the same
-held-out rows at 15% masking. Train seconds exclude evaluation and compilation. The report gives
+held-out rows at 15% masking. Train seconds exclude evaluation and compilation (the device is
+synced only around evals, so steps queue as in training). The report gives
 eval loss against train seconds for each side and the train time each needs to reach the
 original's final eval loss. Rows default to ../shared/data/ttq/rows.npy (uint16, 128 tokens,
 the first --eval-rows held out). Sides: jax (ours, the trainer's own step), original (the
 reference code imported from --reference-src, attention through torch SDPA with its ALiBi +
 padding bias, bf16 autocast), hfbert (transformers BertForMaskedLM, SDPA, torch.compile),
 jax-fp8 (ours with model.fp8: FP8 GEMMs; e.g. --sides jax,jax-fp8 for the parity check).
+--save-params DIR saves our side's final params (save_pretrained) for
+benchmarks/long_context.py extrapolation.
 """
 
 from __future__ import annotations
@@ -32,17 +35,18 @@ MASK_ID = 4
 VOCAB = 30528            # the model's padded vocabulary (the rows' tokenizer has 30,522)
 
 
-def mask_rows(rows: np.ndarray, prob: float, seed: int, vocab_words: int = 30522):
-    """Bernoulli(prob) over word tokens, at most MASK_SLOTS a row, 80% [MASK] / 10% random / 10%
+def mask_rows(rows: np.ndarray, prob: float, seed: int, vocab_words: int = 30522,
+              slots: int = MASK_SLOTS):
+    """Bernoulli(prob) over word tokens, at most `slots` a row, 80% [MASK] / 10% random / 10%
     kept. Returns (input ids, positions, weights, labels) and dense labels (-100 elsewhere)."""
     rng = np.random.default_rng(seed)
     ids = rows.astype(np.int32)
     chosen = (rng.random(ids.shape) < prob) & (ids >= FIRST_WORD_ID)
-    positions = np.zeros((len(ids), MASK_SLOTS), np.int32)
-    weights = np.zeros((len(ids), MASK_SLOTS), np.float32)
-    labels = np.zeros((len(ids), MASK_SLOTS), np.int32)
+    positions = np.zeros((len(ids), slots), np.int32)
+    weights = np.zeros((len(ids), slots), np.float32)
+    labels = np.zeros((len(ids), slots), np.int32)
     for r in range(len(ids)):
-        where = np.flatnonzero(chosen[r])[:MASK_SLOTS]
+        where = np.flatnonzero(chosen[r])[:slots]
         chosen[r] = False
         chosen[r, where] = True
         positions[r, :len(where)], weights[r, :len(where)] = where, 1.0
@@ -58,10 +62,13 @@ def mask_rows(rows: np.ndarray, prob: float, seed: int, vocab_words: int = 30522
 class Rows:
     """Train batches (a fresh permutation each epoch) and fixed eval batches, as numpy."""
 
+    train_slots = MASK_SLOTS  # mask slots a row (subclasses with longer rows raise them)
+
     def __init__(self, path: str, batch: int, eval_rows: int):
         everything = np.load(path)
         self.eval_rows, self.train_rows = everything[:eval_rows], everything[eval_rows:]
         self.batch = batch
+        self.seq_len = self.train_rows.shape[1]
         self.eval_batches = [mask_rows(self.eval_rows[i:i + batch], 0.15, 10_000 + i)
                              for i in range(0, eval_rows, batch)]
 
@@ -70,7 +77,7 @@ class Rows:
         epoch, index = divmod(step, per_epoch)
         order = np.random.default_rng(1000 + epoch).permutation(len(self.train_rows))
         take = order[index * self.batch:(index + 1) * self.batch]
-        return mask_rows(self.train_rows[take], 0.3, step)
+        return mask_rows(self.train_rows[take], 0.3, step, slots=self.train_slots)
 
 
 def lr_at(step: int, lr: float, steps: int) -> float:
@@ -93,11 +100,11 @@ def run_jax(args, rows: Rows) -> dict:
         from mosaicbert_jax.fused import pallas_gpu
         pallas_gpu.set_default_blocks(pallas_gpu.parse_blocks(args.fused_blocks))
     mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
-    overrides = dict(item.split("=") for item in args.jax_model.split(",")) if args.jax_model else {}
-    overrides = {k: {"True": True, "False": False}.get(v, v) for k, v in overrides.items()}
+    overrides = parse_model_overrides(args.jax_model)
     if args.side == "jax-fp8":  # ours with FP8 GEMMs (model.fp8), beside the bf16 "jax" side
         overrides["fp8"] = True
-    cfg = MosaicBertConfig.base(dtype="bfloat16", vocab_size=VOCAB, **overrides)
+    cfg = MosaicBertConfig.from_preset(overrides.pop("preset", "base"), dtype="bfloat16",
+                                       vocab_size=VOCAB, **overrides)
     model = MosaicBertForMaskedLM(cfg)
     schedule = warmup_linear_decay(args.lr, args.steps, 0.06, 0.02)
     tx = decoupled_adamw(schedule, args.lr, 0.9, 0.98, 1e-6, 1e-5)
@@ -105,7 +112,7 @@ def run_jax(args, rows: Rows) -> dict:
     step_fn = make_train_step(model, tx, schedule, mesh, shardings, 1, dropout_seed=17)
     eval_fn = make_eval_step(model, mesh, shardings["params"], shardings.get("fp8"))
     sharding = batch_sharding(mesh)
-    segments = np.ones((args.batch, 128), np.int32)
+    segments = np.ones((args.batch, rows.seq_len), np.int32)
 
     def to_device(masked, positions, weights, labels, _dense):
         return jax.device_put({"input_ids": masked, "segment_ids": segments[:len(masked)],
@@ -123,33 +130,66 @@ def run_jax(args, rows: Rows) -> dict:
     t = time.perf_counter()
     compiled = step_fn.lower(state, to_device(*rows.train_batch(0))).compile()
     compile_s = time.perf_counter() - t
-    return _train_loop(args, rows, lambda b: to_device(*b),
-                       lambda s, b: compiled(s, b)[0], state,
-                       lambda s: evaluate(s["params"], s.get("fp8")), jax.block_until_ready,
-                       compile_s, {"config": overrides})
+    result, state = _train_loop(args, rows, lambda b: to_device(*b),
+                                lambda s, b: compiled(s, b)[0], state,
+                                lambda s: evaluate(s["params"], s.get("fp8")),
+                                jax.block_until_ready, compile_s, {"config": overrides})
+    if getattr(args, "save_params", ""):
+        from mosaicbert_jax.checkpoint import save_pretrained
+        save_pretrained(args.save_params, jax.device_get(state["params"]), cfg)
+        result["saved_params"] = os.path.abspath(args.save_params)
+    return result
 
 
-def _train_loop(args, rows, prepare, step, state, evaluate, sync, compile_s, extra) -> dict:
-    """Steps with the next batch prepared while the device works; evals off the clock."""
+def parse_model_overrides(text) -> dict:
+    """--jax-model 'glu_implementation=xla,attention_window=64' (or a dict) -> config overrides,
+    numbers as numbers and true/false as bools."""
+    if isinstance(text, dict):
+        return dict(text)
+    overrides = {}
+    for item in filter(None, (text or "").split(",")):
+        if "=" not in item:
+            raise SystemExit(f"error: --jax-model item {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        if value.lower() in ("true", "false"):
+            overrides[key] = value.lower() == "true"
+            continue
+        try:
+            overrides[key] = int(value)
+        except ValueError:
+            try:
+                overrides[key] = float(value)
+            except ValueError:
+                overrides[key] = value
+    return overrides
+
+
+def _train_loop(args, rows, prepare, step, state, evaluate, sync, compile_s, extra):
+    """Steps with the next batch prepared while the device works; evals off the clock. The
+    device is synced only before each eval (and at the end): train_s sums the spans from the
+    sync after one eval to the sync before the next, so queued steps overlap as in training.
+    Returns (result, final state)."""
     log, train_s = [], 0.0
     upcoming = prepare(rows.train_batch(0))
+    sync(upcoming)
+    start = None
     for i in range(args.steps + 1):
         if i % args.eval_every == 0 or i == args.steps:
             sync(state)
+            if start is not None:
+                train_s += time.perf_counter() - start
             loss, accuracy = evaluate(state)
             log.append({"step": i, "train_s": train_s, "loss": loss, "accuracy": accuracy})
             print(f"{args.side} step {i} train_s {train_s:.1f} eval loss {loss:.4f}", flush=True)
-        if i == args.steps:
-            break
-        batch = upcoming
-        sync(batch)
-        start = time.perf_counter()
-        state = step(state, batch)
+            if i == args.steps:
+                break
+            sync(state)
+            start = time.perf_counter()
+        state = step(state, upcoming)
         upcoming = prepare(rows.train_batch(i + 1)) if i + 1 < args.steps else None
-        sync(state)
-        train_s += time.perf_counter() - start
+    tokens = args.steps * args.batch * rows.seq_len
     return {"side": args.side, "evals": log, "train_s": train_s, "compile_s": compile_s,
-            "tokens_per_s": args.steps * args.batch * 128 / train_s, **extra}
+            "tokens_per_s": tokens / train_s if train_s > 0 else 0.0, **extra}, state
 
 
 def run_torch(args, rows: Rows) -> dict:
@@ -232,7 +272,7 @@ def run_torch(args, rows: Rows) -> dict:
         sync()
         compile_s = time.perf_counter() - start
     return _train_loop(args, rows, prepare, step, None, evaluate,
-                       lambda _: sync(), compile_s, {})
+                       lambda _: sync(), compile_s, {})[0]
 
 
 def seconds_to_reach(evals: list[dict], target: float) -> float | None:
@@ -286,9 +326,14 @@ def main() -> None:
                         help="MosaicBertConfig overrides for our side, e.g. glu_implementation=xla")
     parser.add_argument("--fused-blocks", default="", help="fused-kernel tiles for our side")
     parser.add_argument("--out", default="", help="write all results as JSON here")
+    parser.add_argument("--save-params", default="",
+                        help="save our side's final params here (save_pretrained folder; "
+                             "long_context.py extrapolation --params reads it)")
     args = parser.parse_args()
     if not os.path.isfile(args.rows):
         sys.exit(f"error: rows file {args.rows} not found; pass --rows (see ../shared/data/ttq)")
+    if args.save_params and os.path.exists(os.path.join(args.save_params, "params")):
+        sys.exit(f"error: --save-params {args.save_params} already holds params; pass a new folder")
     if args.side:  # child process: one side, result as the last line
         rows = Rows(args.rows, args.batch, args.eval_rows)
         result = (run_jax(args, rows) if args.side in ("jax", "jax-fp8")
@@ -301,7 +346,7 @@ def main() -> None:
         lr = args.hfbert_lr if side == "hfbert" else args.lr
         command = [sys.executable, os.path.abspath(__file__), "--side", side, "--lr", str(lr)]
         for name in ("rows", "reference_src", "steps", "batch", "eval_every", "eval_rows",
-                     "jax_model", "fused_blocks"):
+                     "jax_model", "fused_blocks", "save_params"):
             command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
         proc = subprocess.run(command, capture_output=True, text=True)
         lines = [l for l in proc.stdout.splitlines() if l.startswith("TTQ_RESULT ")]

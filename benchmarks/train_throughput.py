@@ -58,8 +58,10 @@ def matmul_ceiling_tflops(n: int = 8192, reps: int = 20) -> float:
 def recipe_config(preset: str, seq_len: int, global_batch: int, attention: str,
                   mesh_axes: dict, microbatches: int = 1, remat: bool = False,
                   mean_doc_len: int = 0, dropout_rng: str = "hash",
-                  fused: str = "auto", fp8: bool = False) -> ml_collections.ConfigDict:
-    """configs/base.py (the recipe) with only what a benchmark varies overridden."""
+                  fused: str = "auto",
+                  model_overrides: dict | None = None) -> ml_collections.ConfigDict:
+    """configs/base.py (the recipe) with only what a benchmark varies overridden
+    (model_overrides: further config.model keys, e.g. attention_window or fp8)."""
     spec = importlib.util.spec_from_file_location("recipe_config", RECIPE_CONFIG)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -70,27 +72,27 @@ def recipe_config(preset: str, seq_len: int, global_batch: int, attention: str,
     config.model.remat = remat
     config.model.glu_implementation = fused
     config.model.layernorm_implementation = fused
-    config.model.fp8 = fp8
     config.data.source = "synthetic"
     config.data.seq_len = seq_len
     config.data.synthetic_mean_doc_len = mean_doc_len
     config.train.global_batch_size = global_batch
     config.train.microbatches = microbatches
     config.mesh.update(mesh_axes)
+    config.model.update(model_overrides or {})
     return config
 
 
 def build_train_step(preset: str, seq_len: int, batch_per_device: int, attention: str,
                      mesh_axes: dict, microbatches: int = 1, remat: bool = False,
                      mean_doc_len: int = 0, dropout_rng: str = "hash", devices=None,
-                     fused: str = "auto", fp8: bool = False):
+                     fused: str = "auto", model_overrides: dict | None = None):
     """The trainer's jitted train step for a preset, its initial state and 4 sharded batches,
     built as train.py builds them from the recipe config. `fused` sets both fused-op switches
-    (model.glu_implementation, model.layernorm_implementation); `fp8` model.fp8."""
+    (model.glu_implementation, model.layernorm_implementation)."""
     mesh = make_mesh(mesh_axes, devices)
     global_batch = batch_per_device * mesh.devices.size
     config = recipe_config(preset, seq_len, global_batch, attention, mesh_axes, microbatches,
-                           remat, mean_doc_len, dropout_rng, fused, fp8)
+                           remat, mean_doc_len, dropout_rng, fused, model_overrides)
     tc = config.train
     data = make_training_data(config.data, global_batch, tc.seed, 0, 1, config.model.vocab_size)
     cfg = model_config_from(config, data.vocab_size)
@@ -106,10 +108,13 @@ def build_train_step(preset: str, seq_len: int, batch_per_device: int, attention
 def time_train_step(preset: str, seq_len: int, batch_per_device: int, attention: str,
                     mesh_axes: dict, steps: int, microbatches: int, remat: bool,
                     mean_doc_len: int, dropout_rng: str = "hash", devices=None,
-                    fused: str = "auto", precision: str = "bf16") -> dict:
+                    fused: str = "auto", model_overrides: dict | None = None,
+                    precision: str = "bf16") -> dict:
+    """`precision` fp8 sets model.fp8 (the FP8 GEMMs), over model_overrides."""
+    model_overrides = {**(model_overrides or {}), "fp8": precision == "fp8"}
     step, state, batches, cfg, mesh = build_train_step(
         preset, seq_len, batch_per_device, attention, mesh_axes, microbatches, remat,
-        mean_doc_len, dropout_rng, devices, fused, fp8=precision == "fp8")
+        mean_doc_len, dropout_rng, devices, fused, model_overrides)
     n_dev = mesh.devices.size
     global_batch = batch_per_device * n_dev
     t0 = time.perf_counter()
@@ -277,7 +282,7 @@ def main() -> None:
             try:
                 r = time_train_step(preset, seq, batch, attention, mesh_axes, args.steps,
                                     args.microbatches, args.remat, args.mean_doc_len,
-                                    dropout_rng, devices, fused, precision)
+                                    dropout_rng, devices, fused, precision=precision)
             except Exception as e:  # report and go on to the next case
                 print(f"{preset}:{seq}:{batch} {attention} {dropout_rng} {fused} {precision}: "
                       f"FAILED {type(e).__name__}: {str(e)[:300]}")

@@ -59,3 +59,207 @@ def test_benchmarks_time_the_trainers_step_on_the_trainers_batches():
         # The recipe's warmup (6% of 70k steps): 0 at step 0, 5e-4 / 4200 at step 1.
         assert float(metrics["lr"]) == pytest.approx(float(schedule(expected_step)), rel=1e-3)
     assert int(state["step"]) == 2 and float(metrics["lr"]) > 0
+
+
+# ---------------------------------------------------------------- long-context scripts
+
+TTQ_TOKENIZER = os.path.join(ROOT, "..", "..", "shared", "data", "ttq", "rows_tokenizer.json")
+TINY_MODERNBERT = json.dumps(dict(
+    hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
+    vocab_size=1000, local_attention=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    cls_token_id=1, sep_token_id=2))
+
+
+def _cpu_env():
+    return dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+
+
+def _save_tiny_params(directory, **config):
+    import jax
+    import numpy as np
+
+    from mosaicbert_jax import MosaicBertConfig, MosaicBertForMaskedLM
+    from mosaicbert_jax.checkpoint import save_pretrained
+    cfg = MosaicBertConfig.tiny(attention_implementation="xla", **config)
+    ids = np.full((1, 16), 7, np.int32)
+    params = MosaicBertForMaskedLM(cfg).init(jax.random.key(3), ids, np.ones_like(ids))["params"]
+    save_pretrained(str(directory), params, cfg)
+    return cfg, params
+
+
+def test_long_context_speed_times_full_and_windowed_each_in_its_own_process(tmp_path):
+    out = tmp_path / "speed.json"
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "long_context.py"), "speed",
+         "--cases", "512:1", "--preset", "tiny", "--attention", "xla", "--steps", "1",
+         "--window", "8", "--global-every", "2", "--no-peer", "--json", str(out)],
+        env=_cpu_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    ours = {r["variant"]: r for r in data["ours"]}
+    assert set(ours) == {"full", "windowed"}
+    assert (ours["windowed"]["window"], ours["windowed"]["global_every"]) == (8, 2)
+    assert (ours["full"]["window"], ours["full"]["global_every"]) == (0, 0)
+    assert all(r["tokens_per_s"] > 0 and r["peak_bytes"] is None for r in ours.values())
+    # GPU-hours from the real phase-2 configs: 7,000 steps x 1,024 rows x 512 tokens.
+    first = data["phase2"][0]
+    assert first["config"] == "configs/phase2_512.py" and first["tokens"] == 7000 * 1024 * 512
+    assert first["gpu_hours"] == pytest.approx(
+        first["tokens"] / ours["full"]["tokens_per_s"] / 3600, rel=1e-9)
+    assert data["phase2"][1]["gpu_hours"] is None  # 1024 was not measured
+    assert "| 512 x 1 |" in result.stdout and "configs/phase2_2048.py" in result.stdout
+    # speed-report merges saved runs (cases split over two calls) into the same tables.
+    from long_context import main
+    merged = tmp_path / "merged.json"
+    main(["speed-report", str(out), "--gpus", "4", "--json", str(merged)])
+    again = json.loads(merged.read_text())
+    assert again["phase2"][0]["gpu_hours"] == first["gpu_hours"]
+    assert again["phase2"][0]["wall_hours_4_gpus"] == pytest.approx(first["gpu_hours"] / 4)
+    assert (again["window"], again["global_every"]) == (8, 2)
+
+
+def test_modernbert_peer_trains_a_tiny_config_eagerly_on_cpu():
+    from long_context import PEER_SNIPPET, run_child
+    r = run_child([sys.executable, "-c", PEER_SNIPPET, "64", "2", "1", "0", "0", TINY_MODERNBERT],
+                  300, "ModernBERT tiny")
+    assert r is not None and r["tokens_per_s"] > 0 and not r["compiled"]
+    assert r["params"] < 1_000_000  # the tiny override took effect (base has ~150M)
+    assert 0 < r["loss"] < 12  # cross-entropy over 1,000 ids starts near ln(1000) = 6.9
+
+
+def test_cut_masked_scores_the_same_tokens_at_every_length():
+    import numpy as np
+    import time_to_quality as ttq
+    from long_context import cut_masked
+
+    rows = np.random.default_rng(0).integers(5, 30522, (3, 1024)).astype(np.uint16)
+    masked, _, _, _, dense = ttq.mask_rows(rows, 0.15, 5, slots=1024)
+    assert (dense >= 0).sum() > 400  # 15% of 3,072 tokens, not cut down to 64 slots a row
+    for length in (128, 256, 1024):
+        ids, positions, weights, labels, _ = cut_masked(masked, dense, length)
+        assert ids.shape == (3 * 1024 // length, length)
+        got = {(p // (1024 // length), (p % (1024 // length)) * length + int(pos), int(lab))
+               for p in range(len(ids)) for pos, lab, w in zip(positions[p], labels[p], weights[p])
+               if w > 0}
+        want = {(r, int(c), int(dense[r, c])) for r, c in zip(*np.nonzero(dense >= 0))}
+        assert got == want  # the same (row, position, label) triples at every length
+        assert np.array_equal(ids.reshape(3, 1024), masked)
+
+
+def test_extrapolation_scores_one_mask_at_each_length_and_matches_a_direct_eval(tmp_path):
+    import jax
+    import numpy as np
+    import optax
+    import time_to_quality as ttq
+    from long_context import main
+
+    from mosaicbert_jax import MosaicBertForMaskedLM
+    cfg, params = _save_tiny_params(tmp_path / "params")
+    rows = np.random.default_rng(1).integers(5, 30522, (2, 1024)).astype(np.uint16)
+    np.savez(tmp_path / "long.npz", eval=rows, train=rows[:, :512])
+    out = tmp_path / "ex.json"
+    main(["extrapolation", "--params", str(tmp_path / "params"), "--rows",
+          str(tmp_path / "long.npz"), "--lengths", "256,1024", "--tokens-per-batch", "768",
+          "--seed", "9", "--json", str(out)])
+    table = {e["length"]: e for e in json.loads(out.read_text())["table"]}
+    masked, _, _, _, dense = ttq.mask_rows(rows, 0.15, 9, slots=1024)
+    assert table[256]["masked_tokens"] == table[1024]["masked_tokens"] == int((dense >= 0).sum())
+    assert table[256]["pieces"] == 8  # 3 pieces a batch: the last batch padded, not dropped
+    # The 1024 loss by hand: the model on whole rows, cross-entropy over the masked tokens.
+    logits = MosaicBertForMaskedLM(cfg).apply({"params": params}, masked, np.ones_like(masked),
+                                              deterministic=True)
+    picked = dense >= 0
+    losses = optax.softmax_cross_entropy_with_integer_labels(
+        jax.numpy.asarray(logits)[picked], dense[picked])
+    assert table[1024]["loss"] == pytest.approx(float(losses.mean()), rel=1e-4)
+
+
+def test_window_loss_trains_full_and_windowed_on_the_same_rows(tmp_path):
+    import numpy as np
+    from long_context import main
+
+    rng = np.random.default_rng(2)
+    np.savez(tmp_path / "long.npz", eval=rng.integers(5, 30522, (2, 1024)).astype(np.uint16),
+             train=rng.integers(5, 30522, (12, 512)).astype(np.uint16))
+    out = tmp_path / "wl.json"
+    main(["window-loss", "--rows", str(tmp_path / "long.npz"), "--preset", "tiny", "--batch", "4",
+          "--steps", "2", "--window", "8", "--global-every", "2", "--json", str(out)])
+    data = json.loads(out.read_text())
+    runs = {r["variant"]: r for r in data["runs"]}
+    assert runs["windowed"]["config"] == {"attention_window": 8, "global_attention_every": 2}
+    assert runs["full"]["config"] == {}
+    for r in runs.values():
+        assert [e["step"] for e in r["evals"]] == [0, 2]
+        assert r["tokens_per_s"] == pytest.approx(2 * 4 * 512 / r["train_s"], rel=1e-9)
+    assert data["train_rows"] == 12 and data["epochs"] == pytest.approx(8 / 12)
+
+
+def test_time_to_quality_saves_the_final_params_it_evaluated(tmp_path):
+    import jax
+    import numpy as np
+    import time_to_quality as ttq
+
+    from mosaicbert_jax import MosaicBertForMaskedLM
+    from mosaicbert_jax.checkpoint import load_pretrained
+    from mosaicbert_jax.training.step import masked_lm_sums
+    rows = np.random.default_rng(3).integers(5, 400, (40, 128)).astype(np.uint16)
+    np.save(tmp_path / "rows.npy", rows)
+    results = tmp_path / "ttq.json"
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "time_to_quality.py"), "--rows",
+         str(tmp_path / "rows.npy"), "--sides", "jax", "--steps", "6", "--batch", "4",
+         "--eval-every", "3", "--eval-rows", "8", "--lr", "0.02", "--jax-model", "preset=tiny",
+         "--save-params", str(tmp_path / "saved"), "--out", str(results)],
+        env=_cpu_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    evals = json.loads(results.read_text())[0]["evals"]
+    assert [e["step"] for e in evals] == [0, 3, 6]
+    assert evals[0]["loss"] - evals[-1]["loss"] > 0.3  # it trained: init params would not match
+    params, cfg = load_pretrained(str(tmp_path / "saved"))
+    assert (cfg.hidden_size, cfg.num_hidden_layers) == (128, 2)
+    model = MosaicBertForMaskedLM(cfg)
+    sums = [jax.device_get(masked_lm_sums(
+        model.apply({"params": params}, b[0], np.ones_like(b[0]), masked_positions=b[1],
+                    deterministic=True), b[3], b[2]))
+        for b in ttq.Rows(str(tmp_path / "rows.npy"), 4, 8).eval_batches]
+    loss = sum(float(s["loss_sum"]) for s in sums) / sum(float(s["weight_sum"]) for s in sums)
+    assert loss == pytest.approx(evals[-1]["loss"], abs=0.02)
+
+
+def test_make_long_rows_drops_a_ttq_overlapping_document_and_keeps_a_fresh_one(tmp_path):
+    import numpy as np
+    from make_long_rows import build, overlap_fraction, shingle_hashes
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(TTQ_TOKENIZER)
+    words = sorted(w for w in tokenizer.get_vocab() if w.isalpha() and len(w) > 3)
+    rng = np.random.default_rng(4)
+    text = lambda n: " ".join(rng.choice(words, n))  # noqa: E731
+    fresh, seen = text(1500), text(1500)
+    near_fresh = fresh[:len(fresh) // 2] + " " + text(40)  # shares half of the fresh document
+    site = tmp_path / "site-packages" / "pkg"
+    site.mkdir(parents=True)
+    (site / "README.md").write_text(fresh)
+    (site / "GUIDE.rst").write_text(seen)
+    (site / "notes.txt").write_text(near_fresh)
+    (site / "module.py").write_text(f'# comment\n"""{text(300)}"""\nimport os\n')
+    (site / "other.py").write_text("import os\n" + f'"""{text(300)}"""\n')  # not a docstring
+    # TTQ rows: the "seen" document, tokenized and cut into 128-token rows as the TTQ rows are.
+    seen_ids = np.asarray([2] + tokenizer.encode(seen, add_special_tokens=False).ids + [3])
+    ttq_rows = seen_ids[:len(seen_ids) // 128 * 128].reshape(-1, 128).astype(np.uint16)
+    np.save(tmp_path / "rows.npy", ttq_rows)
+
+    r = build([str(tmp_path / "site-packages")], TTQ_TOKENIZER, str(tmp_path / "rows.npy"),
+              eval_rows=1, min_train_rows=1)
+    assert r["documents"] == 4  # three prose files and one module docstring
+    assert (r["long_documents"], r["dropped_overlap"], r["fresh_documents"]) == (2, 1, 1)
+    known = np.unique(shingle_hashes(ttq_rows).ravel())
+    assert overlap_fraction(seen_ids, known) > 0.8  # only shingles across row cuts are unknown
+    fresh_ids = np.asarray([2] + tokenizer.encode(fresh, add_special_tokens=False).ids + [3])
+    assert overlap_fraction(fresh_ids, known) < 0.05
+    assert r["eval"].shape == (1, 1024) and np.array_equal(r["eval"][0], fresh_ids[:1024])
+    # Train rows: the seen document and the docstring stay, the near copy of eval text goes.
+    assert r["dropped_near_eval"] == 1 and r["train_documents"] == 2
+    assert not r["train_spans_documents"] and r["train"].shape[1] == 512
+    eval_shingles = shingle_hashes(r["eval"]).ravel()
+    assert not np.isin(shingle_hashes(r["train"]).ravel(), eval_shingles).any()
