@@ -332,7 +332,8 @@ def main() -> None:
     args = parser.parse_args()
     if not os.path.isfile(args.rows):
         sys.exit(f"error: rows file {args.rows} not found; pass --rows (see ../shared/data/ttq)")
-    if args.save_params and os.path.exists(os.path.join(args.save_params, "params")):
+    if (args.save_params and not args.side
+            and os.path.exists(os.path.join(args.save_params, "params"))):
         sys.exit(f"error: --save-params {args.save_params} already holds params; pass a new folder")
     if args.side:  # child process: one side, result as the last line
         rows = Rows(args.rows, args.batch, args.eval_rows)
@@ -342,12 +343,17 @@ def main() -> None:
         print("TTQ_RESULT " + json.dumps(result), flush=True)
         return
     results = []
-    for side in args.sides.split(","):
+    sides = args.sides.split(",")
+    # Only the first of our sides saves its params (the others would find the folder taken).
+    saving_side = next((s for s in sides if s in ("jax", "jax-fp8")), None)
+    for side in sides:
         lr = args.hfbert_lr if side == "hfbert" else args.lr
         command = [sys.executable, os.path.abspath(__file__), "--side", side, "--lr", str(lr)]
         for name in ("rows", "reference_src", "steps", "batch", "eval_every", "eval_rows",
-                     "jax_model", "fused_blocks", "save_params"):
+                     "jax_model", "fused_blocks"):
             command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+        if side == saving_side and args.save_params:
+            command += ["--save-params", args.save_params]
         proc = subprocess.run(command, capture_output=True, text=True)
         lines = [l for l in proc.stdout.splitlines() if l.startswith("TTQ_RESULT ")]
         if proc.returncode or not lines:

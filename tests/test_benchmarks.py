@@ -207,12 +207,14 @@ def test_time_to_quality_saves_the_final_params_it_evaluated(tmp_path):
     results = tmp_path / "ttq.json"
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "time_to_quality.py"), "--rows",
-         str(tmp_path / "rows.npy"), "--sides", "jax", "--steps", "6", "--batch", "4",
+         str(tmp_path / "rows.npy"), "--sides", "jax,jax-fp8", "--steps", "6", "--batch", "4",
          "--eval-every", "3", "--eval-rows", "8", "--lr", "0.02", "--jax-model", "preset=tiny",
          "--save-params", str(tmp_path / "saved"), "--out", str(results)],
         env=_cpu_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    evals = json.loads(results.read_text())[0]["evals"]
+    sides = json.loads(results.read_text())
+    assert [r["side"] for r in sides] == ["jax", "jax-fp8"]  # a second side still runs
+    evals = sides[0]["evals"]
     assert [e["step"] for e in evals] == [0, 3, 6]
     assert evals[0]["loss"] - evals[-1]["loss"] > 0.3  # it trained: init params would not match
     params, cfg = load_pretrained(str(tmp_path / "saved"))
