@@ -63,7 +63,6 @@ def test_benchmarks_time_the_trainers_step_on_the_trainers_batches():
 
 # ---------------------------------------------------------------- long-context scripts
 
-TTQ_TOKENIZER = os.path.join(ROOT, "..", "..", "shared", "data", "ttq", "rows_tokenizer.json")
 TINY_MODERNBERT = json.dumps(dict(
     hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
     vocab_size=1000, local_attention=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
@@ -119,6 +118,8 @@ def test_long_context_speed_times_full_and_windowed_each_in_its_own_process(tmp_
 
 
 def test_modernbert_peer_trains_a_tiny_config_eagerly_on_cpu():
+    pytest.importorskip("transformers", reason="the ModernBERT peer is a benchmark-only "
+                        "dependency (the GPU image has transformers)")
     from long_context import PEER_SNIPPET, run_child
     r = run_child([sys.executable, "-c", PEER_SNIPPET, "64", "2", "1", "0", "0", TINY_MODERNBERT],
                   300, "ModernBERT tiny")
@@ -228,12 +229,29 @@ def test_time_to_quality_saves_the_final_params_it_evaluated(tmp_path):
     assert loss == pytest.approx(evals[-1]["loss"], abs=0.02)
 
 
+def _word_level_tokenizer(path) -> str:
+    """A real tokenizer file with the TTQ tokenizer's special ids ([CLS] 2, [SEP] 3) and 800
+    made-up lowercase words, one id each, so the test needs nothing outside the repository."""
+    import numpy as np
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    rng = np.random.default_rng(7)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    words = sorted({"".join(rng.choice(letters, int(rng.integers(4, 9)))) for _ in range(800)})
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {w: i for i, w in enumerate(specials + words)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(path))
+    return str(path)
+
+
 def test_make_long_rows_drops_a_ttq_overlapping_document_and_keeps_a_fresh_one(tmp_path):
     import numpy as np
     from make_long_rows import build, overlap_fraction, shingle_hashes
     from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_file(TTQ_TOKENIZER)
+    tokenizer_path = _word_level_tokenizer(tmp_path / "tokenizer.json")
+    tokenizer = Tokenizer.from_file(tokenizer_path)
     words = sorted(w for w in tokenizer.get_vocab() if w.isalpha() and len(w) > 3)
     rng = np.random.default_rng(4)
     text = lambda n: " ".join(rng.choice(words, n))  # noqa: E731
@@ -251,7 +269,7 @@ def test_make_long_rows_drops_a_ttq_overlapping_document_and_keeps_a_fresh_one(t
     ttq_rows = seen_ids[:len(seen_ids) // 128 * 128].reshape(-1, 128).astype(np.uint16)
     np.save(tmp_path / "rows.npy", ttq_rows)
 
-    r = build([str(tmp_path / "site-packages")], TTQ_TOKENIZER, str(tmp_path / "rows.npy"),
+    r = build([str(tmp_path / "site-packages")], tokenizer_path, str(tmp_path / "rows.npy"),
               eval_rows=1, min_train_rows=1)
     assert r["documents"] == 4  # three prose files and one module docstring
     assert (r["long_documents"], r["dropped_overlap"], r["fresh_documents"]) == (2, 1, 1)
