@@ -180,6 +180,14 @@ def _fmt_rate(r: dict | None) -> str:
     return f"{r['tokens_per_s']:,.0f} | {gb}"
 
 
+def _case_line(what: str, r: dict) -> str:
+    """One case as printed the moment it ends (with its peak memory), so a run cut short
+    still leaves every finished case in its log."""
+    gib = f"{r['peak_bytes'] / 2**30:.1f} GiB" if r.get("peak_bytes") else "peak memory -"
+    return (f"{what}: {r['step_ms']:.1f} ms, {r['tokens_per_s']:,.0f} tok/s, {gib}, "
+            f"compile {r['compile_s']:.0f} s")
+
+
 def speed(args) -> dict:
     cases = parse_cases(args.cases)
     script = os.path.abspath(__file__)
@@ -198,8 +206,7 @@ def speed(args) -> dict:
             r = run_child(command, args.case_timeout, f"ours {variant} {seq}x{batch}")
             if r:
                 ours[(seq, variant)] = r
-                print(f"ours {variant} {seq}x{batch}: {r['step_ms']:.1f} ms, "
-                      f"{r['tokens_per_s']:,.0f} tok/s, compile {r['compile_s']:.0f} s", flush=True)
+                print(_case_line(f"ours {variant} {seq}x{batch}", r), flush=True)
         if args.peer:
             command = [sys.executable, "-c", PEER_SNIPPET, str(seq), str(batch), str(args.steps),
                        str(args.peer_warmup), "0" if args.peer_eager else "1",
@@ -207,8 +214,7 @@ def speed(args) -> dict:
             r = run_child(command, args.case_timeout, f"ModernBERT {seq}x{batch}")
             if r:
                 peer[seq] = r
-                print(f"ModernBERT {seq}x{batch}: {r['step_ms']:.1f} ms, "
-                      f"{r['tokens_per_s']:,.0f} tok/s, compile {r['compile_s']:.0f} s", flush=True)
+                print(_case_line(f"ModernBERT {seq}x{batch}", r), flush=True)
     return print_speed_report(ours, peer, cases, args.window, args.global_every, args.gpus,
                               compiled=not args.peer_eager)
 
