@@ -10,6 +10,7 @@ import pytest
 from mosaicbert_jax import MosaicBertConfig, MosaicBertForMaskedLM, fused
 from mosaicbert_jax.fused import pallas_gpu
 from attention_cases import fresh_rng, relative_error
+from model_cases import assert_same_loss_and_grads, mlm_loss_fn, random_mlm_batch
 
 # fp32: both paths drop the same elements, so only float rounding separates them.
 # bf16: the kernels round once (float32 in registers), the composition at every op.
@@ -111,36 +112,21 @@ def test_kernels_lower_for_cuda():
 def test_model_with_fused_ops_equals_unfused_model():
     """Same parameters (names and init), same dropout masks: loss and every gradient agree."""
     rng, seed = fresh_rng()
-    batch, seq, k = 2, 32, 6
-    ids = jnp.asarray(rng.integers(5, 100, (batch, seq)), jnp.int32)
-    segments = jnp.asarray(np.repeat([[1] * 20 + [2] * 8 + [0] * 4], batch, 0), jnp.int32)
-    positions = jnp.asarray(np.sort(rng.choice(28, (batch, k), replace=False), axis=1),
-                            jnp.int32)
-    labels = jnp.asarray(rng.integers(5, 100, (batch, k)), jnp.int32)
+    batch = random_mlm_batch(rng, np.repeat([[1] * 20 + [2] * 8 + [0] * 4], 2, 0), masked=6)
     results = {}
     for impl in ("xla", "pallas_interpret"):
         cfg = MosaicBertConfig.tiny(vocab_size=128, glu_implementation=impl,
                                     layernorm_implementation=impl,
                                     attention_implementation="xla")
         model = MosaicBertForMaskedLM(cfg)
-        params = model.init(jax.random.key(0), ids, segments)["params"]
-
-        def loss(p):
-            logits = model.apply({"params": p}, ids, segments, masked_positions=positions,
-                                 deterministic=False, rngs={"dropout": jax.random.key(seed)})
-            picked = jnp.take_along_axis(jax.nn.log_softmax(logits), labels[..., None], -1)
-            return -jnp.mean(picked)
-        results[impl] = (params, *jax.jit(jax.value_and_grad(loss))(params))
-    (p_ref, l_ref, g_ref), (p_fused, l_fused, g_fused) = results["xla"], results["pallas_interpret"]
+        params = model.init(jax.random.key(0), batch[0], batch[1])["params"]
+        loss = mlm_loss_fn(model, batch, dropout_seed=seed)
+        results[impl] = (params, jax.jit(jax.value_and_grad(loss))(params))
+    (p_ref, want), (p_fused, got) = results["xla"], results["pallas_interpret"]
     assert jax.tree_util.tree_structure(p_ref) == jax.tree_util.tree_structure(p_fused)
     for a, b in zip(jax.tree_util.tree_leaves(p_ref), jax.tree_util.tree_leaves(p_fused)):
         np.testing.assert_array_equal(a, b)
-    assert abs(float(l_ref) - float(l_fused)) < 1e-5 * abs(float(l_ref))
-    flat_ref = dict(jax.tree_util.tree_leaves_with_path(g_ref))
-    flat_fused = dict(jax.tree_util.tree_leaves_with_path(g_fused))
-    for path, a in flat_ref.items():
-        err = relative_error(flat_fused[path], a)
-        assert err < 1e-4, f"{jax.tree_util.keystr(path)}: {err:.2e} (seed {seed})"
+    assert_same_loss_and_grads(want, got, seed)
 
 
 def test_config_rejects_fused_kernels_with_threefry_dropout():

@@ -16,6 +16,7 @@ import pytest
 
 from attention_cases import (check_random_packed_layouts, fresh_rng, random_packed_layouts,
                              relative_error)
+from model_cases import assert_same_loss_and_grads, mlm_loss_fn, random_mlm_batch
 from mosaicbert_jax import MosaicBertConfig, MosaicBertForMaskedLM
 from mosaicbert_jax.attention import (alibi_slopes, attention_qkv, qkv_implementations,
                                       register_implementation)
@@ -109,24 +110,16 @@ def test_model_takes_the_fused_path_and_matches_the_xla_model():
     """Same parameters: loss and every gradient agree with the xla model; the traced step
     feeds the kernels the 5-D qkv and fills d(qkv) by aliasing, with no slices around."""
     rng, seed = fresh_rng()
-    batch, seq, k = 2, 40, 6  # 40: not a multiple of the 64-blocks, so padding runs too
-    ids = jnp.asarray(rng.integers(5, 100, (batch, seq)), jnp.int32)
-    segments = jnp.asarray(np.stack([[1] * 22 + [2] * 13 + [0] * 5, [3] * 40]), jnp.int32)
-    positions = jnp.asarray(np.sort(rng.choice(35, (batch, k), replace=False), axis=1),
-                            jnp.int32)
-    labels = jnp.asarray(rng.integers(5, 100, (batch, k)), jnp.int32)
+    # 40 tokens: not a multiple of the 64-blocks, so padding runs too
+    data = random_mlm_batch(rng, np.stack([[1] * 22 + [2] * 13 + [0] * 5, [3] * 40]), masked=6)
+    batch = data[0].shape[0]
     results = {}
     for impl in ("xla", "pallas_interpret"):
         cfg = MosaicBertConfig.tiny(vocab_size=128, attention_implementation=impl,
                                     hidden_dropout_prob=0.0)
         model = MosaicBertForMaskedLM(cfg)
-        params = model.init(jax.random.key(0), ids, segments)["params"]
-
-        def loss(p):
-            logits = model.apply({"params": p}, ids, segments, masked_positions=positions)
-            picked = jnp.take_along_axis(jax.nn.log_softmax(logits), labels[..., None], -1)
-            return -jnp.mean(picked)
-        grad_fn = jax.value_and_grad(loss)
+        params = model.init(jax.random.key(0), data[0], data[1])["params"]
+        grad_fn = jax.value_and_grad(mlm_loss_fn(model, data))
         results[impl] = jax.jit(grad_fn)(params)
         if impl == "pallas_interpret":
             calls = [e for e in _eqns(jax.make_jaxpr(grad_fn)(params))
@@ -137,12 +130,7 @@ def test_model_takes_the_fused_path_and_matches_the_xla_model():
             # Per layer: forward, dK/dV and dQ read the padded qkv; dQ aliases d(qkv).
             assert len(calls) == 3 * cfg.num_hidden_layers, len(calls)
             assert len(fused_inputs) == len(calls) and len(aliased) == cfg.num_hidden_layers
-    (l_ref, g_ref), (l_got, g_got) = results["xla"], results["pallas_interpret"]
-    assert abs(float(l_ref) - float(l_got)) < 1e-5 * abs(float(l_ref)), f"seed {seed}"
-    flat_ref = dict(jax.tree_util.tree_leaves_with_path(g_ref))
-    for path, got in jax.tree_util.tree_leaves_with_path(g_got):
-        err = relative_error(got, flat_ref[path])
-        assert err < 1e-4, f"{jax.tree_util.keystr(path)}: {err:.2e} (seed {seed})"
+    assert_same_loss_and_grads(results["xla"], results["pallas_interpret"], seed)
 
 
 @pytest.mark.parametrize("head_dim,window", [(64, 0), (128, 16)])
