@@ -151,7 +151,8 @@ class DenseBiasApart(nn.Module):
         kernel = self.param("kernel", _dense_init(cfg), (x.shape[-1], self.features),
                             cfg.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), cfg.param_dtype)
-        dot = fp8.Fp8DotGeneral(cfg.fp8_amax_history) if cfg.fp8 else jax.lax.dot_general
+        fp8_dot = fp8.dot_general_cls(cfg.fp8, cfg.fp8_amax_history)
+        dot = fp8_dot() if fp8_dot else jax.lax.dot_general
         y = dot(x.astype(cfg.dtype), kernel.astype(cfg.dtype), (((x.ndim - 1,), (0,)), ((), ())))
         return y, bias
 
