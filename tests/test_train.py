@@ -18,6 +18,8 @@ from mosaicbert_jax.train import check_batch_layout, train_and_evaluate
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import tiny  # noqa: E402
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def small_config(**train):
     config = tiny.get_config()
@@ -141,14 +143,20 @@ def test_model_vocab_follows_the_data_or_must_hold_it(tmp_path):
     assert next(synthetic.train)["input_ids"].max() < 256
 
 
-def test_the_command_line_reports_a_user_error_in_one_line(tmp_path):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def cli_env() -> dict:
+    """The environment for running our commands in a subprocess: this checkout, CPU, no
+    inherited JAX_* settings and no MOSAICBERT_TRACEBACK (user errors stay one line)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=root)
+    env.pop("MOSAICBERT_TRACEBACK", None)
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    return env
+
+
+def test_the_command_line_reports_a_user_error_in_one_line(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "mosaicbert_jax.train", "--config=configs/tiny.py",
          f"--workdir={tmp_path}", "--config.data.source=nope"],
-        cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 2  # cli_errors' status for a user error
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (

@@ -15,22 +15,18 @@ from mosaicbert_jax.train import train_and_evaluate
 from mosaicbert_jax.training.metrics_log import drop_rows_after
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_train import small_config  # noqa: E402
+from test_train import ROOT, cli_env, small_config  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_OVERRIDES = ["--config.data.source=synthetic", "--config.data.seq_len=32",
                    "--config.model.vocab_size=256", "--config.train.global_batch_size=8",
                    "--config.train.eval_batches=1", "--config.train.async_checkpointing=False"]
 
 
 def run_train(workdir, *overrides):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    env.pop("MOSAICBERT_TRACEBACK", None)
     return subprocess.run(
         [sys.executable, "-m", "mosaicbert_jax.train", "--config=configs/tiny.py",
          f"--workdir={workdir}", *SMALL_OVERRIDES, *overrides],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
 
 
 def test_a_diverging_run_stops_and_every_checkpoint_it_left_is_finite(tmp_path):
@@ -73,12 +69,10 @@ def test_a_misspelled_override_is_one_line_naming_the_closest_key(tmp_path):
 
 
 def test_glue_misspelled_override_is_one_line(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
     result = subprocess.run(
         [sys.executable, "-m", "mosaicbert_jax.glue", "--config=configs/glue.py",
          f"--config.workdir={tmp_path}", "--config.max_seq_lenn=64"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: unknown config key --config.max_seq_lenn; did you mean --config.max_seq_len?"]
