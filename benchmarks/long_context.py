@@ -262,21 +262,6 @@ def mask_slots(seq_len: int, prob: float) -> int:
     return min(seq_len, int(math.ceil(slots / 8) * 8))
 
 
-def sparse_targets(dense_labels: np.ndarray, slots: int):
-    """Dense labels (-100 where not scored) -> (positions, weights, labels), `slots` a row."""
-    n = len(dense_labels)
-    positions = np.zeros((n, slots), np.int32)
-    weights = np.zeros((n, slots), np.float32)
-    labels = np.zeros((n, slots), np.int32)
-    for r in range(n):
-        where = np.flatnonzero(dense_labels[r] >= 0)
-        if len(where) > slots:
-            raise ValueError(f"{len(where)} masked tokens in a row exceed {slots} slots")
-        positions[r, :len(where)], weights[r, :len(where)] = where, 1.0
-        labels[r, :len(where)] = dense_labels[r, where]
-    return positions, weights, labels
-
-
 def cut_masked(masked: np.ndarray, dense_labels: np.ndarray, length: int):
     """Masked rows [n, R] and their labels cut into [n * R / length, length] pieces, so every
     length scores exactly the same masked tokens (with less context for shorter pieces)."""
@@ -287,7 +272,7 @@ def cut_masked(masked: np.ndarray, dense_labels: np.ndarray, length: int):
     ids = masked.reshape(-1, length)
     dense = dense_labels.reshape(-1, length)
     slots = max(8, int(math.ceil(max(1, (dense >= 0).sum(1).max()) / 8) * 8))
-    return (ids,) + sparse_targets(dense, slots) + (dense,)
+    return (ids,) + ttq.sparse_targets(dense, slots) + (dense,)
 
 
 def load_long_rows(path: str, key: str) -> np.ndarray:

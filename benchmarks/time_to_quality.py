@@ -42,21 +42,29 @@ def mask_rows(rows: np.ndarray, prob: float, seed: int, vocab_words: int = 30522
     rng = np.random.default_rng(seed)
     ids = rows.astype(np.int32)
     chosen = (rng.random(ids.shape) < prob) & (ids >= FIRST_WORD_ID)
-    positions = np.zeros((len(ids), slots), np.int32)
-    weights = np.zeros((len(ids), slots), np.float32)
-    labels = np.zeros((len(ids), slots), np.int32)
-    for r in range(len(ids)):
-        where = np.flatnonzero(chosen[r])[:slots]
-        chosen[r] = False
-        chosen[r, where] = True
-        positions[r, :len(where)], weights[r, :len(where)] = where, 1.0
-        labels[r, :len(where)] = ids[r, where]
+    for r in range(len(ids)):  # keep the first `slots` of each row
+        chosen[r, np.flatnonzero(chosen[r])[slots:]] = False
     draw = rng.random(ids.shape)
     random_ids = rng.integers(FIRST_WORD_ID, vocab_words, ids.shape)
     dense_labels = np.where(chosen, ids, -100)
     masked = np.where(chosen & (draw < 0.8), MASK_ID,
                       np.where(chosen & (draw < 0.9), random_ids, ids)).astype(np.int32)
-    return masked, positions, weights, labels, dense_labels
+    return (masked,) + sparse_targets(dense_labels, slots) + (dense_labels,)
+
+
+def sparse_targets(dense_labels: np.ndarray, slots: int):
+    """Dense labels (-100 where not scored) -> (positions, weights, labels), `slots` a row."""
+    n = len(dense_labels)
+    positions = np.zeros((n, slots), np.int32)
+    weights = np.zeros((n, slots), np.float32)
+    labels = np.zeros((n, slots), np.int32)
+    for r in range(n):
+        where = np.flatnonzero(dense_labels[r] >= 0)
+        if len(where) > slots:
+            raise ValueError(f"{len(where)} masked tokens in a row exceed {slots} slots")
+        positions[r, :len(where)], weights[r, :len(where)] = where, 1.0
+        labels[r, :len(where)] = dense_labels[r, where]
+    return positions, weights, labels
 
 
 class Rows:
