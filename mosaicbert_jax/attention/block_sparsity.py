@@ -128,14 +128,15 @@ def fully_visible_block_ranges(segment_ids: jax.Array, block_rows: int, block_co
     return start, end
 
 
-def pad_sequence(q, k, v, segment_ids, multiple: int):
-    """Pads [batch, seq, heads, dim] inputs and segment ids (with 0 = padding) along seq to
-    a multiple of `multiple`, so every block is full; padded keys are never visible."""
-    seq = q.shape[1]
+def pad_sequence(tensors: tuple, segment_ids, multiple: int) -> tuple[tuple, jax.Array]:
+    """Pads token tensors ([batch, seq, ...], any rank: q, k, v or one fused qkv) and the
+    segment ids (with 0 = padding) along seq to a multiple of `multiple`, so every block is
+    full; padded keys are never visible. Returns (tensors, segment_ids)."""
+    seq = tensors[0].shape[1]
     padded = -(-seq // multiple) * multiple
     segment_ids = segment_ids.astype(jnp.int32)
     if padded != seq:
-        pad = [(0, 0), (0, padded - seq), (0, 0), (0, 0)]
-        q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
+        tensors = tuple(jnp.pad(x, [(0, 0), (0, padded - seq)] + [(0, 0)] * (x.ndim - 2))
+                        for x in tensors)
         segment_ids = jnp.pad(segment_ids, [(0, 0), (0, padded - seq)])
-    return q, k, v, segment_ids
+    return tensors, segment_ids

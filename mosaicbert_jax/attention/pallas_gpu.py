@@ -521,22 +521,10 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
     window = check_window(window)
     seq = q.shape[1]
     sizes = block_sizes or default_block_sizes_for_head_dim(seq, q.shape[-1])
-    q, k, v, segment_ids = pad_sequence(q, k, v, segment_ids, max(sizes.blocks()))
+    (q, k, v), segment_ids = pad_sequence((q, k, v), segment_ids, max(sizes.blocks()))
     out = _flash(q, k, v, segment_ids, jnp.asarray(slopes, jnp.float32), float(scale), sizes,
                  interpret, window)
     return out[:, :seq]
-
-
-def _pad_fused_sequence(qkv, segment_ids, multiple: int):
-    """pad_sequence for a fused [batch, seq, 3, heads, head_dim] array: along seq to a
-    multiple of `multiple`, segment ids with 0 (padding), so every block is full."""
-    seq = qkv.shape[1]
-    padded = -(-seq // multiple) * multiple
-    segment_ids = segment_ids.astype(jnp.int32)
-    if padded != seq:
-        qkv = jnp.pad(qkv, [(0, 0), (0, padded - seq), (0, 0), (0, 0), (0, 0)])
-        segment_ids = jnp.pad(segment_ids, [(0, 0), (0, padded - seq)])
-    return qkv, segment_ids
 
 
 def flash_attention_qkv(qkv: jax.Array, segment_ids: jax.Array, slopes: jax.Array,
@@ -556,7 +544,7 @@ def flash_attention_qkv(qkv: jax.Array, segment_ids: jax.Array, slopes: jax.Arra
     window = check_window(window)
     seq = qkv.shape[1]
     sizes = block_sizes or default_block_sizes_for_head_dim(seq, qkv.shape[-1])
-    qkv, segment_ids = _pad_fused_sequence(qkv, segment_ids, max(sizes.blocks()))
+    (qkv,), segment_ids = pad_sequence((qkv,), segment_ids, max(sizes.blocks()))
     out = _flash_qkv(qkv, segment_ids, jnp.asarray(slopes, jnp.float32), float(scale), sizes,
                      interpret, window)
     return out[:, :seq]

@@ -162,7 +162,8 @@ def prepare_inputs(q, k, v, segment_ids, block_sizes: Optional[BlockSizes]):
     if q.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
         raise ValueError(f"dtype {q.dtype} is not supported; use bfloat16, float16 or float32")
     sizes = block_sizes or default_block_sizes_for_head_dim(q.shape[1], head_dim)
-    return (*pad_sequence(q, k, v, segment_ids, max(sizes.blocks())), sizes)
+    (q, k, v), segment_ids = pad_sequence((q, k, v), segment_ids, max(sizes.blocks()))
+    return q, k, v, segment_ids, sizes
 
 
 def triton_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
