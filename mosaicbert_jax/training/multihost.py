@@ -6,7 +6,7 @@ waits in the distributed shutdown barrier until a timeout aborts everything with
 service dump. Instead the failing process prints `error: ...`, posts the message in the
 coordination service's key-value store and exits at once; a watcher thread in every process
 reads it, prints it and exits too. Process 0 hosts the service, so it waits a few seconds for the
-others to have read the error before it exits.
+others to have read the error, and a moment longer for them to be gone, before it exits.
 """
 
 from __future__ import annotations
@@ -26,6 +26,11 @@ ERROR_KEY = "mosaicbert_jax/error"
 SEEN_KEY = "mosaicbert_jax/error_seen/"
 AGREE_KEY = "mosaicbert_jax/agree/"
 EXIT_GRACE_S = 5.0  # how long process 0 keeps the service up for the others to read an error
+# After the last "seen", how long process 0 still keeps the service up: a process that has
+# posted "seen" is between that write and its os._exit, and if the service goes away in that
+# window its JAX client aborts it (SIGABRT, gRPC lines after our error line). Seen on the
+# 2-core CI machine under load; the exit itself takes microseconds when not descheduled.
+EXIT_LINGER_S = 1.0
 AGREE_TIMEOUT_S = 600.0
 HEARTBEAT_ENV = "MOSAICBERT_HEARTBEAT_TIMEOUT_S"
 _WATCH_POLL_MS = 1000  # short: a normal exit waits for the watcher's read to end
@@ -175,6 +180,8 @@ def _exit_everywhere(line: str, client, posted: bool, status: int = 1) -> NoRetu
                     client.blocking_key_value_get(SEEN_KEY + str(p), remaining_ms)
                 except Exception:
                     pass
+            if count > 1:
+                time.sleep(EXIT_LINGER_S)
     finally:
         sys.stderr.flush()
         os._exit(status)  # skips the atexit distributed shutdown, whose barrier would wait
