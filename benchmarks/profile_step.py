@@ -6,8 +6,9 @@ Traces a few steps of the trainer's own train step (train_throughput.build_train
 the trace with jax.profiler.ProfileData and prints GPU time per step by kernel category and
 the top kernels, so optimisation targets are measured rather than guessed. With --fp8 it
 profiles the FP8 model (model.fp8) and first counts the GEMM custom calls of the compiled step:
-`__cublas$lt$matmul$f8` ones are the FP8 GEMMs XLA's GemmRewriter made of our qdq pattern
-(at most 12 per layer: 4 dense layers x forward, input grad, kernel grad; 144 for base).
+`__cublas$lt$matmul$f8` ones are the FP8 GEMMs XLA's GemmRewriter made of our float8 dots
+(--fp8-gemm f8) or of the qdq pattern (--fp8-gemm qdq): at most 12 per layer (4 dense layers
+x forward, input grad, kernel grad), 144 for base.
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ def main() -> None:
     parser.add_argument("--fused-blocks", default="", help="e.g. glu_rows=8,ln_rows=4")
     parser.add_argument("--fp8", action="store_true",
                         help="profile the FP8 model (model.fp8) and count its FP8 GEMMs")
+    parser.add_argument("--fp8-gemm", default="f8", choices=("f8", "qdq"),
+                        help="with --fp8: model.fp8_gemm")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--hlo-out", default="", help="also write the compiled step's HLO here")
@@ -91,7 +94,8 @@ def main() -> None:
                                                   {"data": 1, "fsdp": -1, "tensor": 1},
                                                   dropout_rng=args.dropout_rng,
                                                   fused=args.fused,
-                                                  model_overrides={"fp8": args.fp8})
+                                                  model_overrides={"fp8": args.fp8,
+                                                                   "fp8_gemm": args.fp8_gemm})
     if args.hlo_out or args.fp8:
         hlo_text = step.lower(state, batches[0]).compile().as_text()
         if args.hlo_out:  # to look up what each top fusion computes
@@ -116,7 +120,7 @@ def main() -> None:
         counts[name] += 1
     total = sum(by_cat.values())
     print(f"\n{args.case} attention={args.attention} dropout={args.dropout_rng} "
-          f"fused={args.fused} fp8={args.fp8} on "
+          f"fused={args.fused} fp8={args.fp8 and args.fp8_gemm} on "
           f"{jax.devices()[0].device_kind}: {total:.1f} ms of kernels per step, "
           f"{len(events) / args.steps:.0f} kernels per step")
     print("| category | ms/step | share |\n| --- | --- | --- |")

@@ -110,8 +110,11 @@ def time_train_step(preset: str, seq_len: int, batch_per_device: int, attention:
                     mean_doc_len: int, dropout_rng: str = "hash", devices=None,
                     fused: str = "auto", model_overrides: dict | None = None,
                     precision: str = "bf16") -> dict:
-    """`precision` fp8 sets model.fp8 (the FP8 GEMMs), over model_overrides."""
-    model_overrides = {**(model_overrides or {}), "fp8": precision == "fp8"}
+    """`precision` fp8 sets model.fp8 (the FP8 GEMMs; fp8-qdq: with model.fp8_gemm qdq),
+    over model_overrides."""
+    model_overrides = {**(model_overrides or {}), "fp8": precision.startswith("fp8")}
+    if precision == "fp8-qdq":
+        model_overrides["fp8_gemm"] = "qdq"
     step, state, batches, cfg, mesh = build_train_step(
         preset, seq_len, batch_per_device, attention, mesh_axes, microbatches, remat,
         mean_doc_len, dropout_rng, devices, fused, model_overrides)
@@ -229,7 +232,8 @@ def main() -> None:
                         help="fused-kernel tile sizes, e.g. glu_rows=8,ln_rows=4 (see "
                              "benchmarks/fused_ops.py)")
     parser.add_argument("--precision", default="bf16",
-                        help="comma list: bf16 (the default model), fp8 (model.fp8: FP8 GEMMs)")
+                        help="comma list: bf16 (the default model), fp8 (model.fp8: FP8 GEMMs), "
+                             "fp8-qdq (the same with model.fp8_gemm=qdq)")
     parser.add_argument("--fp8", action="store_true", help="shorthand for --precision bf16,fp8")
     parser.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1")
     parser.add_argument("--scaling", action="store_true",
@@ -250,8 +254,8 @@ def main() -> None:
     if args.fp8:
         args.precision = "bf16,fp8"
     precisions = args.precision.split(",")
-    if set(precisions) - {"bf16", "fp8"}:
-        parser.error(f"--precision={args.precision}: use a comma list of bf16, fp8")
+    if set(precisions) - {"bf16", "fp8", "fp8-qdq"}:
+        parser.error(f"--precision={args.precision}: use a comma list of bf16, fp8, fp8-qdq")
     if not args.no_xla_defaults:
         apply_gpu_defaults()  # what the train command runs with
     if args.fused_blocks:

@@ -68,6 +68,8 @@ class MosaicBertConfig:
     # learning-curve benchmark shows parity; the scaling stats keep `fp8_amax_history` amaxes.
     fp8: bool = False
     fp8_amax_history: int = 16
+    # How the FP8 GEMMs are written for XLA: "f8" (float8 operands) or "qdq" (fp8.GEMMS).
+    fp8_gemm: str = "f8"
     num_labels: int = 2
     classifier_dropout_prob: Optional[float] = None
 
@@ -102,6 +104,8 @@ class MosaicBertConfig:
                                  f"{self.dropout_rng!r}; use dropout_rng='hash' or {name}='xla'")
         if not isinstance(self.fp8, bool):
             raise ValueError(f"fp8={self.fp8!r} must be True or False")
+        if self.fp8_gemm not in ("f8", "qdq"):
+            raise ValueError(f"fp8_gemm={self.fp8_gemm!r} must be 'f8' or 'qdq'")
         if (isinstance(self.fp8_amax_history, bool) or not isinstance(self.fp8_amax_history, int)
                 or self.fp8_amax_history < 1):
             raise ValueError(f"fp8_amax_history={self.fp8_amax_history!r} must be an int >= 1 "

@@ -1,10 +1,16 @@
 """FP8 matmuls with delayed per-tensor scaling, for the large GEMMs (issue 17; off by default).
 
 `Fp8DotGeneral` is a drop-in `dot_general` for nn.Dense (its `dot_general_cls`) and our own
-dense layers. The activation and the kernel are quantised to float8_e4m3fn and dequantised
-("qdq") right before a bf16 dot_general, the output cotangent to float8_e5m2 in the backward:
-the pattern XLA's GPU GemmRewriter turns into cuBLASLt FP8 GEMMs. On other backends the qdq
-runs as written (same numerics, no speed-up).
+dense layers. Two ways to run the same quantisation (e4m3 activation and kernel, e5m2 output
+cotangent in the backward), picked by `gemm`:
+  "f8": `fp8_matmul`, dot_generals whose operands ARE float8 arrays (preferred output in the
+        compute dtype), the result times the two scales; the backward's two GEMMs are float8
+        too (e5m2 x e4m3). XLA lowers these to cuBLASLt FP8 GEMMs on Hopper, and the saved
+        residuals are the float8 operands (half the bytes).
+  "qdq": quantise-dequantise each operand right before a bf16 dot_general, the pattern XLA's
+        GemmRewriter may fold into an FP8 GEMM (it did not in our measured step: Triton's
+        GEMM fusion takes the dot first; benchmarks/RESULTS.md).
+On other backends both run as written (the same rounding, no speed-up).
 
 Delayed scaling: each tensor (input, kernel, output_grad) keeps, in the STATS collection, an
 amax history and the scale used now: q = clip(x / scale, +-fmax).astype(fp8), x ~ q * scale.
@@ -110,6 +116,59 @@ def _qdq_cotangent_bwd(fp8_dtype, residual, g):
 qdq_cotangent.defvjp(_qdq_cotangent_fwd, _qdq_cotangent_bwd)
 
 
+def quantize(x: jax.Array, fp8_dtype: Any, scale: jax.Array) -> jax.Array:
+    """x / scale as a `fp8_dtype` array (clipped to +-fmax): x ~ quantize(x) * scale."""
+    limit = fp8_max(fp8_dtype)
+    return jnp.clip(x / scale.astype(x.dtype), -limit, limit).astype(fp8_dtype)
+
+
+def _scaled_dot(a: jax.Array, b: jax.Array, dims: Any, scale: jax.Array, dtype: Any):
+    """dot_general of two float8 arrays, accumulated in float32, as `dtype`, times `scale`."""
+    out = jax.lax.dot_general(a, b, dims, preferred_element_type=dtype)
+    return out * scale.astype(dtype)
+
+
+_MATMUL = (((1,), (0,)), ((), ()))   # [m, k] x [k, n]
+_GRAD_LHS = (((1,), (1,)), ((), ()))  # [m, n] x [k, n] -> [m, k]
+_GRAD_RHS = (((0,), (0,)), ((), ()))  # [m, k] x [m, n] -> [k, n]
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def fp8_matmul(dtype: Any, x: jax.Array, w: jax.Array, x_stats: tuple, w_stats: tuple,
+               g_stats: tuple) -> jax.Array:
+    """x [..., k] @ w [k, n] as FP8 GEMMs, in `dtype` (x and w must already be `dtype`).
+
+    Each *_stats is (scale, amax_history). Forward: e4m3(x) @ e4m3(w). Backward: e5m2(g) @
+    e4m3(w).T and e4m3(x).T @ e5m2(g); the "cotangents" of the stats are their updates."""
+    return _fp8_matmul_fwd(dtype, x, w, x_stats, w_stats, g_stats)[0]
+
+
+def _fp8_matmul_fwd(dtype, x, w, x_stats, w_stats, g_stats):
+    (x_scale, _), (w_scale, _) = x_stats, w_stats
+    qx = quantize(x.reshape(-1, x.shape[-1]), FORWARD_DTYPE, x_scale)
+    qw = quantize(w, FORWARD_DTYPE, w_scale)
+    y = _scaled_dot(qx, qw, _MATMUL, x_scale * w_scale, dtype)
+    new_x = _next_stats(x, *x_stats, FORWARD_DTYPE)
+    new_w = _next_stats(w, *w_stats, FORWARD_DTYPE)
+    return y.reshape(x.shape[:-1] + w.shape[1:]), (qx, qw, x_scale, w_scale, g_stats, new_x,
+                                                    new_w)
+
+
+def _fp8_matmul_bwd(dtype, residual, g):
+    qx, qw, x_scale, w_scale, (g_scale, g_history), new_x, new_w = residual
+    g2 = g.reshape(-1, g.shape[-1])
+    qg = quantize(g2, BACKWARD_DTYPE, g_scale)
+    dx = _scaled_dot(qg, qw, _GRAD_LHS, g_scale * w_scale, dtype)
+    dw = _scaled_dot(qx, qg, _GRAD_RHS, x_scale * g_scale, dtype)
+    new_g = _next_stats(g, g_scale, g_history, BACKWARD_DTYPE)
+    return dx.reshape(g.shape[:-1] + qx.shape[-1:]), dw, new_x, new_w, new_g
+
+
+fp8_matmul.defvjp(_fp8_matmul_fwd, _fp8_matmul_bwd)
+
+GEMMS = ("f8", "qdq")
+
+
 class Fp8DotGeneral(nn.Module):
     """lax.dot_general with e4m3 operands and an e5m2 output gradient, delayed scaling.
 
@@ -117,6 +176,7 @@ class Fp8DotGeneral(nn.Module):
     for tensor in TENSORS. Call signature as lax.dot_general (how nn.Dense calls it)."""
 
     history_length: int = 16
+    gemm: str = "f8"   # one of GEMMS (module docstring)
 
     @nn.compact
     def __call__(self, lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any,
@@ -131,6 +191,12 @@ class Fp8DotGeneral(nn.Module):
                 self.variable(STATS, f"{tensor}_amax_history", jnp.zeros,
                               (self.history_length,), jnp.float32).value)
         compute_dtype = jnp.result_type(lhs, rhs)
+        plain_matmul = (tuple(map(tuple, dimension_numbers[0])) == ((lhs.ndim - 1,), (0,))
+                        and not any(dimension_numbers[1]) and rhs.ndim == 2)
+        if self.gemm == "f8" and plain_matmul:
+            out_dtype = preferred_element_type or compute_dtype
+            return fp8_matmul(out_dtype, lhs.astype(out_dtype), rhs.astype(out_dtype),
+                              stats["input"], stats["kernel"], stats["output_grad"])
         lhs = qdq_operand(FORWARD_DTYPE, lhs.astype(compute_dtype), *stats["input"])
         rhs = qdq_operand(FORWARD_DTYPE, rhs.astype(compute_dtype), *stats["kernel"])
         out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
@@ -138,9 +204,9 @@ class Fp8DotGeneral(nn.Module):
         return qdq_cotangent(BACKWARD_DTYPE, out, *stats["output_grad"])
 
 
-def dot_general_cls(enabled: bool, history_length: int) -> Any:
+def dot_general_cls(enabled: bool, history_length: int, gemm: str = "f8") -> Any:
     """What to pass as nn.Dense(dot_general_cls=...): None (plain dot) or an Fp8DotGeneral."""
-    return partial(Fp8DotGeneral, history_length=history_length) if enabled else None
+    return partial(Fp8DotGeneral, history_length=history_length, gemm=gemm) if enabled else None
 
 
 def combine_microbatch_stats(a: Any, b: Any) -> Any:

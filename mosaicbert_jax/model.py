@@ -30,7 +30,7 @@ def _big_dense(cfg: MosaicBertConfig, features: int, name: str, use_bias: bool =
     """nn.Dense for the encoder's large GEMMs: FP8 matmuls when cfg.fp8 (same params)."""
     return nn.Dense(features, use_bias=use_bias, kernel_init=_dense_init(cfg), dtype=cfg.dtype,
                     param_dtype=cfg.param_dtype, name=name,
-                    dot_general_cls=fp8.dot_general_cls(cfg.fp8, cfg.fp8_amax_history))
+                    dot_general_cls=fp8.dot_general_cls(cfg.fp8, cfg.fp8_amax_history, cfg.fp8_gemm))
 
 
 def check_inputs(config: MosaicBertConfig, input_ids: Any, segment_ids: Any,
@@ -151,7 +151,7 @@ class DenseBiasApart(nn.Module):
         kernel = self.param("kernel", _dense_init(cfg), (x.shape[-1], self.features),
                             cfg.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), cfg.param_dtype)
-        fp8_dot = fp8.dot_general_cls(cfg.fp8, cfg.fp8_amax_history)
+        fp8_dot = fp8.dot_general_cls(cfg.fp8, cfg.fp8_amax_history, cfg.fp8_gemm)
         dot = fp8_dot() if fp8_dot else jax.lax.dot_general
         y = dot(x.astype(cfg.dtype), kernel.astype(cfg.dtype), (((x.ndim - 1,), (0,)), ((), ())))
         return y, bias

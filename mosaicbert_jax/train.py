@@ -64,7 +64,8 @@ def model_config_from(config: ml_collections.ConfigDict, vocab_size: int) -> Mos
         layernorm_implementation=config.model.layernorm_implementation,
         attention_window=config.model.attention_window,
         global_attention_every=config.model.global_attention_every,
-        fp8=config.model.fp8, fp8_amax_history=config.model.fp8_amax_history)
+        fp8=config.model.fp8, fp8_amax_history=config.model.fp8_amax_history,
+        fp8_gemm=config.model.fp8_gemm)
     return MosaicBertConfig.from_preset(config.model.preset, **overrides)
 
 

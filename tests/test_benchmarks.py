@@ -283,3 +283,22 @@ def test_make_long_rows_drops_a_ttq_overlapping_document_and_keeps_a_fresh_one(t
     assert not r["train_spans_documents"] and r["train"].shape[1] == 512
     eval_shingles = shingle_hashes(r["eval"]).ravel()
     assert not np.isin(shingle_hashes(r["train"]).ravel(), eval_shingles).any()
+
+
+def test_fp8_gemm_probe_runs_each_formulation_in_a_child_and_checks_it(tmp_path):
+    """On CPU the probe's three dense-layer formulations run for real in a child process; the
+    bf16 one is within bf16 rounding of float32, the two FP8 ones carry FP8's larger error."""
+    out = tmp_path / "probe.json"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.path.join(ROOT, "benchmarks"),
+               JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "fp8_gemm_probe.py"), "--shapes",
+         "128:64:32", "--iters", "1", "--flag-sets", "", "--json", str(out)],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r["gemm"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"bf16", "f8", "qdq"}
+    assert max(rows["bf16"]["rel_errors"]) < 1e-2
+    for gemm in ("f8", "qdq"):   # e4m3 / e5m2 rounding: a few percent, not bf16's 0.3%
+        assert all(1e-2 < e < 0.2 for e in rows[gemm]["rel_errors"]), rows[gemm]
+    assert all(r["fp8_gemms"] == 0 for r in rows.values())   # no cuBLAS on CPU

@@ -31,6 +31,7 @@ def get_default_config() -> ml_collections.ConfigDict:
         vocab_size=-1,              # -1: the preset's (30528 for bert-base-uncased)
         fp8=False,                  # FP8 GEMMs with delayed scaling (mosaicbert_jax/fp8.py)
         fp8_amax_history=16,        # amaxes each FP8 scale is taken over
+        fp8_gemm="f8",              # f8 (float8 operands) | qdq (quantise-dequantise pattern)
     ))
     c.data = ml_collections.ConfigDict(dict(
         source="shards",            # shards (prepared dir) | embedded | synthetic
