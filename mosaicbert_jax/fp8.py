@@ -8,8 +8,9 @@ cotangent in the backward), picked by `gemm`:
         too (e5m2 x e4m3). XLA lowers these to cuBLASLt FP8 GEMMs on Hopper, and the saved
         residuals are the float8 operands (half the bytes).
   "qdq": quantise-dequantise each operand right before a bf16 dot_general, the pattern XLA's
-        GemmRewriter may fold into an FP8 GEMM (it did not in our measured step: Triton's
-        GEMM fusion takes the dot first; benchmarks/RESULTS.md).
+        GemmRewriter folds into an FP8 GEMM only with --xla_gpu_enable_triton_gemm=false;
+        under the default flags XLA drops the float8 round trip (no FP8 GEMM, bf16 error;
+        measured by benchmarks/fp8_gemm_probe.py, numbers in benchmarks/RESULTS.md).
 On other backends both run as written (the same rounding, no speed-up).
 
 Delayed scaling: each tensor (input, kernel, output_grad) keeps, in the STATS collection, an
