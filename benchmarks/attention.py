@@ -62,6 +62,9 @@ SWEEP = {
     "blocks64": dict(block_q=64, block_k=64, block_q_dkv=64, block_k_dkv=64, block_q_dq=64,
                      block_k_dq=64),
     "always_mask": dict(unmasked_interior=False),
+    # One kernel for the whole backward where one key block spans the sequence (<= 128).
+    "one_pass": dict(one_pass_backward_max_seq=128),
+    "one_pass_w8": dict(one_pass_backward_max_seq=128, num_warps_bwd=8),
 }
 
 

@@ -1,6 +1,8 @@
 """Checks a compiled attention kernel against the float64 reference on fresh random packed layouts.
 
   PYTHONPATH=.:tests python benchmarks/check_attention.py --implementation pallas
+  PYTHONPATH=.:tests python benchmarks/check_attention.py --seqs 64,100,128 \
+      --attention-blocks one_pass_backward_max_seq=128      # the one-pass backward
 
 Documents of 1 token up to the row, trailing padding, all-padding rows (tests/attention_cases.py
 draws them); forward and gradients, fp32 (dots may run as TF32) and bf16. Implementations with
@@ -17,6 +19,7 @@ import sys
 import jax.numpy as jnp
 
 from attention_cases import check_random_packed_layouts
+from kernel_tiles import add_tile_flags, apply_tile_flags
 from mosaicbert_jax.attention import (attention, attention_qkv, qkv_implementations,
                                       resolve_implementation)
 
@@ -33,7 +36,9 @@ def main() -> None:
                         help="sliding windows to check, e.g. 0,48 (0 = full attention)")
     parser.add_argument("--no-fused-qkv", action="store_true",
                         help="check only the q, k, v entry, not the fused-QKV one")
+    add_tile_flags(parser)   # e.g. --attention-blocks one_pass_backward_max_seq=128
     args = parser.parse_args()
+    apply_tile_flags(parser, args)
     impl = args.implementation
     fused = resolve_implementation(impl) in qkv_implementations() and not args.no_fused_qkv
     for window in map(int, args.windows.split(",")):

@@ -22,6 +22,7 @@ import tempfile
 import jax
 
 from mosaicbert_jax.xla_flags import apply_gpu_defaults
+from kernel_tiles import add_tile_flags, apply_tile_flags
 from train_throughput import build_train_step
 
 CATEGORIES = [  # first match wins; matched against the lower-cased kernel name
@@ -76,7 +77,7 @@ def main() -> None:
     parser.add_argument("--attention", default="auto")
     parser.add_argument("--dropout-rng", default="hash")
     parser.add_argument("--fused", default="auto", help="fused-op implementation: auto, xla, pallas")
-    parser.add_argument("--fused-blocks", default="", help="e.g. glu_rows=8,ln_rows=4")
+    add_tile_flags(parser)
     parser.add_argument("--fp8", action="store_true",
                         help="profile the FP8 model (model.fp8) and count its FP8 GEMMs")
     parser.add_argument("--fp8-gemm", default="f8", choices=("f8", "qdq"),
@@ -86,9 +87,7 @@ def main() -> None:
     parser.add_argument("--hlo-out", default="", help="also write the compiled step's HLO here")
     args = parser.parse_args()
     apply_gpu_defaults()  # profile what the train command runs
-    if args.fused_blocks:
-        from mosaicbert_jax.fused import pallas_gpu
-        pallas_gpu.set_default_blocks(pallas_gpu.parse_blocks(args.fused_blocks))
+    apply_tile_flags(parser, args)
     preset, seq, batch = args.case.split(":")
     step, state, batches, _, _ = build_train_step(preset, int(seq), int(batch), args.attention,
                                                   {"data": 1, "fsdp": -1, "tensor": 1},

@@ -7,7 +7,8 @@ per device, step time and MFU against the bf16 matmul ceiling that this same run
 BertForMaskedLM (bf16 autocast, SDPA) at the same batch in a subprocess.
 
   PYTHONPATH=. python benchmarks/train_throughput.py --cases base:128:256,base:512:64
---precision bf16,fp8 (or --fp8) times each case with the FP8 GEMMs (model.fp8) beside bf16.
+--precision bf16,fp8 (or --fp8) times each case with the FP8 GEMMs (model.fp8) beside bf16;
+fp8-qdq is the same with model.fp8_gemm="qdq" (see mosaicbert_jax/fp8.py).
 On several GPUs, --scaling times each case on one GPU and then on all of them with a
 data-parallel and an FSDP mesh, and prints per-GPU throughput and scaling efficiency.
 """
@@ -36,6 +37,9 @@ from mosaicbert_jax.train import model_config_from
 from mosaicbert_jax.training.flops import training_flops_per_token
 from mosaicbert_jax.training.step import init_state, make_train_step
 from mosaicbert_jax.xla_flags import apply_gpu_defaults
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernel_tiles import add_tile_flags, apply_tile_flags  # noqa: E402
 
 RECIPE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              "configs", "base.py")
@@ -228,9 +232,7 @@ def main() -> None:
     parser.add_argument("--dropout-rng", default="hash", help="comma list: hash, threefry")
     parser.add_argument("--fused", default="auto",
                         help="comma list of fused-op implementations: auto, xla, pallas")
-    parser.add_argument("--fused-blocks", default="",
-                        help="fused-kernel tile sizes, e.g. glu_rows=8,ln_rows=4 (see "
-                             "benchmarks/fused_ops.py)")
+    add_tile_flags(parser)
     parser.add_argument("--precision", default="bf16",
                         help="comma list: bf16 (the default model), fp8 (model.fp8: FP8 GEMMs), "
                              "fp8-qdq (the same with model.fp8_gemm=qdq)")
@@ -258,9 +260,7 @@ def main() -> None:
         parser.error(f"--precision={args.precision}: use a comma list of bf16, fp8, fp8-qdq")
     if not args.no_xla_defaults:
         apply_gpu_defaults()  # what the train command runs with
-    if args.fused_blocks:
-        from mosaicbert_jax.fused import pallas_gpu
-        pallas_gpu.set_default_blocks(pallas_gpu.parse_blocks(args.fused_blocks))
+    apply_tile_flags(parser, args)
 
     # The torch reference runs first, in its own process, before JAX takes the GPU memory.
     cases = [(p, int(s), int(b)) for p, s, b in (c.split(":") for c in args.cases.split(","))]

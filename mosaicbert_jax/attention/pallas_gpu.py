@@ -4,7 +4,9 @@ Computes softmax(q k^T * scale - slope_h * |i - j|, masked to same-segment non-p
 without ever materialising the [heads, seq, seq] bias: each program rebuilds its tile of the
 bias from iotas and its head's slope. Forward and backward (FlashAttention-2 split: one
 kernel for dK/dV looping over query blocks, one for dQ looping over key blocks) are Pallas
-kernels tied together with a custom_vjp. Blocks whose segments cannot meet are never
+kernels tied together with a custom_vjp. Optionally (BlockSizes.one_pass_backward_max_seq),
+a sequence that one key block spans gets a one-pass backward: the dK/dV kernel then sees
+every key of its row and writes dQ as well, so the dQ kernel's recomputation is saved. Blocks whose segments cannot meet are never
 visited (see block_sparsity.py), so rows packed with short documents cost less.
 
 An optional sliding window w > 0 (a static int: query i sees key j only when |i - j| <= w)
@@ -75,6 +77,10 @@ class BlockSizes:
     num_stages_bwd: int = 3
     # Visit block pairs inside one document without the per-element mask (3 loops a kernel).
     unmasked_interior: bool = True
+    # Sequences (after padding) of at most this many tokens, a power of two, get a one-pass
+    # backward: one key block spans the sequence, so the dK/dV kernel also writes each query
+    # block's whole dQ and the dQ kernel (which recomputes s, p and dp) is not run. 0: off.
+    one_pass_backward_max_seq: int = 0
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -93,14 +99,39 @@ class BlockSizes:
             if f.name.startswith("block_")})
 
 
+_BLOCK_OVERRIDES: list[dict] = [{}]
+
+
+def set_block_overrides(overrides: dict) -> None:
+    """BlockSizes fields every later default_block_sizes_for_head_dim takes (so the benchmarks
+    can time a variant inside the whole train step); {} restores the defaults."""
+    _BLOCK_OVERRIDES[0] = dict(overrides)
+
+
+def parse_block_overrides(text: str) -> dict:
+    """'one_pass_backward_max_seq=128,num_warps_bwd=8' -> {field: int}; unknown fields or
+    values that are not ints raise a one-line ValueError."""
+    fields = {f.name for f in dataclasses.fields(BlockSizes)}
+    overrides = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key not in fields or not value.lstrip("-").isdigit():
+            raise ValueError(f"attention block override {item!r} is not field=int with a "
+                             f"field of BlockSizes ({', '.join(sorted(fields))})")
+        overrides[key] = bool(int(value)) if key == "unmasked_interior" else int(value)
+    return overrides
+
+
 def default_block_sizes_for_head_dim(seq_len: int, head_dim: int) -> BlockSizes:
-    """Block sizes for a sequence length and head dim (see docs/attention.md).
+    """Block sizes for a sequence length and head dim (see docs/attention.md), with any
+    set_block_overrides applied.
 
     From 256 tokens up: the large blocks measured on an H100. Up to 128 tokens: 64-blocks,
     so packed rows of short documents skip more and the grid has more programs; below 64
     the blocks shrink to the (power-of-two) sequence length.
     """
     sizes = BlockSizes() if head_dim <= 64 else BlockSizes(num_warps=8, num_warps_bwd=8)
+    sizes = dataclasses.replace(sizes, **_BLOCK_OVERRIDES[0])
     if seq_len <= 128:
         sizes = sizes.shrunk_to(64)
     return sizes.shrunk_to(max(16, pl.next_power_of_2(seq_len)))
@@ -182,8 +213,11 @@ def _forward_kernel(plan_ref, slopes_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_re
 
 
 def _dkdv_kernel(plan_ref, slopes_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, do_ref,
-                 lse_ref, delta_ref, dk_ref, dv_ref, *, scale: float, block_q: int, split: bool,
-                 window: int):
+                 lse_ref, delta_ref, dk_ref, dv_ref, dq_ref=None, *, scale: float, block_q: int,
+                 split: bool, window: int):
+    """dK, dV of one key block over the query blocks it sees. With dq_ref (one-pass backward:
+    this key block is the whole sequence), also every query block's dQ, written as visited;
+    query blocks outside the plan's [lo, hi) see no key and get zeros."""
     k_block, head = pl.program_id(0), pl.program_id(2)
     block_k = k_ref.shape[0]
     k, v = k_ref[...], v_ref[...]
@@ -213,12 +247,31 @@ def _dkdv_kernel(plan_ref, slopes_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, 
         ds_t = p_t * (dp_t - delta_ref[rows][None, :])
         dk = dk + lax.dot_general(ds_t.astype(q.dtype), q, (((1,), (0,)), ((), ())),
                                   preferred_element_type=jnp.float32)
+        if dq_ref is not None:
+            dq = lax.dot_general(ds_t.astype(k.dtype), k, (((0,), (0,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
+            dq_ref[rows, :] = (dq * scale).astype(dq_ref.dtype)
         return dk, dv
 
+    if dq_ref is not None:
+        _zero_blocks_outside(dq_ref, plan_ref[0, k_block], plan_ref[1, k_block], block_q)
     zeros = jnp.zeros(k_ref.shape, jnp.float32)
     dk, dv = _visit_blocks(plan_ref, k_block, visit_query_block, (zeros, zeros), split)
     dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _zero_blocks_outside(ref, lo, hi, block: int) -> None:
+    """Zeros the row blocks of ref before lo and from hi on, one block-sized store each (so
+    no two stores of the program ever touch the same rows)."""
+    zero = jnp.zeros((block, ref.shape[-1]), ref.dtype)
+
+    def store(i, carry):
+        ref[pl.ds(pl.multiple_of(i * block, block), block), :] = zero
+        return carry
+
+    lax.fori_loop(0, lo, store, 0)
+    lax.fori_loop(hi, ref.shape[0] // block, store, 0)
 
 
 def _dq_kernel(plan_ref, slopes_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, do_ref,
@@ -301,7 +354,8 @@ class _Specs:
 
 class _SlotRef:
     """One slot of a [rows, 3, head_dim] output block, written like a [rows, head_dim] ref
-    (`ref[...] = tile`), so the fused backward runs the dK/dV kernel as it is."""
+    (`ref[...] = tile` or `ref[rows, :] = tile`), so the fused backward runs the dK/dV
+    kernel as it is."""
 
     def __init__(self, ref, slot: int):
         self._ref, self._slot = ref, slot
@@ -310,15 +364,36 @@ class _SlotRef:
     def dtype(self):
         return self._ref.dtype
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self._ref.shape[0], self._ref.shape[2])
+
     def __setitem__(self, index, value) -> None:
-        assert index is Ellipsis, "kernels write whole tiles"
-        self._ref[:, self._slot, :] = value
+        if index is Ellipsis:
+            self._ref[:, self._slot, :] = value
+            return
+        rows, columns = index
+        assert columns == slice(None), "kernels write whole rows"
+        self._ref[rows, self._slot, :] = value
 
 
 def _dkdv_into_slots(k_slot: int, v_slot: int, *refs, **params) -> None:
     """_dkdv_kernel writing dK and dV into two slots of one fused output block."""
     *inputs, dqkv_ref = refs
     _dkdv_kernel(*inputs, _SlotRef(dqkv_ref, k_slot), _SlotRef(dqkv_ref, v_slot), **params)
+
+
+def _one_pass_into_slots(q_slot: int, k_slot: int, v_slot: int, *refs, **params) -> None:
+    """The one-pass _dkdv_kernel writing dQ, dK and dV into the slots of one output block."""
+    *inputs, dqkv_ref = refs
+    _dkdv_kernel(*inputs, _SlotRef(dqkv_ref, k_slot), _SlotRef(dqkv_ref, v_slot),
+                 _SlotRef(dqkv_ref, q_slot), **params)
+
+
+def _one_pass_separate(*refs, **params) -> None:
+    """The one-pass _dkdv_kernel with dQ, dK, dV outputs in that order (as _backward returns)."""
+    *inputs, dq_ref, dk_ref, dv_ref = refs
+    _dkdv_kernel(*inputs, dk_ref, dv_ref, dq_ref, **params)
 
 
 def _dq_into_aliased(*refs, **params) -> None:
@@ -400,6 +475,9 @@ def _backward(q, k, v, segment_ids, slopes, out, lse, d_out, scale, sizes: Block
     params = plgpu.CompilerParams(num_warps=sizes.num_warps_bwd,
                                   num_stages=sizes.num_stages_bwd)
 
+    if uses_one_pass_backward(seq, sizes):
+        return _one_pass_backward(q, k, v, segment_ids, scale, sizes, interpret, window, slots,
+                                  delta, q_segments, padded_slopes, lse, d_out, params)
     bq, bk = sizes.block_q_dkv, sizes.block_k_dkv
     # Key blocks are the rows here: the same plan with rows and columns swapped.
     plan = _block_plan(segment_ids, bk, bq, window)
@@ -452,6 +530,44 @@ def _backward(q, k, v, segment_ids, slopes, out, lse, d_out, scale, sizes: Block
         name="alibi_flash_dq",
     )(*args)
     return dq if fused else (dq, *dkdv)
+
+
+def uses_one_pass_backward(seq: int, sizes: BlockSizes) -> bool:
+    """True when the (padded) sequence is a power of two within one_pass_backward_max_seq."""
+    return 0 < seq <= sizes.one_pass_backward_max_seq and not seq & (seq - 1)
+
+
+def _one_pass_backward(q, k, v, segment_ids, scale, sizes, interpret, window, slots, delta,
+                       q_segments, padded_slopes, lse, d_out, params):
+    """(dq, dk, dv), or one d(qkv), from one kernel: a single key block spans the sequence,
+    so each (batch, head) program sees every key and writes each query block's dQ whole."""
+    batch, seq = q.shape[:2]
+    heads = q.shape[-2]
+    q_slot, k_slot, v_slot = slots
+    bq = min(sizes.block_q_dkv, seq)
+    plan = _block_plan(segment_ids, seq, bq, window)
+    specs = _Specs(seq, q.shape[-1], padded_slopes.shape[0], plan.shape[-1])
+    if q_slot is not None:
+        kernel = functools.partial(_one_pass_into_slots, q_slot, k_slot, v_slot)
+        out_specs = specs.tokens_all_slots(seq)
+        out_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
+    else:
+        kernel = _one_pass_separate
+        out_specs = [specs.tokens(seq)] * 3
+        out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)]
+    return pl.pallas_call(
+        functools.partial(kernel, scale=scale, block_q=bq, split=sizes.unmasked_interior,
+                          window=window),
+        grid=(1, batch, heads),
+        in_specs=[specs.plan, specs.slopes, specs.all_segments(), specs.segments(seq),
+                  specs.all_tokens(q_slot), specs.tokens(seq, k_slot), specs.tokens(seq, v_slot),
+                  specs.all_tokens(), specs.all_row_stats(), specs.all_row_stats()],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=params,
+        interpret=interpret,
+        name="alibi_flash_bwd_one_pass",
+    )(plan, padded_slopes, q_segments, segment_ids, q, k, v, d_out, lse, delta)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
