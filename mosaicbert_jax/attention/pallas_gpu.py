@@ -6,8 +6,9 @@ bias from iotas and its head's slope. Forward and backward (FlashAttention-2 spl
 kernel for dK/dV looping over query blocks, one for dQ looping over key blocks) are Pallas
 kernels tied together with a custom_vjp. Optionally (BlockSizes.one_pass_backward_max_seq),
 a sequence that one key block spans gets a one-pass backward: the dK/dV kernel then sees
-every key of its row and writes dQ as well, so the dQ kernel's recomputation is saved. Blocks whose segments cannot meet are never
-visited (see block_sparsity.py), so rows packed with short documents cost less.
+every key of its row and writes dQ as well, so the dQ kernel's recomputation is saved.
+Blocks whose segments cannot meet are never visited (see block_sparsity.py), so rows packed
+with short documents cost less.
 
 An optional sliding window w > 0 (a static int: query i sees key j only when |i - j| <= w)
 narrows the same block plan to the band around the diagonal, so key blocks outside it are
