@@ -30,7 +30,8 @@ def _big_dense(cfg: MosaicBertConfig, features: int, name: str, use_bias: bool =
     """nn.Dense for the encoder's large GEMMs: FP8 matmuls when cfg.fp8 (same params)."""
     return nn.Dense(features, use_bias=use_bias, kernel_init=_dense_init(cfg), dtype=cfg.dtype,
                     param_dtype=cfg.param_dtype, name=name,
-                    dot_general_cls=fp8.dot_general_cls(cfg.fp8, cfg.fp8_amax_history, cfg.fp8_gemm))
+                    dot_general_cls=fp8.dot_general_cls(cfg.fp8, cfg.fp8_amax_history,
+                                                        cfg.fp8_gemm))
 
 
 def check_inputs(config: MosaicBertConfig, input_ids: Any, segment_ids: Any,
