@@ -476,22 +476,22 @@ def _backward(q, k, v, segment_ids, slopes, out, lse, d_out, scale, sizes: Block
     params = plgpu.CompilerParams(num_warps=sizes.num_warps_bwd,
                                   num_stages=sizes.num_stages_bwd)
 
-    if uses_one_pass_backward(seq, sizes):
-        return _one_pass_backward(q, k, v, segment_ids, scale, sizes, interpret, window, slots,
-                                  delta, q_segments, padded_slopes, lse, d_out, params)
-    bq, bk = sizes.block_q_dkv, sizes.block_k_dkv
-    # Key blocks are the rows here: the same plan with rows and columns swapped.
+    # Key blocks are the rows here: the same plan with rows and columns swapped. In one pass
+    # a single key block spans the sequence and the kernel writes dQ as well.
+    one_pass = uses_one_pass_backward(seq, sizes)
+    bq, bk = sizes.block_q_dkv, seq if one_pass else sizes.block_k_dkv
     plan = _block_plan(segment_ids, bk, bq, window)
     specs = _Specs(seq, head_dim, padded_slopes.shape[0], plan.shape[-1])
     if fused:  # one block spanning the slots; dK and dV go to theirs, slot 0 waits for dQ
-        kernel = functools.partial(_dkdv_into_slots, k_slot, v_slot)
+        kernel = (functools.partial(_one_pass_into_slots, q_slot, k_slot, v_slot) if one_pass
+                  else functools.partial(_dkdv_into_slots, k_slot, v_slot))
         dkdv_specs = specs.tokens_all_slots(bk)
         dkdv_shapes = jax.ShapeDtypeStruct(q.shape, q.dtype)
     else:
-        kernel = _dkdv_kernel
-        dkdv_specs = [specs.tokens(bk), specs.tokens(bk)]
-        dkdv_shapes = [jax.ShapeDtypeStruct(k.shape, k.dtype),
-                       jax.ShapeDtypeStruct(v.shape, v.dtype)]
+        kernel = _one_pass_separate if one_pass else _dkdv_kernel
+        outputs = (q, k, v) if one_pass else (k, v)
+        dkdv_specs = [specs.tokens(bk)] * len(outputs)
+        dkdv_shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outputs]
     dkdv = pl.pallas_call(
         functools.partial(kernel, scale=scale, block_q=bq, split=sizes.unmasked_interior,
                           window=window),
@@ -503,8 +503,10 @@ def _backward(q, k, v, segment_ids, slopes, out, lse, d_out, scale, sizes: Block
         out_shape=dkdv_shapes,
         compiler_params=params,
         interpret=interpret,
-        name="alibi_flash_dkdv",
+        name="alibi_flash_bwd_one_pass" if one_pass else "alibi_flash_dkdv",
     )(plan, padded_slopes, q_segments, segment_ids, q, k, v, d_out, lse, delta)
+    if one_pass:  # d(qkv), or (dq, dk, dv)
+        return dkdv if fused else tuple(dkdv)
 
     bq, bk = sizes.block_q_dq, sizes.block_k_dq
     plan = _block_plan(segment_ids, bq, bk, window)
@@ -536,39 +538,6 @@ def _backward(q, k, v, segment_ids, slopes, out, lse, d_out, scale, sizes: Block
 def uses_one_pass_backward(seq: int, sizes: BlockSizes) -> bool:
     """True when the (padded) sequence is a power of two within one_pass_backward_max_seq."""
     return 0 < seq <= sizes.one_pass_backward_max_seq and not seq & (seq - 1)
-
-
-def _one_pass_backward(q, k, v, segment_ids, scale, sizes, interpret, window, slots, delta,
-                       q_segments, padded_slopes, lse, d_out, params):
-    """(dq, dk, dv), or one d(qkv), from one kernel: a single key block spans the sequence,
-    so each (batch, head) program sees every key and writes each query block's dQ whole."""
-    batch, seq = q.shape[:2]
-    heads = q.shape[-2]
-    q_slot, k_slot, v_slot = slots
-    bq = min(sizes.block_q_dkv, seq)
-    plan = _block_plan(segment_ids, seq, bq, window)
-    specs = _Specs(seq, q.shape[-1], padded_slopes.shape[0], plan.shape[-1])
-    if q_slot is not None:
-        kernel = functools.partial(_one_pass_into_slots, q_slot, k_slot, v_slot)
-        out_specs = specs.tokens_all_slots(seq)
-        out_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
-    else:
-        kernel = _one_pass_separate
-        out_specs = [specs.tokens(seq)] * 3
-        out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)]
-    return pl.pallas_call(
-        functools.partial(kernel, scale=scale, block_q=bq, split=sizes.unmasked_interior,
-                          window=window),
-        grid=(1, batch, heads),
-        in_specs=[specs.plan, specs.slopes, specs.all_segments(), specs.segments(seq),
-                  specs.all_tokens(q_slot), specs.tokens(seq, k_slot), specs.tokens(seq, v_slot),
-                  specs.all_tokens(), specs.all_row_stats(), specs.all_row_stats()],
-        out_specs=out_specs,
-        out_shape=out_shape,
-        compiler_params=params,
-        interpret=interpret,
-        name="alibi_flash_bwd_one_pass",
-    )(plan, padded_slopes, q_segments, segment_ids, q, k, v, d_out, lse, delta)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
