@@ -8,6 +8,7 @@ from typing import Any, Optional
 import jax.numpy as jnp
 
 from mosaicbert_jax.attention import available_implementations
+from mosaicbert_jax.fp8 import GEMMS as FP8_GEMMS
 
 DROPOUT_RNGS = ("hash", "threefry")
 # The MLM head's LayerNorm eps: the original PyTorch MosaicBERT hard-codes it, whatever
@@ -104,8 +105,9 @@ class MosaicBertConfig:
                                  f"{self.dropout_rng!r}; use dropout_rng='hash' or {name}='xla'")
         if not isinstance(self.fp8, bool):
             raise ValueError(f"fp8={self.fp8!r} must be True or False")
-        if self.fp8_gemm not in ("f8", "qdq"):
-            raise ValueError(f"fp8_gemm={self.fp8_gemm!r} must be 'f8' or 'qdq'")
+        if self.fp8_gemm not in FP8_GEMMS:
+            raise ValueError(f"fp8_gemm={self.fp8_gemm!r} must be "
+                             + " or ".join(map(repr, FP8_GEMMS)))
         if (isinstance(self.fp8_amax_history, bool) or not isinstance(self.fp8_amax_history, int)
                 or self.fp8_amax_history < 1):
             raise ValueError(f"fp8_amax_history={self.fp8_amax_history!r} must be an int >= 1 "

@@ -37,6 +37,7 @@ STATS = "fp8_stats"  # the flax variable collection holding every FP8 dot's stat
 FORWARD_DTYPE = jnp.float8_e4m3fn   # activations and kernels
 BACKWARD_DTYPE = jnp.float8_e5m2    # output gradients
 TENSORS = ("input", "kernel", "output_grad")
+GEMMS = ("f8", "qdq")  # the two formulations (module docstring); model.fp8_gemm picks one
 MARGIN = 0
 
 
@@ -45,12 +46,15 @@ def fp8_max(dtype: Any) -> float:
     return float(jnp.finfo(dtype).max)
 
 
+def quantize(x: jax.Array, fp8_dtype: Any, scale: jax.Array) -> jax.Array:
+    """x / scale as a `fp8_dtype` array (clipped to +-fmax): x ~ quantize(x) * scale."""
+    limit = fp8_max(fp8_dtype)
+    return jnp.clip(x / scale.astype(x.dtype), -limit, limit).astype(fp8_dtype)
+
+
 def quantize_dequantize(x: jax.Array, fp8_dtype: Any, scale: jax.Array) -> jax.Array:
     """x rounded through `fp8_dtype` at `scale` (values beyond fmax * scale clip), in x.dtype."""
-    limit = fp8_max(fp8_dtype)
-    scale = scale.astype(x.dtype)
-    q = jnp.clip(x / scale, -limit, limit).astype(fp8_dtype)
-    return q.astype(x.dtype) * scale
+    return quantize(x, fp8_dtype, scale).astype(x.dtype) * scale.astype(x.dtype)
 
 
 def roll_history(history: jax.Array, amax: jax.Array) -> jax.Array:
@@ -117,12 +121,6 @@ def _qdq_cotangent_bwd(fp8_dtype, residual, g):
 qdq_cotangent.defvjp(_qdq_cotangent_fwd, _qdq_cotangent_bwd)
 
 
-def quantize(x: jax.Array, fp8_dtype: Any, scale: jax.Array) -> jax.Array:
-    """x / scale as a `fp8_dtype` array (clipped to +-fmax): x ~ quantize(x) * scale."""
-    limit = fp8_max(fp8_dtype)
-    return jnp.clip(x / scale.astype(x.dtype), -limit, limit).astype(fp8_dtype)
-
-
 def _scaled_dot(a: jax.Array, b: jax.Array, dims: Any, scale: jax.Array, dtype: Any):
     """dot_general of two float8 arrays, accumulated in float32, as `dtype`, times `scale`."""
     out = jax.lax.dot_general(a, b, dims, preferred_element_type=dtype)
@@ -166,9 +164,6 @@ def _fp8_matmul_bwd(dtype, residual, g):
 
 
 fp8_matmul.defvjp(_fp8_matmul_fwd, _fp8_matmul_bwd)
-
-GEMMS = ("f8", "qdq")
-
 
 class Fp8DotGeneral(nn.Module):
     """lax.dot_general with e4m3 operands and an e5m2 output gradient, delayed scaling.
