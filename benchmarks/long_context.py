@@ -389,7 +389,7 @@ def window_loss(args) -> dict:
             model["preset"] = args.preset
         run_args = argparse.Namespace(
             side=f"jax-{variant}", steps=args.steps, batch=args.batch, lr=args.lr,
-            eval_every=args.eval_every or args.steps, jax_model=model, fused_blocks="",
+            eval_every=args.eval_every or args.steps, jax_model=model,
             save_params="")
         r = ttq.run_jax(run_args, rows)
         r.update(variant=variant, final_loss=r["evals"][-1]["loss"],

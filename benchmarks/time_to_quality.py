@@ -29,6 +29,8 @@ import time
 
 import numpy as np
 
+from kernel_tiles import add_tile_flags, apply_tile_flags
+
 MASK_SLOTS = 64          # per 128-token row: 30% masking leaves ~38 +- 5 positions
 FIRST_WORD_ID = 5        # ids 0-4 are [PAD] [UNK] [CLS] [SEP] [MASK] in the rows' vocabulary
 MASK_ID = 4
@@ -104,9 +106,6 @@ def run_jax(args, rows: Rows) -> dict:
     from mosaicbert_jax.sharding import batch_sharding, make_mesh
     from mosaicbert_jax.training.step import init_state, make_eval_step, make_train_step
 
-    if args.fused_blocks:
-        from mosaicbert_jax.fused import pallas_gpu
-        pallas_gpu.set_default_blocks(pallas_gpu.parse_blocks(args.fused_blocks))
     mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
     overrides = parse_model_overrides(args.jax_model)
     if args.side == "jax-fp8":  # ours with FP8 GEMMs (model.fp8), beside the bf16 "jax" side
@@ -332,7 +331,7 @@ def main() -> None:
     parser.add_argument("--eval-rows", type=int, default=2048)
     parser.add_argument("--jax-model", default="",
                         help="MosaicBertConfig overrides for our side, e.g. glu_implementation=xla")
-    parser.add_argument("--fused-blocks", default="", help="fused-kernel tiles for our side")
+    add_tile_flags(parser)   # kernel tiles for our side
     parser.add_argument("--out", default="", help="write all results as JSON here")
     parser.add_argument("--save-params", default="",
                         help="save our side's final params here (save_pretrained folder; "
@@ -344,6 +343,7 @@ def main() -> None:
             and os.path.exists(os.path.join(args.save_params, "params"))):
         sys.exit(f"error: --save-params {args.save_params} already holds params; pass a new folder")
     if args.side:  # child process: one side, result as the last line
+        apply_tile_flags(parser, args)
         rows = Rows(args.rows, args.batch, args.eval_rows)
         result = (run_jax(args, rows) if args.side in ("jax", "jax-fp8")
                   else run_torch(args, rows))
@@ -358,7 +358,7 @@ def main() -> None:
         lr = args.hfbert_lr if side == "hfbert" else args.lr
         command = [sys.executable, os.path.abspath(__file__), "--side", side, "--lr", str(lr)]
         for name in ("rows", "reference_src", "steps", "batch", "eval_every", "eval_rows",
-                     "jax_model", "fused_blocks"):
+                     "jax_model", "fused_blocks", "attention_blocks"):
             command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
         if side == saving_side and args.save_params:
             command += ["--save-params", args.save_params]
