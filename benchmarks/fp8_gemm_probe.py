@@ -40,12 +40,10 @@ def layer_fns(dtype):
                               stats(g_amax, fp8.BACKWARD_DTYPE))
 
     def qdq(x, w, g_amax):
-        sx, hx = stats(jnp.max(jnp.abs(x)), fp8.FORWARD_DTYPE)
-        sw, hw = stats(jnp.max(jnp.abs(w)), fp8.FORWARD_DTYPE)
-        sg, hg = stats(g_amax, fp8.BACKWARD_DTYPE)
-        y = fp8.qdq_operand(fp8.FORWARD_DTYPE, x, sx, hx) @ fp8.qdq_operand(
-            fp8.FORWARD_DTYPE, w, sw, hw)
-        return fp8.qdq_cotangent(fp8.BACKWARD_DTYPE, y, sg, hg)
+        return fp8.qdq_dot_general(x, w, (((1,), (0,)), ((), ())),
+                                   stats(jnp.max(jnp.abs(x)), fp8.FORWARD_DTYPE),
+                                   stats(jnp.max(jnp.abs(w)), fp8.FORWARD_DTYPE),
+                                   stats(g_amax, fp8.BACKWARD_DTYPE), dtype)
 
     return {"bf16": lambda x, w, g_amax: x @ w, "f8": f8, "qdq": qdq}
 

@@ -165,6 +165,19 @@ def _fp8_matmul_bwd(dtype, residual, g):
 
 fp8_matmul.defvjp(_fp8_matmul_fwd, _fp8_matmul_bwd)
 
+
+def qdq_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, x_stats: tuple,
+                    w_stats: tuple, g_stats: tuple, dtype: Any, precision: Any = None,
+                    out_dtype: Optional[Any] = None):
+    """lax.dot_general of the e4m3-quantise-dequantised operands in `dtype` (result in
+    out_dtype, default dtype), its output cotangent quantise-dequantised to e5m2: the "qdq"
+    formulation (stats as fp8_matmul's)."""
+    lhs = qdq_operand(FORWARD_DTYPE, lhs.astype(dtype), *x_stats)
+    rhs = qdq_operand(FORWARD_DTYPE, rhs.astype(dtype), *w_stats)
+    out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                              preferred_element_type=out_dtype or dtype)
+    return qdq_cotangent(BACKWARD_DTYPE, out, *g_stats)
+
 class Fp8DotGeneral(nn.Module):
     """lax.dot_general with e4m3 operands and an e5m2 output gradient, delayed scaling.
 
@@ -193,11 +206,9 @@ class Fp8DotGeneral(nn.Module):
             out_dtype = preferred_element_type or compute_dtype
             return fp8_matmul(out_dtype, lhs.astype(out_dtype), rhs.astype(out_dtype),
                               stats["input"], stats["kernel"], stats["output_grad"])
-        lhs = qdq_operand(FORWARD_DTYPE, lhs.astype(compute_dtype), *stats["input"])
-        rhs = qdq_operand(FORWARD_DTYPE, rhs.astype(compute_dtype), *stats["kernel"])
-        out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                                  preferred_element_type=preferred_element_type or compute_dtype)
-        return qdq_cotangent(BACKWARD_DTYPE, out, *stats["output_grad"])
+        return qdq_dot_general(lhs, rhs, dimension_numbers, stats["input"], stats["kernel"],
+                               stats["output_grad"], compute_dtype, precision,
+                               preferred_element_type)
 
 
 def dot_general_cls(enabled: bool, history_length: int, gemm: str = "f8") -> Any:
