@@ -21,6 +21,7 @@ import tempfile
 
 import jax
 
+from mosaicbert_jax.fp8 import GEMMS as FP8_GEMMS
 from mosaicbert_jax.xla_flags import apply_gpu_defaults
 from kernel_tiles import add_tile_flags, apply_tile_flags
 from train_throughput import build_train_step
@@ -80,7 +81,7 @@ def main() -> None:
     add_tile_flags(parser)
     parser.add_argument("--fp8", action="store_true",
                         help="profile the FP8 model (model.fp8) and count its FP8 GEMMs")
-    parser.add_argument("--fp8-gemm", default="f8", choices=("f8", "qdq"),
+    parser.add_argument("--fp8-gemm", default="f8", choices=FP8_GEMMS,
                         help="with --fp8: model.fp8_gemm")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=30)
