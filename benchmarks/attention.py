@@ -65,6 +65,15 @@ SWEEP = {
     # One kernel for the whole backward where one key block spans the sequence (<= 128).
     "one_pass": dict(one_pass_backward_max_seq=128),
     "one_pass_w8": dict(one_pass_backward_max_seq=128, num_warps_bwd=8),
+    # At 128 tokens: one forward tile per row block, larger query blocks in the backward.
+    "fwd128x128_w4": dict(block_q=128, block_k=128),
+    "fwd128x64": dict(block_q=128, block_k=64),
+    "one_pass_q64": dict(one_pass_backward_max_seq=128, block_q_dkv=64),
+    "one_pass_q64_w8": dict(one_pass_backward_max_seq=128, block_q_dkv=64, num_warps_bwd=8),
+    "one_pass_q128_w8": dict(one_pass_backward_max_seq=128, block_q_dkv=128, num_warps_bwd=8),
+    "bwd32x128_dq128x32": dict(block_q_dkv=32, block_k_dkv=128, block_q_dq=128, block_k_dq=32),
+    "stages2": dict(num_stages=2, num_stages_bwd=2),
+    "stages1": dict(num_stages=1, num_stages_bwd=1),
 }
 
 

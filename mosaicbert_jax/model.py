@@ -112,12 +112,14 @@ class MosaicBertSelfAttention(nn.Module):
     def __call__(self, x, segment_ids):
         cfg = self.config
         batch, seq, _ = x.shape
-        qkv = _big_dense(cfg, 3 * cfg.hidden_size, "Wqkv")(x)
+        qkv, bias = DenseBiasApart(3 * cfg.hidden_size, cfg, name="Wqkv")(x)
         qkv = qkv.reshape(batch, seq, 3, cfg.num_attention_heads, cfg.head_dim)
         slopes = jnp.asarray(alibi_slopes(cfg.num_attention_heads))
-        # Kernels with a fused-QKV entry read q, k, v in place (no slice copies, one d(qkv)).
+        # Kernels with a fused-QKV entry read q, k, v in place (no slice copies, one d(qkv))
+        # and add the bias as they read them (no bias-add pass over qkv).
         out = attention_qkv(qkv, segment_ids, slopes,
-                            implementation=cfg.attention_implementation, window=self.window)
+                            implementation=cfg.attention_implementation, window=self.window,
+                            bias=bias.astype(cfg.dtype))
         return out.reshape(batch, seq, cfg.hidden_size)
 
 

@@ -107,6 +107,9 @@ def test_kernels_lower_for_cuda():
     for fn, arg in ((glu, h), (ln, x), (ln2, x)):
         text = jax.jit(fn).trace(arg).lower(lowering_platforms=("cuda",)).as_text()
         assert "__gpu$xla.gpu.triton" in text or "triton_kernel_call" in text
+        # GELU's reciprocal is the GPU's approximate one in both GLU kernels (not the IEEE
+        # division the interpreter runs); the LayerNorm kernels have none.
+        assert text.count("rcp.approx.ftz.f32") == (2 if fn is glu else 0)
 
 
 def test_model_with_fused_ops_equals_unfused_model():

@@ -95,6 +95,52 @@ def test_fused_entry_equals_sliced_kernel_and_xla_on_the_same_qkv(dtype):
         assert relative_error(g, w) < tolerance, f"{name} vs xla ({context})"
 
 
+@pytest.mark.parametrize("dtype,window,block_sizes", [
+    (jnp.float32, 0, SMALL_BLOCKS),
+    (jnp.float32, 9, dataclasses.replace(SMALL_BLOCKS, unmasked_interior=False)),
+    (jnp.float32, 0, BlockSizes(one_pass_backward_max_seq=128)),
+    (jnp.bfloat16, 0, None),
+])
+def test_fused_entry_adds_the_projection_bias_as_it_reads_qkv(dtype, window, block_sizes):
+    """bias given to the kernels = bias added to qkv first (the Dense layer's add, in qkv's
+    dtype), forward and the gradients of qkv and of the bias (the sum of d(qkv) over
+    tokens); a bias of the wrong size is refused."""
+    rng, seed = fresh_rng()
+    batch, seq, heads, head_dim = 3, 72, 2, 32
+    segment_ids = jnp.asarray(random_packed_layouts(rng, batch, seq))
+    slopes, scale = jnp.asarray(alibi_slopes(heads)), head_dim ** -0.5
+    qkv = jnp.asarray(rng.standard_normal((batch, seq, 3, heads, head_dim)), dtype)
+    bias = jnp.asarray(rng.standard_normal(3 * heads * head_dim), dtype)
+    d_out = jnp.asarray(rng.standard_normal((batch, seq, heads, head_dim)), dtype)
+
+    def in_kernel(qkv, bias):
+        return flash_attention_qkv(qkv, segment_ids, slopes, scale, block_sizes=block_sizes,
+                                   interpret=True, window=window, bias=bias)
+
+    def added_first(qkv, bias):
+        qkv = qkv + bias.reshape(3, heads, head_dim)
+        return flash_attention_qkv(qkv, segment_ids, slopes, scale, block_sizes=block_sizes,
+                                   interpret=True, window=window)
+
+    def run(fn):
+        out, vjp = jax.vjp(fn, qkv, bias)
+        return (out, *vjp(d_out))
+
+    got, want = jax.jit(lambda: run(in_kernel))(), jax.jit(lambda: run(added_first))()
+    unbiased = jax.jit(lambda: run(lambda q, b: in_kernel(q, jnp.zeros_like(b))))()
+    tolerance = 1e-2 if dtype == jnp.bfloat16 else 1e-5
+    for name, g, w, u in zip(("out", "d_qkv", "d_bias"), got, want, unbiased):
+        assert g.shape == w.shape and g.dtype == dtype, f"{name}: {g.shape} {g.dtype}"
+        assert relative_error(g, w) < tolerance, f"{name}: {relative_error(g, w):.1e} (seed {seed})"
+    assert relative_error(got[0], unbiased[0]) > 0.05  # the bias did change the output
+    np.testing.assert_allclose(np.asarray(got[2], np.float32),
+                               np.asarray(jnp.sum(got[1].astype(jnp.float32), axis=(0, 1)))
+                               .reshape(-1), rtol=1e-2 if dtype == jnp.bfloat16 else 1e-5,
+                               atol=1e-2 if dtype == jnp.bfloat16 else 1e-5)
+    with pytest.raises(ValueError, match=r"qkv bias of shape \(5,\) does not match"):
+        attention_qkv(qkv, segment_ids, slopes, "pallas_interpret", bias=jnp.ones(5))
+
+
 def _eqns(jaxpr):
     """Every equation of a jaxpr and of the jaxprs nested in its equations' params."""
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)

@@ -180,6 +180,14 @@ def test_masked_lm_sums_are_cross_entropy_and_accuracy_computed_plainly():
     one_hot = np.eye(40)[labels]
     want_grad = (np.exp(log_probs) - one_hot) * weights[..., None]
 
+    logits[1, 2, [3, 17]] = logits[1, 2].max() + 1.0  # a tie: the first index is predicted
+    labels[1, 2], weights[1, 2] = 17, 1.0
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    want_loss = -(np.take_along_axis(log_probs, labels[..., None], -1)[..., 0] * weights).sum()
+    want_correct = ((logits.argmax(-1) == labels) * weights).sum()
+    one_hot = np.eye(40)[labels]
+    want_grad = (np.exp(log_probs) - one_hot) * weights[..., None]
     sums = masked_lm_sums(jnp.asarray(logits, jnp.float32), jnp.asarray(labels),
                           jnp.asarray(weights))
     np.testing.assert_allclose(float(sums["loss_sum"]), want_loss, rtol=1e-5)
@@ -189,3 +197,17 @@ def test_masked_lm_sums_are_cross_entropy_and_accuracy_computed_plainly():
                                              jnp.asarray(weights))["loss_sum"])(
         jnp.asarray(logits, jnp.float32))
     np.testing.assert_allclose(np.asarray(grad), want_grad, atol=1e-5)
+
+
+def test_masked_lm_gradient_is_elementwise_not_a_scatter():
+    """The loss gradient is softmax - one_hot as one expression of the logits (no scatter of
+    the label picks into a materialised [tokens, vocab] buffer), so XLA can fuse it with
+    the bf16 cast and the decoder-bias reduction."""
+    from mosaicbert_jax.training.step import masked_lm_sums
+    logits = jnp.zeros((2, 3, 50), jnp.float32)
+    labels, weights = jnp.zeros((2, 3), jnp.int32), jnp.ones((2, 3), jnp.float32)
+    grad_fn = jax.jit(jax.grad(lambda l: masked_lm_sums(l, labels, weights)["loss_sum"]))
+    hlo = grad_fn.lower(logits).as_text()
+    assert "scatter" not in hlo
+    np.testing.assert_allclose(np.asarray(grad_fn(logits))[0, 0],
+                               np.full(50, 1 / 50) - np.eye(50)[0], atol=1e-7)

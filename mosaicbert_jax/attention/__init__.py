@@ -15,6 +15,7 @@ gets the three slices, as `attention` would.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 from typing import Callable, Optional
@@ -179,26 +180,36 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
 
 def attention_qkv(qkv: jax.Array, segment_ids: jax.Array, alibi_slopes: jax.Array,
                   implementation: str = "auto", scale: Optional[float] = None,
-                  window: int = 0) -> jax.Array:
+                  window: int = 0, bias: Optional[jax.Array] = None) -> jax.Array:
     """attention() of the fused projection qkv [batch, seq, 3, heads, head_dim], whose slots
     0, 1, 2 are q, k, v -> [batch, seq, heads, head_dim].
 
     Implementations with a fused-QKV entry (qkv_implementations()) read the slots in place
     and give d(qkv) as one array; the others get qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2].
+    bias: the projection's bias [3 * heads * head_dim], not yet added to qkv. The fused
+    entries add it as they read q, k, v (no pass over qkv of its own); for the others it is
+    added here, in qkv's dtype.
     """
     window = check_window(window)
     if qkv.ndim != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv shape {qkv.shape} must be [batch, seq, 3, heads, head_dim] "
                          "(q, k, v in slots 0, 1, 2); for separate arrays use attention()")
+    if bias is not None and jnp.size(bias) != 3 * qkv.shape[3] * qkv.shape[4]:
+        raise ValueError(f"qkv bias of shape {jnp.shape(bias)} does not match qkv's "
+                         f"3 x {qkv.shape[3]} heads x {qkv.shape[4]}")
     name = resolve_implementation(implementation)
     fn = _load_qkv(name)
     if fn is None:
+        if bias is not None:
+            qkv = qkv + jnp.reshape(bias, qkv.shape[2:]).astype(qkv.dtype)
         return attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], segment_ids, alibi_slopes,
                          name, scale, window)
     _check_segments_and_slopes(qkv.shape[:2], qkv.shape[3], segment_ids, alibi_slopes)
     if scale is None:
         scale = qkv.shape[-1] ** -0.5
     args = (qkv, segment_ids.astype(jnp.int32), jnp.asarray(alibi_slopes, jnp.float32), scale)
+    if bias is not None:
+        fn = functools.partial(fn, bias=bias)
     return _call(fn, name, args, window)
 
 
