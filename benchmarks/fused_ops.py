@@ -136,6 +136,13 @@ def main() -> None:
     ln_bwd = [dict(ln_rows_bwd=r, ln_block_rows_bwd=b, ln_warps_bwd=w) for r, b, w in (
         (4, 64, 4), (4, 4, 4), (4, 128, 4), (8, 64, 4), (2, 32, 2), (8, 128, 8), (4, 32, 4),
         (16, 256, 8))]
+    # Pipelined row loop, and sums kept as row tiles until the block's end (not yet measured).
+    ln_bwd += [dict(ln_rows_bwd=8, ln_block_rows_bwd=64, ln_stages_bwd=2),
+               dict(ln_rows_bwd=8, ln_block_rows_bwd=64, ln_deferred_sums_bwd=1),
+               dict(ln_rows_bwd=4, ln_block_rows_bwd=64, ln_deferred_sums_bwd=1),
+               dict(ln_rows_bwd=4, ln_block_rows_bwd=64, ln_deferred_sums_bwd=1, ln_warps_bwd=8),
+               dict(ln_rows_bwd=8, ln_block_rows_bwd=64, ln_deferred_sums_bwd=1,
+                    ln_stages_bwd=2)]
     cases = {"glu": (glu_case(args.tokens, 3072, jnp.bfloat16, rng), glu_fwd, glu_bwd),
              "layernorm": (ln_case(args.tokens, 768, jnp.bfloat16, rng), ln_fwd, ln_bwd)}
     best = {}

@@ -146,3 +146,27 @@ def test_auto_picks_xla_off_gpu_and_for_unsupported_widths():
     assert fused.resolve("auto", 768, "threefry", backend_has_pallas=True) == "xla"
     with pytest.raises(ValueError, match="multiple of 16"):
         fused.resolve("pallas", 40)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_layernorm_backward_with_deferred_sums_matches_composition(dtype):
+    """FusedBlocks.ln_deferred_sums_bwd (d(scale), d(bias), d(x_bias) kept as row tiles and
+    reduced once per block) gives the composition's gradients, over several blocks and
+    steps; parse_blocks reads the flag."""
+    rng, seed = fresh_rng()
+    rows, width = 48, int(rng.choice([128, 768]))
+    x, r, dy = (jnp.asarray(rng.standard_normal((rows, width)), dtype) for _ in range(3))
+    x_bias, scale, bias = (jnp.asarray(rng.standard_normal(width), jnp.float32) * 0.5 + off
+                           for off in (0.0, 1.0, 0.0))
+    key = _seed(rng)
+    blocks = pallas_gpu.parse_blocks("ln_deferred_sums_bwd=1,ln_rows_bwd=4,ln_block_rows_bwd=16")
+    assert blocks.ln_deferred_sums_bwd is True and blocks.ln_rows_bwd == 4
+
+    def run(fn):
+        return jax.jit(lambda *a: _value_and_grads(fn, a, dy))(x, r, scale, bias, x_bias)
+
+    got = run(lambda x, r, s, b, xb: pallas_gpu.dropout_add_layernorm(
+        x, r, s, b, key, 0.1, 1e-12, xb, interpret=True, blocks=blocks))
+    want = run(lambda x, r, s, b, xb: fused.dropout_add_layernorm(
+        x, r, s, b, key, 0.1, 1e-12, xb, implementation="xla"))
+    _assert_close(got, want, dtype, seed, "layernorm deferred sums")

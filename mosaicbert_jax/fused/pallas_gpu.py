@@ -59,11 +59,17 @@ class FusedBlocks:
     ln_rows_bwd: int = 8
     ln_block_rows_bwd: int = 64
     ln_warps_bwd: int = 4
+    # Not measured on a GPU yet (the LayerNorm backward runs at about 2.1 TB/s, the GLU one at
+    # 3.9): Triton pipeline stages of the backward's row loop, and whether it keeps its
+    # d(scale), d(bias), d(x_bias) sums as [ln_rows_bwd, chunk] tiles added elementwise and
+    # reduced across rows once per block, instead of a reduction across threads every step.
+    ln_stages_bwd: int = 1
+    ln_deferred_sums_bwd: bool = False
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if value < 1 or value & (value - 1):
+            if f.type not in (bool, "bool") and (value < 1 or value & (value - 1)):
                 raise ValueError(f"{f.name}={value} must be a power of two >= 1")
 
 
@@ -83,8 +89,11 @@ def parse_blocks(text: str) -> FusedBlocks:
     """'glu_rows=8,ln_rows=4' -> FusedBlocks with those fields changed."""
     if not text:
         return FusedBlocks()
+    types = {f.name: f.type for f in dataclasses.fields(FusedBlocks)}
+    fields = dict(item.split("=") for item in text.split(","))
     return dataclasses.replace(FusedBlocks(), **{
-        key: int(value) for key, value in (item.split("=") for item in text.split(","))})
+        key: bool(int(value)) if types.get(key) in (bool, "bool") else int(value)
+        for key, value in fields.items()})
 
 
 def _reciprocal(x: jax.Array, fast: bool) -> jax.Array:
@@ -273,10 +282,12 @@ def _ln_fwd_kernel(seed_ref, x_ref, xb_ref, r_ref, w_ref, b_ref, y_ref, mean_ref
 
 
 def _ln_bwd_kernel(seed_ref, x_ref, xb_ref, r_ref, w_ref, mean_ref, rstd_ref, *refs,
-                   rate: float, chunk: int, step_rows: int, copies: int):
+                   rate: float, chunk: int, step_rows: int, copies: int, deferred: bool):
     """One block of rows, `step_rows` at a time; d(scale), d(bias), d(x_bias) are summed
-    over the whole block in registers and written once. The cotangents of the `copies`
-    outputs (refs[:copies]) are added here, so that sum costs no pass of its own."""
+    over the whole block in registers and written once (deferred: as [step_rows, chunk]
+    tiles, reduced across rows at the end). The cotangents of the `copies` outputs
+    (refs[:copies]) are added here, so that sum costs no pass of its own."""
+    column_sum = (lambda t: t) if deferred else (lambda t: jnp.sum(t, axis=0))
     dy_refs, (dx_ref, dr_ref, dw_ref, db_ref, dxb_ref) = refs[:copies], refs[copies:]
     block, width = x_ref.shape
     ws = _vector_chunks(w_ref, chunk)
@@ -305,13 +316,16 @@ def _ln_bwd_kernel(seed_ref, x_ref, xb_ref, r_ref, w_ref, mean_ref, rstd_ref, *r
                 keep = _keep(seed_ref, block_row0 + first, step_rows, c * chunk, chunk, rate)
                 dz = jnp.where(keep, dz * (1.0 / (1.0 - rate)), 0.0)
             dx_ref[rows, cols] = dz.astype(dx_ref.dtype)
-            dw[c] = dw[c] + jnp.sum(dy * xh, axis=0)
-            db[c] = db[c] + jnp.sum(dy, axis=0)
-            dxb[c] = dxb[c] + jnp.sum(dz, axis=0)
+            dw[c] = dw[c] + column_sum(dy * xh)
+            db[c] = db[c] + column_sum(dy)
+            dxb[c] = dxb[c] + column_sum(dz)
         return tuple(dw + db + dxb)
 
-    zeros = tuple(jnp.zeros((chunk,), jnp.float32) for _ in range(3 * chunks))
+    shape = (step_rows, chunk) if deferred else (chunk,)
+    zeros = tuple(jnp.zeros(shape, jnp.float32) for _ in range(3 * chunks))
     sums = lax.fori_loop(0, block // step_rows, step, zeros)
+    if deferred:
+        sums = tuple(jnp.sum(t, axis=0) for t in sums)
     for c in range(chunks):
         cols = slice(c * chunk, (c + 1) * chunk)
         dw_ref[cols] = sums[c]
@@ -364,7 +378,8 @@ def _ln_bwd(rate, eps, blocks, interpret, copies, residuals, dys):
     partial_shape = jax.ShapeDtypeStruct((groups, width), jnp.float32)
     dx, dr, dw, db, dxb = pl.pallas_call(
         functools.partial(_ln_bwd_kernel, rate=rate, chunk=_chunk(width),
-                          step_rows=step_rows, copies=copies),
+                          step_rows=step_rows, copies=copies,
+                          deferred=blocks.ln_deferred_sums_bwd),
         grid=(groups,),
         in_specs=[pl.BlockSpec((2,), lambda i: (0,)), row_spec, vec_spec, row_spec, vec_spec,
                   stat_spec, stat_spec] + [row_spec] * copies,
@@ -372,7 +387,8 @@ def _ln_bwd(rate, eps, blocks, interpret, copies, residuals, dys):
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype),
                    jax.ShapeDtypeStruct(residual.shape, residual.dtype),
                    partial_shape, partial_shape, partial_shape],
-        compiler_params=plgpu.CompilerParams(num_warps=blocks.ln_warps_bwd, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=blocks.ln_warps_bwd,
+                                             num_stages=blocks.ln_stages_bwd),
         interpret=interpret, name="dropout_add_layernorm_bwd",
     )(seed, x, x_bias, residual, scale, mean, rstd, *dys)
     sums = [jnp.sum(p, axis=0).astype(like.dtype)
