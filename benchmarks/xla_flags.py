@@ -22,6 +22,8 @@ VARIANTS = {
     "no_triton_gemm": "--xla_gpu_enable_triton_gemm=false",
     "cublaslt": "--xla_gpu_enable_cublaslt=true",
     "no_command_buffer": "--xla_gpu_enable_command_buffer=",
+    # CUDA graphs of XLA's own kernels only (our Pallas kernels are custom calls).
+    "command_buffer_no_custom_calls": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT",
     "autotune_5": "--xla_gpu_autotune_level=5",
 }
 
