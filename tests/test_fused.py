@@ -161,6 +161,8 @@ def test_layernorm_backward_with_deferred_sums_matches_composition(dtype):
     key = _seed(rng)
     blocks = pallas_gpu.parse_blocks("ln_deferred_sums_bwd=1,ln_rows_bwd=4,ln_block_rows_bwd=16")
     assert blocks.ln_deferred_sums_bwd is True and blocks.ln_rows_bwd == 4
+    with pytest.raises(ValueError, match="fused block 'nope=1' is not field=int"):
+        pallas_gpu.parse_blocks("nope=1")
 
     def run(fn):
         return jax.jit(lambda *a: _value_and_grads(fn, a, dy))(x, r, scale, bias, x_bias)

@@ -189,8 +189,9 @@ def test_fused_and_sliced_kernels_lower_for_cuda(head_dim, window):
     segment_ids = jnp.ones((batch, seq), jnp.int32)
     slopes = jnp.asarray(alibi_slopes(heads))
 
-    def fused(qkv):
-        return flash_attention_qkv(qkv, segment_ids, slopes, 0.125, window=window)
+    def fused(qkv):  # with the projection bias, as the model calls it
+        return flash_attention_qkv(qkv, segment_ids, slopes, 0.125, window=window,
+                                   bias=jnp.ones(3 * heads * head_dim, qkv.dtype))
 
     def sliced(qkv):
         return flash_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], segment_ids, slopes,

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from mosaicbert_jax.attention.alibi import alibi_slopes
-from mosaicbert_jax.attention.block_sparsity import check_window
+from mosaicbert_jax.attention.block_sparsity import check_qkv_bias, check_window
 from mosaicbert_jax.attention.reference import xla_attention
 
 AttentionFn = Callable[..., jax.Array]
@@ -194,9 +194,8 @@ def attention_qkv(qkv: jax.Array, segment_ids: jax.Array, alibi_slopes: jax.Arra
     if qkv.ndim != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv shape {qkv.shape} must be [batch, seq, 3, heads, head_dim] "
                          "(q, k, v in slots 0, 1, 2); for separate arrays use attention()")
-    if bias is not None and jnp.size(bias) != 3 * qkv.shape[3] * qkv.shape[4]:
-        raise ValueError(f"qkv bias of shape {jnp.shape(bias)} does not match qkv's "
-                         f"3 x {qkv.shape[3]} heads x {qkv.shape[4]}")
+    if bias is not None:
+        check_qkv_bias(bias, *qkv.shape[3:])
     name = resolve_implementation(implementation)
     fn = _load_qkv(name)
     if fn is None:

@@ -72,6 +72,14 @@ def check_window(window: int) -> int:
     return int(window)
 
 
+def check_qkv_bias(bias, heads: int, head_dim: int) -> None:
+    """Raises a one-line ValueError unless bias holds 3 x heads x head_dim values (the
+    fused QKV projection's bias, for attention_qkv and flash_attention_qkv alike)."""
+    if np.size(bias) != 3 * heads * head_dim:
+        raise ValueError(f"qkv bias of shape {np.shape(bias)} does not match qkv's "
+                         f"3 x {heads} heads x {head_dim}")
+
+
 def visible_block_ranges(segment_ids: jax.Array, block_rows: int, block_cols: int,
                          window: int = 0) -> tuple[jax.Array, jax.Array]:
     """int32 [batch, n_row_blocks] lo and hi: column blocks [lo, hi) cover every visible pair.

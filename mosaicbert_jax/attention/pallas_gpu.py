@@ -47,8 +47,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from mosaicbert_jax.attention.block_sparsity import (check_window, fully_visible_block_ranges,
+from mosaicbert_jax.attention.block_sparsity import (check_qkv_bias, check_window,
+                                                    fully_visible_block_ranges,
                                                     pad_sequence, visible_block_ranges)
+from mosaicbert_jax.field_overrides import parse_field_overrides
 
 # JAX 0.11 marks its Pallas Triton backend deprecated and warns at every lowering; this
 # kernel is ours and keeps working until that backend is removed, so the warning is noise.
@@ -120,15 +122,7 @@ def set_block_overrides(overrides: dict) -> None:
 def parse_block_overrides(text: str) -> dict:
     """'one_pass_backward_max_seq=128,num_warps_bwd=8' -> {field: int}; unknown fields or
     values that are not ints raise a one-line ValueError."""
-    fields = {f.name for f in dataclasses.fields(BlockSizes)}
-    overrides = {}
-    for item in filter(None, text.split(",")):
-        key, _, value = item.partition("=")
-        if key not in fields or not value.lstrip("-").isdigit():
-            raise ValueError(f"attention block override {item!r} is not field=int with a "
-                             f"field of BlockSizes ({', '.join(sorted(fields))})")
-        overrides[key] = bool(int(value)) if key == "unmasked_interior" else int(value)
-    return overrides
+    return parse_field_overrides(text, BlockSizes, "attention block override")
 
 
 def default_block_sizes_for_head_dim(seq_len: int, head_dim: int) -> BlockSizes:
@@ -244,7 +238,7 @@ def _dkdv_kernel(plan_ref, slopes_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, 
     log2_scale = scale * LOG2_E
 
     def visit_query_block(q_block, carry, masked):
-        dk, dv, ds_sum = carry
+        dk, dv, *ds_sum = carry  # ds_sum: [rowsum(dS)] with a bias, [] without
         rows = pl.ds(pl.multiple_of(q_block * block_q, block_q), block_q)
         q = q_ref[rows, :]
         # Transposed tile [block_k, block_q]: dV and dK then need no transposes of p / ds.
@@ -267,20 +261,21 @@ def _dkdv_kernel(plan_ref, slopes_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, 
         dk = dk + lax.dot_general(ds_t.astype(q.dtype), q, (((1,), (0,)), ((), ())),
                                   preferred_element_type=jnp.float32)
         if bias_ref is not None:
-            ds_sum = ds_sum + jnp.sum(ds_t, axis=1)
+            ds_sum = [ds_sum[0] + jnp.sum(ds_t, axis=1)]
         if dq_ref is not None:
             dq = lax.dot_general(ds_t.astype(k.dtype), k, (((0,), (0,)), ((), ())),
                                  preferred_element_type=jnp.float32)
             dq_ref[rows, :] = (dq * scale).astype(dq_ref.dtype)
-        return dk, dv, ds_sum
+        return (dk, dv, *ds_sum)
 
     if dq_ref is not None:
         _zero_blocks_outside(dq_ref, plan_ref[0, k_block], plan_ref[1, k_block], block_q)
     zeros = jnp.zeros(k_ref.shape, jnp.float32)
-    dk, dv, ds_sum = _visit_blocks(plan_ref, k_block, visit_query_block,
-                                   (zeros, zeros, jnp.zeros((block_k,), jnp.float32)), split)
+    carry = (zeros, zeros) if bias_ref is None else (
+        zeros, zeros, jnp.zeros((block_k,), jnp.float32))
+    dk, dv, *ds_sum = _visit_blocks(plan_ref, k_block, visit_query_block, carry, split)
     if bias_ref is not None:
-        dk = dk + ds_sum[:, None] * q_bias
+        dk = dk + ds_sum[0][:, None] * q_bias
     dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -639,7 +634,8 @@ def _flash_qkv_bwd(scale, sizes, interpret, window, residuals, d_out):
     qkv, bias, segment_ids, slopes, out, lse = residuals
     d_qkv = _backward(qkv, qkv, qkv, segment_ids, slopes, out, lse, d_out, scale, sizes,
                       interpret, window, QKV_SLOTS, bias)
-    d_bias = jnp.sum(d_qkv.astype(jnp.float32), axis=(0, 1)).astype(bias.dtype)
+    d_bias = (None if bias is None else
+              jnp.sum(d_qkv.astype(jnp.float32), axis=(0, 1)).astype(bias.dtype))
     return d_qkv, d_bias, None, jnp.zeros_like(slopes)
 
 
@@ -686,8 +682,8 @@ def flash_attention_qkv(qkv: jax.Array, segment_ids: jax.Array, slopes: jax.Arra
     The kernels read the slots in place and the gradient is one d(qkv) array written by
     the kernels, so no slice copies or concatenate surround them; same blocks, padding and
     window as flash_attention. bias (the projection's, [3 * heads * head_dim] or
-    [3, heads, head_dim]) is added to q, k, v as the kernels read them, in qkv's dtype;
-    None: no bias.
+    [3, heads, head_dim]) is added to q, k, v in qkv's dtype, without a pass over qkv (see
+    the module docstring); None: no bias, and the kernels do no bias work.
     """
     if qkv.ndim != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv shape {qkv.shape} must be [batch, seq, 3, heads, head_dim] "
@@ -696,15 +692,12 @@ def flash_attention_qkv(qkv: jax.Array, segment_ids: jax.Array, slopes: jax.Arra
     window = check_window(window)
     seq = qkv.shape[1]
     sizes = block_sizes or default_block_sizes_for_head_dim(seq, qkv.shape[-1])
-    heads, head_dim = qkv.shape[3:]
-    if bias is None:
-        bias = jnp.zeros((3, heads, head_dim), qkv.dtype)
-    elif bias.size != 3 * heads * head_dim:
-        raise ValueError(f"qkv bias of shape {bias.shape} does not match qkv's "
-                         f"3 x {heads} heads x {head_dim}")
+    if bias is not None:
+        check_qkv_bias(bias, *qkv.shape[3:])
+        bias = jnp.reshape(bias, qkv.shape[2:]).astype(qkv.dtype)
     (qkv,), segment_ids = pad_sequence((qkv,), segment_ids, max(sizes.blocks()))
-    out = _flash_qkv(qkv, bias.reshape(3, heads, head_dim).astype(qkv.dtype), segment_ids,
-                     jnp.asarray(slopes, jnp.float32), float(scale), sizes, interpret, window)
+    out = _flash_qkv(qkv, bias, segment_ids, jnp.asarray(slopes, jnp.float32), float(scale),
+                     sizes, interpret, window)
     return out[:, :seq]
 
 

@@ -27,6 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from mosaicbert_jax.dropout import keep_from_position
+from mosaicbert_jax.field_overrides import parse_field_overrides
 
 warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated",
                         category=DeprecationWarning)
@@ -86,14 +87,10 @@ def set_default_blocks(blocks: FusedBlocks) -> None:
 
 
 def parse_blocks(text: str) -> FusedBlocks:
-    """'glu_rows=8,ln_rows=4' -> FusedBlocks with those fields changed."""
-    if not text:
-        return FusedBlocks()
-    types = {f.name: f.type for f in dataclasses.fields(FusedBlocks)}
-    fields = dict(item.split("=") for item in text.split(","))
-    return dataclasses.replace(FusedBlocks(), **{
-        key: bool(int(value)) if types.get(key) in (bool, "bool") else int(value)
-        for key, value in fields.items()})
+    """'glu_rows=8,ln_rows=4' -> FusedBlocks with those fields changed (unknown fields or
+    values that are not ints: a one-line ValueError)."""
+    return dataclasses.replace(FusedBlocks(),
+                               **parse_field_overrides(text, FusedBlocks, "fused block"))
 
 
 def _reciprocal(x: jax.Array, fast: bool) -> jax.Array:
