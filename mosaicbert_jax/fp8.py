@@ -178,6 +178,7 @@ def qdq_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, x_st
                               preferred_element_type=out_dtype or dtype)
     return qdq_cotangent(BACKWARD_DTYPE, out, *g_stats)
 
+
 class Fp8DotGeneral(nn.Module):
     """lax.dot_general with e4m3 operands and an e5m2 output gradient, delayed scaling.
 
