@@ -6,14 +6,17 @@ Each side trains MosaicBERT-base-sized models (BERT-base for transformers) in it
 on the same GPU, on the SAME rows with the SAME masks (30% masking, 80/10/10, drawn here with
 numpy from the step number) and the same recipe (decoupled AdamW (0.9, 0.98), eps 1e-6, wd 1e-5,
 6% warmup, linear decay to 0.02x), and is evaluated every --eval-every steps on the same
-held-out rows at 15% masking. Train seconds exclude evaluation and compilation (the device is
-synced only around evals, so steps queue as in training). The report gives
-eval loss against train seconds for each side and the train time each needs to reach the
-original's final eval loss. Rows default to ../shared/data/ttq/rows.npy (uint16, 128 tokens,
-the first --eval-rows held out). Sides: jax (ours, the trainer's own step), original (the
-reference code imported from --reference-src, attention through torch SDPA with its ALiBi +
-padding bias, bf16 autocast), hfbert (transformers BertForMaskedLM, SDPA, torch.compile),
-jax-fp8 (ours with model.fp8: FP8 GEMMs; e.g. --sides jax,jax-fp8 for the parity check).
+held-out rows at 15% masking. Our side's train batches put the masked tokens of the whole batch
+in one group of slots (--jax-slot-groups; as the original unpads them across the batch), so
+rows with many masked tokens need no per-row slots sized for the worst row. Train seconds
+exclude evaluation and compilation (the device is synced only around evals, so steps queue as
+in training). The report gives eval loss against train seconds for each side and the train
+time each needs to reach the original's final eval loss. Rows default to
+../shared/data/ttq/rows.npy (uint16, 128 tokens, the first --eval-rows held out). Sides: jax
+(ours, the trainer's own step), original (the reference code imported from --reference-src,
+attention through torch SDPA with its ALiBi + padding bias, bf16 autocast), hfbert
+(transformers BertForMaskedLM, SDPA, torch.compile), jax-fp8 (ours with model.fp8: FP8 GEMMs;
+e.g. --sides jax,jax-fp8 for the parity check).
 --save-params DIR saves our side's final params (save_pretrained) for
 benchmarks/long_context.py extrapolation.
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -67,6 +71,39 @@ def sparse_targets(dense_labels: np.ndarray, slots: int):
         positions[r, :len(where)], weights[r, :len(where)] = where, 1.0
         labels[r, :len(where)] = dense_labels[r, where]
     return positions, weights, labels
+
+
+def grouped_targets(dense_labels: np.ndarray, groups: int, slots: int):
+    """Dense labels [batch, seq] -> (positions, weights, labels) [groups, slots]: the masked
+    tokens of each group of batch / groups rows share its slots, position = row in group *
+    seq + token (the model's grouped masked_positions). Rows' counts vary (30% Bernoulli
+    masking: 38 +- 5 at 128 tokens), their sum over many rows much less, so one group per
+    batch needs about 40 slots a row where per-row slots need 64 (group_slots)."""
+    batch, seq = dense_labels.shape
+    rows = batch // groups
+    positions = np.zeros((groups, slots), np.int32)
+    weights = np.zeros((groups, slots), np.float32)
+    labels = np.zeros((groups, slots), np.int32)
+    for g in range(groups):
+        flat = dense_labels[g * rows:(g + 1) * rows].reshape(-1)
+        where = np.flatnonzero(flat >= 0)
+        if len(where) > slots:
+            raise ValueError(f"{len(where)} masked tokens in a group of {rows} rows exceed its "
+                             f"{slots} slots; raise --jax-group-slots")
+        positions[g, :len(where)], weights[g, :len(where)] = where, 1.0
+        labels[g, :len(where)] = flat[where]
+    return positions, weights, labels
+
+
+def group_slots(rows: int, seq_len: int, prob: float = 0.3,
+                slots_a_row: int = MASK_SLOTS) -> int:
+    """Slots for the masked tokens of `rows` rows: their count's mean + 6 standard deviations
+    (Bernoulli(prob) over the seq_len - 2 tokens after [CLS] and before [SEP]), rounded up to
+    a multiple of 128, and never more than the rows' own slots_a_row each (mask_rows keeps no
+    more). 256 rows of 128 tokens: 10,240 slots where per-row slots take 16,384."""
+    n = (seq_len - 2) * rows
+    bound = prob * n + 6 * math.sqrt(n * prob * (1 - prob))
+    return min(rows * slots_a_row, math.ceil(bound / 128) * 128)
 
 
 class Rows:
@@ -126,6 +163,16 @@ def run_jax(args, rows: Rows) -> dict:
                                "masked_positions": positions, "masked_weights": weights,
                                "masked_labels": labels}, sharding)
 
+    groups = getattr(args, "jax_slot_groups", 0)  # long_context.py's runs keep per-row slots
+
+    def to_device_grouped(masked, positions, weights, labels, dense):
+        """A train batch with `groups` groups of masked slots (0: the per-row slots)."""
+        if not groups:
+            return to_device(masked, positions, weights, labels, dense)
+        slots = getattr(args, "jax_group_slots", 0) or group_slots(len(masked) // groups,
+                                                                   masked.shape[1])
+        return to_device(masked, *grouped_targets(dense, groups, slots), dense)
+
     evals = [to_device(*b) for b in rows.eval_batches]
 
     def evaluate(params, fp8_stats=None):
@@ -135,12 +182,13 @@ def run_jax(args, rows: Rows) -> dict:
                 sum(float(s["correct_sum"]) for s in sums) / weight)
 
     t = time.perf_counter()
-    compiled = step_fn.lower(state, to_device(*rows.train_batch(0))).compile()
+    compiled = step_fn.lower(state, to_device_grouped(*rows.train_batch(0))).compile()
     compile_s = time.perf_counter() - t
-    result, state = _train_loop(args, rows, lambda b: to_device(*b),
+    result, state = _train_loop(args, rows, lambda b: to_device_grouped(*b),
                                 lambda s, b: compiled(s, b)[0], state,
                                 lambda s: evaluate(s["params"], s.get("fp8")),
-                                jax.block_until_ready, compile_s, {"config": overrides})
+                                jax.block_until_ready, compile_s,
+                                {"config": overrides, "slot_groups": groups})
     if getattr(args, "save_params", ""):
         from mosaicbert_jax.checkpoint import save_pretrained
         save_pretrained(args.save_params, jax.device_get(state["params"]), cfg)
@@ -331,6 +379,11 @@ def main() -> None:
     parser.add_argument("--eval-rows", type=int, default=2048)
     parser.add_argument("--jax-model", default="",
                         help="MosaicBertConfig overrides for our side, e.g. glu_implementation=xla")
+    parser.add_argument("--jax-slot-groups", type=int, default=1,
+                        help="our side's train batches share masked slots within this many "
+                             "groups of rows (1: the whole batch; 0: 64 slots per row)")
+    parser.add_argument("--jax-group-slots", type=int, default=0,
+                        help="slots per group (default: group_slots, 10,240 for 256 rows)")
     add_tile_flags(parser)   # kernel tiles for our side
     parser.add_argument("--out", default="", help="write all results as JSON here")
     parser.add_argument("--save-params", default="",
@@ -342,6 +395,9 @@ def main() -> None:
     if (args.save_params and not args.side
             and os.path.exists(os.path.join(args.save_params, "params"))):
         sys.exit(f"error: --save-params {args.save_params} already holds params; pass a new folder")
+    if args.jax_slot_groups < 0 or (args.jax_slot_groups and args.batch % args.jax_slot_groups):
+        sys.exit(f"error: --jax-slot-groups {args.jax_slot_groups} must divide --batch "
+                 f"{args.batch} (or be 0 for per-row slots)")
     if args.side:  # child process: one side, result as the last line
         apply_tile_flags(parser, args)
         rows = Rows(args.rows, args.batch, args.eval_rows)
@@ -358,7 +414,8 @@ def main() -> None:
         lr = args.hfbert_lr if side == "hfbert" else args.lr
         command = [sys.executable, os.path.abspath(__file__), "--side", side, "--lr", str(lr)]
         for name in ("rows", "reference_src", "steps", "batch", "eval_every", "eval_rows",
-                     "jax_model", "fused_blocks", "attention_blocks"):
+                     "jax_model", "jax_slot_groups", "jax_group_slots", "fused_blocks",
+                     "attention_blocks"):
             command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
         if side == saving_side and args.save_params:
             command += ["--save-params", args.save_params]

@@ -8,6 +8,7 @@ Module and parameter names follow the PyTorch reference so conversion is a renam
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -228,14 +229,52 @@ class MosaicBertGatedMLP(nn.Module):
 
 
 def gather_positions(x: jax.Array, positions: jax.Array) -> jax.Array:
-    """x [batch, seq, hidden] at positions [batch, k] -> [batch, k, hidden].
+    """x [batch, seq, hidden] at positions [groups, k] -> [groups, k, hidden].
 
-    A one-hot matmul rather than a gather: exact (one 1.0 per row), and its backward is a
-    matmul instead of a scatter-add, which is slow on GPU in bf16.
+    groups = batch: position p of row b is token p of that row. A one-hot matmul rather
+    than a gather: exact (one 1.0 per row), and its backward is a matmul instead of a
+    scatter-add, which is slow on GPU in bf16. Fewer groups (batch % groups == 0): group g
+    holds rows [g * r, (g + 1) * r) with r = batch / groups, and p is token p % seq of row
+    g * r + p // seq, so rows with many masked tokens share slots with rows with few. That
+    is a gather, whose backward adds into float32 (a one-hot over r * seq tokens would cost
+    r times the matmul).
     """
-    one_hot = jax.nn.one_hot(positions, x.shape[1], dtype=x.dtype)
-    return jnp.einsum("bks,bsh->bkh", one_hot, x,
-                      preferred_element_type=jnp.float32).astype(x.dtype)
+    batch, seq, hidden = x.shape
+    if positions.shape[0] == batch:
+        one_hot = jax.nn.one_hot(positions, seq, dtype=x.dtype)
+        return jnp.einsum("bks,bsh->bkh", one_hot, x,
+                          preferred_element_type=jnp.float32).astype(x.dtype)
+    grouped = x.reshape(positions.shape[0], batch // positions.shape[0] * seq, hidden)
+    return _gather_rows(grouped, positions, grouped.shape, grouped.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _gather_rows(x: jax.Array, positions: jax.Array, shape: tuple, dtype) -> jax.Array:
+    """x [g, n, h] (of that shape and dtype) at positions [g, k] -> [g, k, h]."""
+    return jnp.take_along_axis(x, positions[..., None], axis=1)
+
+
+def _gather_rows_fwd(x, positions, shape, dtype):
+    return _gather_rows(x, positions, shape, dtype), positions
+
+
+def _gather_rows_bwd(shape, dtype, positions, g):
+    # Repeated positions (every empty slot holds 0) add up, as the gather's transpose must.
+    groups = jnp.arange(shape[0])[:, None]
+    dx = jnp.zeros(shape, jnp.float32).at[groups, positions].add(g.astype(jnp.float32))
+    return dx.astype(dtype), None
+
+
+_gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
+def check_position_groups(batch: int, groups: int) -> None:
+    """Refuses masked_positions whose row count (groups) does not divide the batch."""
+    if groups < 1 or batch % groups:
+        raise ValueError(f"masked_positions has {groups} rows, which does not "
+                         f"divide the batch of {batch}: give [batch, k] (positions within "
+                         "each row) or [groups, k] with batch % groups == 0 (positions "
+                         "within each group of batch / groups rows)")
 
 
 class MosaicBertLayer(nn.Module):
@@ -333,7 +372,9 @@ class MosaicBertMLMHead(nn.Module):
 class MosaicBertForMaskedLM(nn.Module):
     """Encoder + MLM head. With `masked_positions` [batch, k], the last layer's output/MLP and
     the head run only there and logits are [batch, k, vocab]; otherwise [batch, seq, vocab].
-    Logits are float32 whatever the compute dtype."""
+    [groups, k] positions index within groups of batch / groups rows (gather_positions), for
+    masking whose count varies by row; logits are then [groups, k, vocab]. Logits are float32
+    whatever the compute dtype."""
 
     config: MosaicBertConfig
 
@@ -341,9 +382,10 @@ class MosaicBertForMaskedLM(nn.Module):
     def __call__(self, input_ids, segment_ids, token_type_ids=None, masked_positions=None,
                  deterministic: bool = True):
         if masked_positions is not None:
-            if masked_positions.ndim != 2 or masked_positions.shape[0] != input_ids.shape[0]:
-                raise ValueError(f"masked_positions must be [batch, k] with batch "
-                                 f"{input_ids.shape[0]}; got {masked_positions.shape}")
+            if masked_positions.ndim != 2:
+                raise ValueError(f"masked_positions must be [batch, k] or [groups, k]; got "
+                                 f"shape {masked_positions.shape}")
+            check_position_groups(input_ids.shape[0], masked_positions.shape[0])
             masked_positions = masked_positions.astype(jnp.int32)
         bert = MosaicBertModel(self.config, name="bert")
         hidden = bert(input_ids, segment_ids, token_type_ids, deterministic,

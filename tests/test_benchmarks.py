@@ -147,6 +147,25 @@ def test_cut_masked_scores_the_same_tokens_at_every_length():
         assert np.array_equal(ids.reshape(3, 1024), masked)
 
 
+def test_grouped_targets_keep_every_masked_token_and_refuse_an_overflow():
+    import numpy as np
+    import time_to_quality as ttq
+
+    rows = np.random.default_rng().integers(5, 30522, (8, 128)).astype(np.uint16)
+    _, _, _, _, dense = ttq.mask_rows(rows, 0.3, 7)
+    for groups in (1, 4):
+        positions, weights, labels = ttq.grouped_targets(dense, groups, 8 * 64 // groups)
+        per_group = 8 // groups
+        got = {(g * per_group + int(p) // 128, int(p) % 128, int(lab))
+               for g in range(groups) for p, w, lab in zip(positions[g], weights[g], labels[g])
+               if w > 0}
+        want = {(r, int(c), int(dense[r, c])) for r, c in zip(*np.nonzero(dense >= 0))}
+        assert got == want and weights.sum() == len(want)
+        assert np.all(positions[weights == 0] == 0)
+    with pytest.raises(ValueError, match="exceed its 10 slots; raise --jax-group-slots"):
+        ttq.grouped_targets(dense, 1, 10)
+
+
 def test_extrapolation_scores_one_mask_at_each_length_and_matches_a_direct_eval(tmp_path):
     import jax
     import numpy as np

@@ -127,6 +127,68 @@ def test_sparse_mlm_head_equals_dense_at_masked_positions():
     np.testing.assert_allclose(sparse, want, atol=1e-5)
 
 
+def _grouped_targets(positions, counts, groups, seq, slots):
+    """Per-row positions [batch, k] (the first counts[b] valid) -> [groups, slots] positions
+    within groups of rows and their (row, slot) sources, -1 on empty slots."""
+    batch = positions.shape[0]
+    rows = batch // groups
+    grouped = np.zeros((groups, slots), np.int32)
+    source = np.full((groups, slots, 2), -1)
+    for g in range(groups):
+        flat = [((b - g * rows) * seq + positions[b, j], b, j)
+                for b in range(g * rows, (g + 1) * rows) for j in range(counts[b])]
+        for i, (p, b, j) in enumerate(flat):
+            grouped[g, i], source[g, i] = p, (b, j)
+    return grouped, source
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_grouped_masked_positions_give_the_per_row_logits_loss_and_gradients(groups):
+    """Masked slots shared by groups of rows (positions row-in-group * seq + token, empty
+    slots at 0 with weight 0) = per-row slots: the same logits slot for slot, and the same
+    weighted loss and parameter gradients (the gather's backward adds into float32)."""
+    from mosaicbert_jax.training.step import masked_lm_sums
+    model = MosaicBertForMaskedLM(TINY)
+    rng = np.random.default_rng()
+    batch, seq = 4, 24
+    ids = rng.integers(5, TINY.vocab_size, size=(batch, seq)).astype(np.int32)
+    seg = np.ones((batch, seq), np.int32)
+    seg[1, 16:], seg[3, 10:] = 2, 0
+    counts = np.array([7, 1, 5, 3])  # masked tokens per row vary
+    per_row = np.zeros((batch, counts.max()), np.int32)
+    weights = np.zeros((batch, counts.max()), np.float32)
+    for b in range(batch):
+        per_row[b, :counts[b]] = np.sort(rng.choice(np.arange(1, 10), counts[b], replace=False))
+        weights[b, :counts[b]] = 1.0
+    labels = rng.integers(5, TINY.vocab_size, size=per_row.shape).astype(np.int32)
+    slots = counts.sum() // groups + 3  # room to spare: empty slots must not count
+    grouped, source = _grouped_targets(per_row, counts, groups, seq, slots)
+    valid = source[..., 0] >= 0
+    g_labels = np.where(valid, labels[source[..., 0], source[..., 1]], 0).astype(np.int32)
+    g_weights = valid.astype(np.float32)
+    params = _init(model, jax.random.key(4), seq, batch)
+
+    def loss(params, positions, labels, weights):
+        logits = model.apply({"params": params}, ids, seg, masked_positions=positions)
+        return masked_lm_sums(logits, labels, weights)["loss_sum"], logits
+
+    (l_row, logits_row), g_row = jax.value_and_grad(loss, has_aux=True)(
+        params, per_row, labels, weights)
+    (l_grp, logits_grp), g_grp = jax.value_and_grad(loss, has_aux=True)(
+        params, grouped, g_labels, g_weights)
+    assert logits_grp.shape == (groups, slots, TINY.vocab_size)
+    np.testing.assert_allclose(np.asarray(logits_grp)[valid],
+                               np.asarray(logits_row)[source[valid][:, 0], source[valid][:, 1]],
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(float(l_grp), float(l_row), rtol=1e-5)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_row),
+                            jax.tree_util.tree_leaves(g_grp)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6,
+                                   err_msg=jax.tree_util.keystr(path))
+    with pytest.raises(ValueError, match="masked_positions has 3 rows, which does not divide"):
+        model.apply({"params": params}, ids, seg, masked_positions=grouped[:1].repeat(3, 0))
+
+
 def _mlm_logits_and_head_input(model, params, ids, seg):
     """MLM logits and the MLM head's LayerNorm output (what the decoder multiplies)."""
     is_head_norm = lambda module, _: module.name == "transform_LayerNorm"

@@ -205,3 +205,45 @@ def test_masked_lm_gradient_is_elementwise_not_a_scatter():
     assert "scatter" not in hlo
     np.testing.assert_allclose(np.asarray(grad_fn(logits))[0, 0],
                                np.full(50, 1 / 50) - np.eye(50)[0], atol=1e-7)
+
+
+def test_the_step_trains_the_same_on_slots_grouped_across_the_batch():
+    """masked_positions [1, slots] holding every row's masked tokens (row * seq + position)
+    give the per-row step's loss and updated parameters; microbatches, which split rows,
+    refuse them in one line."""
+    from mosaicbert_jax import MosaicBertConfig, MosaicBertForMaskedLM
+    from mosaicbert_jax.data.synthetic import SyntheticMLMBatches
+    from mosaicbert_jax.sharding import batch_sharding, make_mesh
+    from mosaicbert_jax.training.step import init_state, make_train_step
+    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    model = MosaicBertForMaskedLM(MosaicBertConfig.tiny(vocab_size=256, hidden_dropout_prob=0.0,
+                                                        attention_probs_dropout_prob=0.0))
+    schedule = optax.constant_schedule(1e-3)  # no warmup: the first step moves the params
+    tx = decoupled_adamw(schedule, 1e-3)
+    state, shardings = init_state(model, tx, 0, mesh)
+    per_row = next(SyntheticMLMBatches(8, 32, 256, seed=5, mean_doc_len=12))
+    valid = per_row["masked_weights"] > 0
+    rows, _ = np.nonzero(valid)
+    slots = int(valid.sum()) + 5  # empty slots too
+    grouped = dict(per_row)
+    for key, values in (("masked_positions", rows * 32 + per_row["masked_positions"][valid]),
+                        ("masked_labels", per_row["masked_labels"][valid]),
+                        ("masked_weights", per_row["masked_weights"][valid])):
+        grouped[key] = np.zeros((1, slots), per_row[key].dtype)
+        grouped[key][0, :len(values)] = values
+    step = make_train_step(model, tx, schedule, mesh, shardings)
+    results = [step(jax.tree_util.tree_map(jnp.copy, state),
+                    jax.device_put(batch, batch_sharding(mesh))) for batch in (per_row, grouped)]
+    (want_state, want), (got_state, got) = results
+    assert float(got["masked_tokens"]) == float(want["masked_tokens"]) == valid.sum()
+    for key in ("loss", "accuracy", "grad_norm"):
+        np.testing.assert_allclose(float(got[key]), float(want[key]), rtol=1e-5, err_msg=key)
+    for a, b in zip(jax.tree_util.tree_leaves(want_state["params"]),
+                    jax.tree_util.tree_leaves(got_state["params"])):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+    moved = [not np.allclose(np.asarray(a), np.asarray(b)) for a, b in zip(
+        jax.tree_util.tree_leaves(got_state["params"]), jax.tree_util.tree_leaves(state["params"]))]
+    assert all(moved)
+    two = make_train_step(model, tx, schedule, mesh, shardings, microbatches=2)
+    with pytest.raises(ValueError, match="microbatches > 1 need masked_positions per row"):
+        two(jax.tree_util.tree_map(jnp.copy, state), jax.device_put(grouped, batch_sharding(mesh)))

@@ -21,8 +21,9 @@ dims, so no transposes are needed around them. Softmax statistics live in log2 u
 
 The fused-QKV entry (flash_attention_qkv) runs the same kernels on the projection's
 [batch, seq, 3, heads, head_dim] output: the BlockSpecs fix the slot, so q, k, v are read
-in place, and the backward writes d(qkv) as one array (dK/dV into slots 1 and 2, then dQ
-into slot 0 of the same buffer, aliased): no slice copies or concatenate around the kernels.
+in place, and the backward writes d(qkv) as one array (dQ into slot 0, then dK/dV into
+slots 1 and 2 of the same buffer, aliased): no slice copies or concatenate around the kernels.
+The dQ kernel also writes delta = rowsum(dO * O), so no XLA pass reads O and dO for it.
 It also takes the projection's bias b = (b_q, b_k, b_v) ([3, heads, head_dim]) instead of a
 bias-add pass over qkv (1.1 ms of a 51 ms base step on an H200: cuBLAS did not fuse that add),
 and touches no tile in a loop for it: softmax is shift-invariant per query, so b_k changes
@@ -30,7 +31,8 @@ no output (q . b_k is constant along a query's keys), and its rows sum to 1, so 
 once to each output row that sees keys. The kernels add b_q to q where q is loaded once
 (forward, dQ); the dK/dV kernel, which loads q per block, adds the per-key k . b_q to its
 logit tile and rowsum(ds) b_q to dK at the end; the backward's delta uses the output
-without b_v. d(bias) is the sum of d(qkv) over tokens (d(b_k) is 0 up to rounding).
+without b_v. d(b_q) and d(b_v) are the column sums of dQ and dV, which the kernels write
+per program (no pass over d(qkv)); d(b_k) is exactly 0, as each query's dS row sums to 0.
 """
 
 from __future__ import annotations
@@ -92,6 +94,9 @@ class BlockSizes:
     # backward: one key block spans the sequence, so the dK/dV kernel also writes each query
     # block's whole dQ and the dQ kernel (which recomputes s, p and dp) is not run. 0: off.
     one_pass_backward_max_seq: int = 0
+    # The dQ kernel (which runs first) computes delta = rowsum(dO * O) for its rows and
+    # writes it for the dK/dV kernel; False: one XLA pass over O and dO computes it.
+    delta_in_dq_kernel: bool = True
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -221,11 +226,12 @@ def _forward_kernel(plan_ref, slopes_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_re
 
 def _dkdv_kernel(plan_ref, slopes_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, do_ref,
                  lse_ref, delta_ref, dk_ref, dv_ref, dq_ref=None, *, scale: float, block_q: int,
-                 split: bool, window: int, bias_ref=None):
+                 split: bool, window: int, bias_ref=None, db_v_ref=None, db_q_ref=None):
     """dK, dV of one key block over the query blocks it sees. With dq_ref (one-pass backward:
     this key block is the whole sequence), also every query block's dQ, written as visited;
     query blocks outside the plan's [lo, hi) see no key and get zeros. With bias_ref, q is
-    read without b_q: each key's k . b_q joins its logits and rowsum(ds) b_q joins dK."""
+    read without b_q: each key's k . b_q joins its logits and rowsum(ds) b_q joins dK; then
+    db_v_ref (and db_q_ref, one pass) get this block's column sums of dV (and dQ)."""
     k_block, head = pl.program_id(0), pl.program_id(2)
     block_k = k_ref.shape[0]
     k, v = k_ref[...], v_ref[...]
@@ -236,9 +242,9 @@ def _dkdv_kernel(plan_ref, slopes_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, 
     k_pos = _positions(k_block * block_k, block_k)
     slope_over_scale = slopes_ref[head] / scale
     log2_scale = scale * LOG2_E
+    sums_dq = dq_ref is not None and db_q_ref is not None
 
     def visit_query_block(q_block, carry, masked):
-        dk, dv, *ds_sum = carry  # ds_sum: [rowsum(dS)] with a bias, [] without
         rows = pl.ds(pl.multiple_of(q_block * block_q, block_q), block_q)
         q = q_ref[rows, :]
         # Transposed tile [block_k, block_q]: dV and dK then need no transposes of p / ds.
@@ -253,31 +259,41 @@ def _dkdv_kernel(plan_ref, slopes_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, 
             s_t = jnp.where(visible, s_t, MASK_VALUE)
         p_t = jnp.exp2(s_t * log2_scale - lse_ref[rows][None, :])
         do = do_ref[rows, :]
-        dv = dv + lax.dot_general(p_t.astype(do.dtype), do, (((1,), (0,)), ((), ())),
-                                  preferred_element_type=jnp.float32)
+        carry = dict(carry)
+        carry["dv"] += lax.dot_general(p_t.astype(do.dtype), do, (((1,), (0,)), ((), ())),
+                                       preferred_element_type=jnp.float32)
         dp_t = lax.dot_general(v, do, (((1,), (1,)), ((), ())),
                                preferred_element_type=jnp.float32)
         ds_t = p_t * (dp_t - delta_ref[rows][None, :])
-        dk = dk + lax.dot_general(ds_t.astype(q.dtype), q, (((1,), (0,)), ((), ())),
-                                  preferred_element_type=jnp.float32)
+        carry["dk"] += lax.dot_general(ds_t.astype(q.dtype), q, (((1,), (0,)), ((), ())),
+                                       preferred_element_type=jnp.float32)
         if bias_ref is not None:
-            ds_sum = [ds_sum[0] + jnp.sum(ds_t, axis=1)]
+            carry["ds_sum"] += jnp.sum(ds_t, axis=1)
         if dq_ref is not None:
             dq = lax.dot_general(ds_t.astype(k.dtype), k, (((0,), (0,)), ((), ())),
-                                 preferred_element_type=jnp.float32)
-            dq_ref[rows, :] = (dq * scale).astype(dq_ref.dtype)
-        return (dk, dv, *ds_sum)
+                                 preferred_element_type=jnp.float32) * scale
+            dq_ref[rows, :] = dq.astype(dq_ref.dtype)
+            if sums_dq:
+                carry["dq_sum"] += jnp.sum(dq, axis=0)
+        return carry
 
     if dq_ref is not None:
         _zero_blocks_outside(dq_ref, plan_ref[0, k_block], plan_ref[1, k_block], block_q)
-    zeros = jnp.zeros(k_ref.shape, jnp.float32)
-    carry = (zeros, zeros) if bias_ref is None else (
-        zeros, zeros, jnp.zeros((block_k,), jnp.float32))
-    dk, dv, *ds_sum = _visit_blocks(plan_ref, k_block, visit_query_block, carry, split)
+    carry = {"dk": jnp.zeros(k_ref.shape, jnp.float32), "dv": jnp.zeros(k_ref.shape, jnp.float32)}
+    if bias_ref is not None:  # rowsum(dS) for the k . b_q term of dK
+        carry["ds_sum"] = jnp.zeros((block_k,), jnp.float32)
+    if sums_dq:
+        carry["dq_sum"] = jnp.zeros((k_ref.shape[1],), jnp.float32)
+    carry = _visit_blocks(plan_ref, k_block, visit_query_block, carry, split)
+    dk = carry["dk"]
     if bias_ref is not None:
-        dk = dk + ds_sum[0][:, None] * q_bias
+        dk = dk + carry["ds_sum"][:, None] * q_bias
     dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
+    dv_ref[...] = carry["dv"].astype(dv_ref.dtype)
+    if db_v_ref is not None:
+        db_v_ref[...] = jnp.sum(carry["dv"], axis=0)
+    if sums_dq:
+        db_q_ref[...] = carry["dq_sum"]
 
 
 def _zero_blocks_outside(ref, lo, hi, block: int) -> None:
@@ -294,14 +310,27 @@ def _zero_blocks_outside(ref, lo, hi, block: int) -> None:
 
 
 def _dq_kernel(plan_ref, slopes_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, do_ref,
-               lse_ref, delta_ref, dq_ref, *, scale: float, block_k: int, split: bool,
-               window: int, bias_ref=None):
+               lse_ref, delta_source_ref, dq_ref, delta_ref=None, *, scale: float,
+               block_k: int, split: bool, window: int, bias_ref=None, db_q_ref=None):
+    """dQ of one query block over the key blocks it sees. It runs before the dK/dV kernel.
+    With delta_ref, delta_source_ref is the output O and the kernel also writes its rows'
+    delta = rowsum(dO * O) (O without b_v) there, so no separate pass reads O and dO;
+    without, delta_source_ref holds delta. With bias_ref, db_q_ref gets this block's column
+    sums of dQ."""
     q_block, head = pl.program_id(0), pl.program_id(2)
     block_q = q_ref.shape[0]
     q, do = q_ref[...], do_ref[...]
     if bias_ref is not None:
         q = _plus_bias(q, bias_ref, 0)
-    q_seg, lse, delta = qseg_ref[...], lse_ref[...], delta_ref[...]
+    if delta_ref is None:
+        delta = delta_source_ref[...]
+    else:
+        out = delta_source_ref[...].astype(jnp.float32)
+        if bias_ref is not None:
+            out = out - bias_ref[2, :].astype(jnp.float32)[None, :]
+        delta = jnp.sum(out * do.astype(jnp.float32), axis=1)
+        delta_ref[...] = delta
+    q_seg, lse = qseg_ref[...], lse_ref[...]
     q_pos = _positions(q_block * block_q, block_q)
     slope_over_scale = slopes_ref[head] / scale
     log2_scale = scale * LOG2_E
@@ -324,8 +353,10 @@ def _dq_kernel(plan_ref, slopes_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, do
                                     preferred_element_type=jnp.float32)
 
     dq = _visit_blocks(plan_ref, q_block, visit_key_block, jnp.zeros(q_ref.shape, jnp.float32),
-                       split)
-    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+                       split) * scale
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+    if db_q_ref is not None:
+        db_q_ref[...] = jnp.sum(dq, axis=0)
 
 
 class _Specs:
@@ -398,9 +429,10 @@ class _SlotRef:
         self._ref[rows, self._slot, :] = value
 
 
-def _dkdv_into_slots(k_slot: int, v_slot: int, *refs, **params) -> None:
-    """_dkdv_kernel writing dK and dV into two slots of one fused output block."""
-    *inputs, dqkv_ref = refs
+def _dkdv_into_aliased_slots(k_slot: int, v_slot: int, *refs, **params) -> None:
+    """_dkdv_kernel writing dK and dV into two slots of the d(qkv) block that the dQ kernel
+    created (aliased input, never read: its dQ slot keeps its values)."""
+    *inputs, _aliased_dqkv_ref, dqkv_ref = refs
     _dkdv_kernel(*inputs, _SlotRef(dqkv_ref, k_slot), _SlotRef(dqkv_ref, v_slot), **params)
 
 
@@ -417,23 +449,30 @@ def _one_pass_separate(*refs, **params) -> None:
     _dkdv_kernel(*inputs, dk_ref, dv_ref, dq_ref, **params)
 
 
-def _dq_into_aliased(*refs, **params) -> None:
-    """_dq_kernel with the aliased d(qkv) input (never read: dQ only fills its own slot)."""
-    *inputs, _aliased_dqkv_ref, dq_ref = refs
-    _dq_kernel(*inputs, dq_ref, **params)
-
-
-def _with_bias(kernel, in_specs: list, args: list, bias, head_dim: int):
+def _with_bias(kernel, in_specs: list, args: list, bias, head_dim: int,
+               grad_outputs: tuple[str, ...] = ()):
     """(kernel, in_specs, args) with the projection bias [3, heads, head_dim] inserted after
-    q, k, v (inputs 4-6) and handed to the kernel as bias_ref; unchanged for bias None."""
+    q, k, v (inputs 4-6) and handed to the kernel as bias_ref; unchanged for bias None.
+    grad_outputs: the keyword names the kernel takes its last len(grad_outputs) refs under
+    (the bias-gradient partial sums, outputs after the kernel's own)."""
     if bias is None:
         return kernel, in_specs, args
+    extra = len(grad_outputs)
 
     def biased(*refs):
-        return kernel(*refs[:7], *refs[8:], bias_ref=refs[7])
+        own = refs[8:len(refs) - extra]
+        named = dict(zip(grad_outputs, refs[len(refs) - extra:]))
+        return kernel(*refs[:7], *own, bias_ref=refs[7], **named)
 
     spec = pl.BlockSpec((3, None, head_dim), lambda i, b, h: (0, h, 0))
     return biased, in_specs[:7] + [spec] + in_specs[7:], args[:7] + [bias] + args[7:]
+
+
+def _column_sums(batch: int, heads: int, n_blocks: int, head_dim: int):
+    """(spec, shape) of a per-program partial sum: one float32 [head_dim] row per (row block,
+    batch, head), summed over batch and blocks after the kernel."""
+    spec = pl.BlockSpec((None, None, None, head_dim), lambda i, b, h: (b, h, i, 0))
+    return spec, jax.ShapeDtypeStruct((batch, heads, n_blocks, head_dim), jnp.float32)
 
 
 def _plus_bias(x, bias_ref, slot: int):
@@ -510,37 +549,139 @@ def _forward(q, k, v, segment_ids, slopes, scale, sizes: BlockSizes, interpret: 
 
 def _backward(q, k, v, segment_ids, slopes, out, lse, d_out, scale, sizes: BlockSizes,
               interpret: bool, window: int = 0, slots=_SEPARATE, bias=None):
-    """(dq, dk, dv); with slots=QKV_SLOTS one d(qkv) [batch, seq, 3, heads, head_dim]
-    (bias: as in _forward)."""
+    """((dq, dk, dv), None); with slots=QKV_SLOTS (d(qkv) [batch, seq, 3, heads, head_dim],
+    d(bias) [3, heads, head_dim] float32 or None for bias None; bias: as in _forward).
+
+    Two kernels: dQ first (it also writes delta, with sizes.delta_in_dq_kernel), then dK/dV,
+    which with fused slots writes into the dQ kernel's d(qkv) buffer (aliased). d(b_q) and
+    d(b_v) are the kernels' column sums of dQ and dV; d(b_k) is exactly 0 (each query's dS
+    row sums to 0).
+    """
     batch, seq = q.shape[:2]
     heads, head_dim = q.shape[-2:]
     q_slot, k_slot, v_slot = slots
     fused = q_slot is not None
-    out = out.astype(jnp.float32)
-    if bias is not None:  # delta of the output without b_v (see the module docstring)
-        out = out - bias[2].astype(jnp.float32)
-    delta = jnp.einsum("bshd,bshd->bhs", out, d_out.astype(jnp.float32))
+    assert bias is None or fused, "the projection bias comes with the fused entry only"
     q_segments = _query_segments(segment_ids)
     padded_slopes = _padded_slopes(slopes)
     params = plgpu.CompilerParams(num_warps=sizes.num_warps_bwd,
                                   num_stages=sizes.num_stages_bwd)
+    if uses_one_pass_backward(seq, sizes):
+        return _one_pass_backward(q, k, v, segment_ids, q_segments, padded_slopes, out, lse,
+                                  d_out, scale, sizes, params, interpret, window, slots, bias)
 
-    # Key blocks are the rows here: the same plan with rows and columns swapped. In one pass
-    # a single key block spans the sequence and the kernel writes dQ as well.
-    one_pass = uses_one_pass_backward(seq, sizes)
-    bq, bk = sizes.block_q_dkv, seq if one_pass else sizes.block_k_dkv
+    bq, bk = sizes.block_q_dq, sizes.block_k_dq
+    plan = _block_plan(segment_ids, bq, bk, window)
+    specs = _Specs(seq, head_dim, padded_slopes.shape[0], plan.shape[-1])
+    db_spec, db_shape = _column_sums(batch, heads, seq // bq, head_dim)
+    # With fused slots the dQ output is the whole d(qkv), whose slots 1 and 2 dK/dV fills.
+    out_specs, out_shape = [specs.tokens(bq, q_slot)], [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+    if sizes.delta_in_dq_kernel:  # the kernel reads O and writes delta
+        delta_source, delta_spec = out, specs.tokens(bq)
+        out_specs.append(specs.row_stats(bq))
+        out_shape.append(jax.ShapeDtypeStruct(lse.shape, jnp.float32))
+    else:
+        delta_source, delta_spec = _delta(out, d_out, bias), specs.row_stats(bq)
+    kernel, in_specs, args = _with_bias(
+        functools.partial(_dq_kernel, scale=scale, block_k=bk, split=sizes.unmasked_interior,
+                          window=window),
+        [specs.plan, specs.slopes, specs.segments(bq), specs.all_segments(),
+         specs.tokens(bq, q_slot), specs.all_tokens(k_slot), specs.all_tokens(v_slot),
+         specs.tokens(bq), specs.row_stats(bq), delta_spec],
+        [plan, padded_slopes, q_segments, segment_ids, q, k, v, d_out, lse, delta_source],
+        bias, head_dim, ("db_q_ref",))
+    dq, *rest = pl.pallas_call(
+        kernel,
+        grid=(seq // bq, batch, heads),
+        in_specs=in_specs,
+        out_specs=out_specs + [db_spec] * (bias is not None),
+        out_shape=out_shape + [db_shape] * (bias is not None),
+        compiler_params=params,
+        interpret=interpret,
+        name="alibi_flash_dq",
+    )(*args)
+    delta = rest.pop(0) if sizes.delta_in_dq_kernel else delta_source
+    db_q = rest
+
+    # Key blocks are the rows here: the same plan with rows and columns swapped.
+    bq, bk = sizes.block_q_dkv, sizes.block_k_dkv
     plan = _block_plan(segment_ids, bk, bq, window)
     specs = _Specs(seq, head_dim, padded_slopes.shape[0], plan.shape[-1])
-    if fused:  # one block spanning the slots; dK and dV go to theirs, slot 0 waits for dQ
-        kernel = (functools.partial(_one_pass_into_slots, q_slot, k_slot, v_slot) if one_pass
-                  else functools.partial(_dkdv_into_slots, k_slot, v_slot))
-        dkdv_specs = specs.tokens_all_slots(bk)
-        dkdv_shapes = jax.ShapeDtypeStruct(q.shape, q.dtype)
+    db_spec, db_shape = _column_sums(batch, heads, seq // bk, head_dim)
+    in_specs = [specs.plan, specs.slopes, specs.all_segments(), specs.segments(bk),
+                specs.all_tokens(q_slot), specs.tokens(bk, k_slot), specs.tokens(bk, v_slot),
+                specs.all_tokens(), specs.all_row_stats(), specs.all_row_stats()]
+    args = [plan, padded_slopes, q_segments, segment_ids, q, k, v, d_out, lse, delta]
+    if fused:  # dK and dV fill slots 1 and 2 of the dQ kernel's buffer in place
+        kernel = functools.partial(_dkdv_into_aliased_slots, k_slot, v_slot)
+        in_specs.append(specs.tokens_all_slots(bk))
+        args.append(dq)
+        out_specs = [specs.tokens_all_slots(bk)]
+        out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
     else:
-        kernel = _one_pass_separate if one_pass else _dkdv_kernel
-        outputs = (q, k, v) if one_pass else (k, v)
-        dkdv_specs = [specs.tokens(bk)] * len(outputs)
-        dkdv_shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outputs]
+        kernel = _dkdv_kernel
+        out_specs = [specs.tokens(bk)] * 2
+        out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (k, v)]
+    kernel, in_specs, args = _with_bias(
+        functools.partial(kernel, scale=scale, block_q=bq, split=sizes.unmasked_interior,
+                          window=window), in_specs, args, bias, head_dim, ("db_v_ref",))
+    grads = pl.pallas_call(
+        kernel,
+        grid=(seq // bk, batch, heads),
+        in_specs=in_specs,
+        out_specs=out_specs + [db_spec] * (bias is not None),
+        out_shape=out_shape + [db_shape] * (bias is not None),
+        input_output_aliases={len(args) - 1: 0} if fused else {},
+        compiler_params=params,
+        interpret=interpret,
+        name="alibi_flash_dkdv",
+    )(*args)
+    if not fused:
+        return (dq, *grads), None
+    d_qkv, *db_v = grads
+    return d_qkv, _bias_grad(db_q, db_v)
+
+
+def _bias_grad(db_q: list, db_v: list):
+    """[3, heads, head_dim] float32 from the kernels' [batch, heads, blocks, head_dim] partial
+    column sums (lists of one, or empty without a bias); the b_k row is 0."""
+    if not db_q:
+        return None
+    d_q, d_v = (jnp.sum(x[0], axis=(0, 2)) for x in (db_q, db_v))
+    return jnp.stack([d_q, jnp.zeros_like(d_q), d_v])
+
+
+def _delta(out, d_out, bias):
+    """rowsum(dO * O) [batch, heads, seq] float32 in one XLA pass, O without b_v (see the
+    module docstring)."""
+    out = out.astype(jnp.float32)
+    if bias is not None:
+        out = out - bias[2].astype(jnp.float32)
+    return jnp.einsum("bshd,bshd->bhs", out, d_out.astype(jnp.float32))
+
+
+def _one_pass_backward(q, k, v, segment_ids, q_segments, padded_slopes, out, lse, d_out,
+                       scale, sizes: BlockSizes, params, interpret: bool, window: int, slots,
+                       bias):
+    """_backward's result from one dK/dV kernel whose key block spans the sequence and which
+    writes dQ as visited (delta from _delta)."""
+    batch, seq = q.shape[:2]
+    heads, head_dim = q.shape[-2:]
+    q_slot, k_slot, v_slot = slots
+    fused = q_slot is not None
+    delta = _delta(out, d_out, bias)
+    bq, bk = sizes.block_q_dkv, seq
+    plan = _block_plan(segment_ids, bk, bq, window)
+    specs = _Specs(seq, head_dim, padded_slopes.shape[0], plan.shape[-1])
+    if fused:  # one block spanning the slots
+        kernel = functools.partial(_one_pass_into_slots, q_slot, k_slot, v_slot)
+        out_specs = [specs.tokens_all_slots(bk)]
+        out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+    else:
+        kernel = _one_pass_separate
+        out_specs = [specs.tokens(bk)] * 3
+        out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)]
+    db_spec, db_shape = _column_sums(batch, heads, 1, head_dim)
     kernel, in_specs, args = _with_bias(
         functools.partial(kernel, scale=scale, block_q=bq, split=sizes.unmasked_interior,
                           window=window),
@@ -548,48 +689,21 @@ def _backward(q, k, v, segment_ids, slopes, out, lse, d_out, scale, sizes: Block
          specs.all_tokens(q_slot), specs.tokens(bk, k_slot), specs.tokens(bk, v_slot),
          specs.all_tokens(), specs.all_row_stats(), specs.all_row_stats()],
         [plan, padded_slopes, q_segments, segment_ids, q, k, v, d_out, lse, delta],
-        bias, head_dim)
-    dkdv = pl.pallas_call(
+        bias, head_dim, ("db_q_ref", "db_v_ref"))
+    grads = pl.pallas_call(
         kernel,
         grid=(seq // bk, batch, heads),
         in_specs=in_specs,
-        out_specs=dkdv_specs,
-        out_shape=dkdv_shapes,
+        out_specs=out_specs + [db_spec] * (2 * (bias is not None)),
+        out_shape=out_shape + [db_shape] * (2 * (bias is not None)),
         compiler_params=params,
         interpret=interpret,
-        name="alibi_flash_bwd_one_pass" if one_pass else "alibi_flash_dkdv",
+        name="alibi_flash_bwd_one_pass",
     )(*args)
-    if one_pass:  # d(qkv), or (dq, dk, dv)
-        return dkdv if fused else tuple(dkdv)
-
-    bq, bk = sizes.block_q_dq, sizes.block_k_dq
-    plan = _block_plan(segment_ids, bq, bk, window)
-    specs = _Specs(seq, head_dim, padded_slopes.shape[0], plan.shape[-1])
-    in_specs = [specs.plan, specs.slopes, specs.segments(bq), specs.all_segments(),
-                specs.tokens(bq, q_slot), specs.all_tokens(k_slot), specs.all_tokens(v_slot),
-                specs.tokens(bq), specs.row_stats(bq), specs.row_stats(bq)]
-    args = [plan, padded_slopes, q_segments, segment_ids, q, k, v, d_out, lse, delta]
-    kernel = _dq_kernel
-    if fused:  # dQ fills slot 0 of the dK/dV output in place; slots 1 and 2 keep their values
-        kernel = _dq_into_aliased
-        in_specs.append(specs.tokens(bq, q_slot))
-        args.append(dkdv)
-    kernel, in_specs, args = _with_bias(
-        functools.partial(kernel, scale=scale, block_k=bk, split=sizes.unmasked_interior,
-                          window=window), in_specs, args, bias, head_dim)
-    aliases = {len(args) - 1: 0} if fused else {}
-    dq = pl.pallas_call(
-        kernel,
-        grid=(seq // bq, batch, heads),
-        in_specs=in_specs,
-        out_specs=specs.tokens(bq, q_slot),
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        input_output_aliases=aliases,
-        compiler_params=params,
-        interpret=interpret,
-        name="alibi_flash_dq",
-    )(*args)
-    return dq if fused else (dq, *dkdv)
+    if not fused:
+        return tuple(grads), None
+    d_qkv, *db = grads
+    return d_qkv, _bias_grad(db[:1], db[1:])
 
 
 def uses_one_pass_backward(seq: int, sizes: BlockSizes) -> bool:
@@ -609,8 +723,8 @@ def _flash_fwd(q, k, v, segment_ids, slopes, scale, sizes, interpret, window):
 
 def _flash_bwd(scale, sizes, interpret, window, residuals, d_out):
     q, k, v, segment_ids, slopes, out, lse = residuals
-    dq, dk, dv = _backward(q, k, v, segment_ids, slopes, out, lse, d_out, scale, sizes,
-                           interpret, window)
+    (dq, dk, dv), _ = _backward(q, k, v, segment_ids, slopes, out, lse, d_out, scale, sizes,
+                                interpret, window)
     # Segment ids are integers and ALiBi slopes are constants of the model: no cotangent.
     return dq, dk, dv, None, jnp.zeros_like(slopes)
 
@@ -632,10 +746,9 @@ def _flash_qkv_fwd(qkv, bias, segment_ids, slopes, scale, sizes, interpret, wind
 
 def _flash_qkv_bwd(scale, sizes, interpret, window, residuals, d_out):
     qkv, bias, segment_ids, slopes, out, lse = residuals
-    d_qkv = _backward(qkv, qkv, qkv, segment_ids, slopes, out, lse, d_out, scale, sizes,
-                      interpret, window, QKV_SLOTS, bias)
-    d_bias = (None if bias is None else
-              jnp.sum(d_qkv.astype(jnp.float32), axis=(0, 1)).astype(bias.dtype))
+    d_qkv, d_bias = _backward(qkv, qkv, qkv, segment_ids, slopes, out, lse, d_out, scale,
+                              sizes, interpret, window, QKV_SLOTS, bias)
+    d_bias = None if bias is None else d_bias.astype(bias.dtype)
     return d_qkv, d_bias, None, jnp.zeros_like(slopes)
 
 

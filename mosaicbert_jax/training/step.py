@@ -136,6 +136,10 @@ def make_train_step(model: MosaicBertForMaskedLM, tx: optax.GradientTransformati
         if microbatches == 1:
             (grads, new_fp8), sums = grad_fn(params, fp8_stats, batch, rng)
         else:
+            if batch["masked_positions"].shape[0] != batch["input_ids"].shape[0]:
+                raise ValueError("microbatches > 1 need masked_positions per row ([batch, k]); "
+                                 f"got {batch['masked_positions'].shape[0]} groups for "
+                                 f"{batch['input_ids'].shape[0]} rows")
             micro = _split_microbatches(batch, microbatches, mesh)
 
             def body(carry, inputs):
