@@ -381,7 +381,8 @@ def main() -> None:
                         help="MosaicBertConfig overrides for our side, e.g. glu_implementation=xla")
     parser.add_argument("--jax-slot-groups", type=int, default=1,
                         help="our side's train batches share masked slots within this many "
-                             "groups of rows (1: the whole batch; 0: 64 slots per row)")
+                             "groups of rows (1: the whole batch; 0: 64 slots per row; on "
+                             "several devices, a multiple of the batch-sharding devices)")
     parser.add_argument("--jax-group-slots", type=int, default=0,
                         help="slots per group (default: group_slots, 10,240 for 256 rows)")
     add_tile_flags(parser)   # kernel tiles for our side

@@ -1,5 +1,6 @@
 """Run in a subprocess with 8 fake CPU devices: data-parallel, FSDP, mixed and tensor-parallel
-(tensor=2) meshes, and gradient accumulation, give the 1-device train step."""
+(tensor=2) meshes, gradient accumulation, and masked slots shared by groups of rows, give the
+1-device train step."""
 
 import os
 import sys
@@ -19,7 +20,26 @@ from mosaicbert_jax.data.synthetic import SyntheticMLMBatches  # noqa: E402
 from mosaicbert_jax.training.step import init_state, make_train_step  # noqa: E402
 
 
-def run(mesh, microbatches):
+def grouped(batch, groups):
+    """The batch with its masked slots shared by groups of rows (the model's [groups, k]
+    masked_positions: row-in-group * seq + token), as many slots a group as its rows had."""
+    batch = dict(batch)
+    rows, seq = batch["input_ids"].shape
+    per_group, slots = rows // groups, rows // groups * batch["masked_positions"].shape[1]
+    valid = batch["masked_weights"] > 0
+    out = {k: np.zeros((groups, slots), batch[k].dtype)
+           for k in ("masked_positions", "masked_weights", "masked_labels")}
+    for g in range(groups):
+        r, j = np.nonzero(valid[g * per_group:(g + 1) * per_group])
+        n = len(r)
+        out["masked_positions"][g, :n] = r * seq + batch["masked_positions"][g * per_group + r, j]
+        out["masked_weights"][g, :n] = 1.0
+        out["masked_labels"][g, :n] = batch["masked_labels"][g * per_group + r, j]
+    batch.update(out)
+    return batch
+
+
+def run(mesh, microbatches, groups=0):
     cfg = MosaicBertConfig.tiny(vocab_size=256, hidden_dropout_prob=0.0)
     model = MosaicBertForMaskedLM(cfg)
     schedule = warmup_linear_decay(1e-3, 10)
@@ -29,7 +49,10 @@ def run(mesh, microbatches):
     batches = SyntheticMLMBatches(16, 32, 256, seed=3, mean_doc_len=12)
     losses, grad_norms = [], []
     for _ in range(2):
-        batch = jax.device_put(next(batches), batch_sharding(mesh))
+        batch = next(batches)
+        if groups:
+            batch = grouped(batch, groups)
+        batch = jax.device_put(batch, batch_sharding(mesh))
         state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))
         grad_norms.append(float(metrics["grad_norm"]))
@@ -47,6 +70,8 @@ meshes = {"data=8": {"data": 8, "fsdp": 1, "tensor": 1},
           "fsdp=4 tensor=2": {"data": 1, "fsdp": 4, "tensor": 2}}
 others = {name: run(make_mesh(axes), 1) for name, axes in meshes.items()}
 others["data=2 fsdp=4, 2 microbatches"] = run(make_mesh(meshes["data=2 fsdp=4"]), 2)
+# Masked slots shared by groups of two rows: eight groups, one a device.
+others["data=2 fsdp=4, grouped slots"] = run(make_mesh(meshes["data=2 fsdp=4"]), 1, groups=8)
 assert "fsdp" in str(gated_kernel(others["fsdp=8"]).sharding.spec)
 assert "tensor" in str(gated_kernel(others["fsdp=4 tensor=2"]).sharding.spec)
 for name, other in others.items():
