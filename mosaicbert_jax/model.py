@@ -245,24 +245,24 @@ def gather_positions(x: jax.Array, positions: jax.Array) -> jax.Array:
         return jnp.einsum("bks,bsh->bkh", one_hot, x,
                           preferred_element_type=jnp.float32).astype(x.dtype)
     grouped = x.reshape(positions.shape[0], batch // positions.shape[0] * seq, hidden)
-    return _gather_rows(grouped, positions, grouped.shape, grouped.dtype)
+    return _gather_rows(grouped, positions, grouped.shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _gather_rows(x: jax.Array, positions: jax.Array, shape: tuple, dtype) -> jax.Array:
-    """x [g, n, h] (of that shape and dtype) at positions [g, k] -> [g, k, h]."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _gather_rows(x: jax.Array, positions: jax.Array, shape: tuple) -> jax.Array:
+    """x [g, n, h] (of that shape) at positions [g, k] -> [g, k, h]."""
     return jnp.take_along_axis(x, positions[..., None], axis=1)
 
 
-def _gather_rows_fwd(x, positions, shape, dtype):
-    return _gather_rows(x, positions, shape, dtype), positions
+def _gather_rows_fwd(x, positions, shape):
+    return _gather_rows(x, positions, shape), positions
 
 
-def _gather_rows_bwd(shape, dtype, positions, g):
+def _gather_rows_bwd(shape, positions, g):
     # Repeated positions (every empty slot holds 0) add up, as the gather's transpose must.
     groups = jnp.arange(shape[0])[:, None]
     dx = jnp.zeros(shape, jnp.float32).at[groups, positions].add(g.astype(jnp.float32))
-    return dx.astype(dtype), None
+    return dx.astype(g.dtype), None
 
 
 _gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)

@@ -18,25 +18,7 @@ from mosaicbert_jax.optim import decoupled_adamw, warmup_linear_decay  # noqa: E
 from mosaicbert_jax.sharding import batch_sharding, make_mesh  # noqa: E402
 from mosaicbert_jax.data.synthetic import SyntheticMLMBatches  # noqa: E402
 from mosaicbert_jax.training.step import init_state, make_train_step  # noqa: E402
-
-
-def grouped(batch, groups):
-    """The batch with its masked slots shared by groups of rows (the model's [groups, k]
-    masked_positions: row-in-group * seq + token), as many slots a group as its rows had."""
-    batch = dict(batch)
-    rows, seq = batch["input_ids"].shape
-    per_group, slots = rows // groups, rows // groups * batch["masked_positions"].shape[1]
-    valid = batch["masked_weights"] > 0
-    out = {k: np.zeros((groups, slots), batch[k].dtype)
-           for k in ("masked_positions", "masked_weights", "masked_labels")}
-    for g in range(groups):
-        r, j = np.nonzero(valid[g * per_group:(g + 1) * per_group])
-        n = len(r)
-        out["masked_positions"][g, :n] = r * seq + batch["masked_positions"][g * per_group + r, j]
-        out["masked_weights"][g, :n] = 1.0
-        out["masked_labels"][g, :n] = batch["masked_labels"][g * per_group + r, j]
-    batch.update(out)
-    return batch
+from model_cases import group_masked_slots  # noqa: E402
 
 
 def run(mesh, microbatches, groups=0):
@@ -50,8 +32,9 @@ def run(mesh, microbatches, groups=0):
     losses, grad_norms = [], []
     for _ in range(2):
         batch = next(batches)
-        if groups:
-            batch = grouped(batch, groups)
+        if groups:  # as many slots a group as its rows had
+            batch = group_masked_slots(batch, groups,
+                                       16 // groups * batch["masked_positions"].shape[1])
         batch = jax.device_put(batch, batch_sharding(mesh))
         state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))

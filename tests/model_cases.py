@@ -45,3 +45,23 @@ def assert_same_loss_and_grads(want, got, seed) -> None:
     for path, a in flat_ref.items():
         err = relative_error(flat_got[path], a)
         assert err < 1e-4, f"{jax.tree_util.keystr(path)}: {err:.2e} (seed {seed})"
+
+
+def group_masked_slots(batch: dict, groups: int, slots: int) -> dict:
+    """A per-row MLM batch ([B, K] masked_*) with its masked slots shared by `groups` groups
+    of rows instead: [groups, slots] arrays, position = row-in-group * seq + token, valid
+    slots first (the model's grouped masked_positions)."""
+    batch = dict(batch)
+    rows, seq = batch["input_ids"].shape
+    per_group = rows // groups
+    valid = batch["masked_weights"] > 0
+    out = {k: np.zeros((groups, slots), batch[k].dtype)
+           for k in ("masked_positions", "masked_weights", "masked_labels")}
+    for g in range(groups):
+        r, j = np.nonzero(valid[g * per_group:(g + 1) * per_group])
+        n = len(r)
+        out["masked_positions"][g, :n] = r * seq + batch["masked_positions"][g * per_group + r, j]
+        out["masked_weights"][g, :n] = 1.0
+        out["masked_labels"][g, :n] = batch["masked_labels"][g * per_group + r, j]
+    batch.update(out)
+    return batch

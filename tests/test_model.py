@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from model_cases import group_masked_slots
 from mosaicbert_jax import (MosaicBertConfig, MosaicBertForMaskedLM,
                             MosaicBertForSequenceClassification, MosaicBertModel, alibi_slopes,
                             attention, count_params)
@@ -127,26 +128,12 @@ def test_sparse_mlm_head_equals_dense_at_masked_positions():
     np.testing.assert_allclose(sparse, want, atol=1e-5)
 
 
-def _grouped_targets(positions, counts, groups, seq, slots):
-    """Per-row positions [batch, k] (the first counts[b] valid) -> [groups, slots] positions
-    within groups of rows and their (row, slot) sources, -1 on empty slots."""
-    batch = positions.shape[0]
-    rows = batch // groups
-    grouped = np.zeros((groups, slots), np.int32)
-    source = np.full((groups, slots, 2), -1)
-    for g in range(groups):
-        flat = [((b - g * rows) * seq + positions[b, j], b, j)
-                for b in range(g * rows, (g + 1) * rows) for j in range(counts[b])]
-        for i, (p, b, j) in enumerate(flat):
-            grouped[g, i], source[g, i] = p, (b, j)
-    return grouped, source
-
-
 @pytest.mark.parametrize("groups", [1, 2])
 def test_grouped_masked_positions_give_the_per_row_logits_loss_and_gradients(groups):
     """Masked slots shared by groups of rows (positions row-in-group * seq + token, empty
-    slots at 0 with weight 0) = per-row slots: the same logits slot for slot, and the same
-    weighted loss and parameter gradients (the gather's backward adds into float32)."""
+    slots at 0 with weight 0) = per-row slots: each slot gets its token's logits, and the
+    weighted loss and parameter gradients are the same (the gather's backward adds into
+    float32)."""
     from mosaicbert_jax.training.step import masked_lm_sums
     model = MosaicBertForMaskedLM(TINY)
     rng = np.random.default_rng()
@@ -162,24 +149,30 @@ def test_grouped_masked_positions_give_the_per_row_logits_loss_and_gradients(gro
         weights[b, :counts[b]] = 1.0
     labels = rng.integers(5, TINY.vocab_size, size=per_row.shape).astype(np.int32)
     slots = counts.sum() // groups + 3  # room to spare: empty slots must not count
-    grouped, source = _grouped_targets(per_row, counts, groups, seq, slots)
-    valid = source[..., 0] >= 0
-    g_labels = np.where(valid, labels[source[..., 0], source[..., 1]], 0).astype(np.int32)
-    g_weights = valid.astype(np.float32)
+    batch_grouped = group_masked_slots(
+        {"input_ids": ids, "masked_positions": per_row, "masked_weights": weights,
+         "masked_labels": labels}, groups, slots)
+    grouped, g_labels, g_weights = (batch_grouped[k] for k in (
+        "masked_positions", "masked_labels", "masked_weights"))
+    valid = g_weights > 0
+    assert valid.sum() == counts.sum()
     params = _init(model, jax.random.key(4), seq, batch)
 
     def loss(params, positions, labels, weights):
         logits = model.apply({"params": params}, ids, seg, masked_positions=positions)
         return masked_lm_sums(logits, labels, weights)["loss_sum"], logits
 
-    (l_row, logits_row), g_row = jax.value_and_grad(loss, has_aux=True)(
+    (l_row, _), g_row = jax.value_and_grad(loss, has_aux=True)(
         params, per_row, labels, weights)
     (l_grp, logits_grp), g_grp = jax.value_and_grad(loss, has_aux=True)(
         params, grouped, g_labels, g_weights)
     assert logits_grp.shape == (groups, slots, TINY.vocab_size)
-    np.testing.assert_allclose(np.asarray(logits_grp)[valid],
-                               np.asarray(logits_row)[source[valid][:, 0], source[valid][:, 1]],
-                               rtol=1e-5, atol=1e-5)
+    # Each valid grouped slot holds the logits of its (row, token): the dense model's there.
+    dense = np.asarray(model.apply({"params": params}, ids, seg))
+    group, slot = np.nonzero(valid)
+    row = group * (batch // groups) + grouped[group, slot] // seq
+    np.testing.assert_allclose(np.asarray(logits_grp)[group, slot],
+                               dense[row, grouped[group, slot] % seq], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(float(l_grp), float(l_row), rtol=1e-5)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_row),
                             jax.tree_util.tree_leaves(g_grp)):

@@ -215,6 +215,7 @@ def test_the_step_trains_the_same_on_slots_grouped_across_the_batch():
     from mosaicbert_jax.data.synthetic import SyntheticMLMBatches
     from mosaicbert_jax.sharding import batch_sharding, make_mesh
     from mosaicbert_jax.training.step import init_state, make_train_step
+    from model_cases import group_masked_slots
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     model = MosaicBertForMaskedLM(MosaicBertConfig.tiny(vocab_size=256, hidden_dropout_prob=0.0,
                                                         attention_probs_dropout_prob=0.0))
@@ -223,14 +224,7 @@ def test_the_step_trains_the_same_on_slots_grouped_across_the_batch():
     state, shardings = init_state(model, tx, 0, mesh)
     per_row = next(SyntheticMLMBatches(8, 32, 256, seed=5, mean_doc_len=12))
     valid = per_row["masked_weights"] > 0
-    rows, _ = np.nonzero(valid)
-    slots = int(valid.sum()) + 5  # empty slots too
-    grouped = dict(per_row)
-    for key, values in (("masked_positions", rows * 32 + per_row["masked_positions"][valid]),
-                        ("masked_labels", per_row["masked_labels"][valid]),
-                        ("masked_weights", per_row["masked_weights"][valid])):
-        grouped[key] = np.zeros((1, slots), per_row[key].dtype)
-        grouped[key][0, :len(values)] = values
+    grouped = group_masked_slots(per_row, 1, int(valid.sum()) + 5)  # empty slots too
     step = make_train_step(model, tx, schedule, mesh, shardings)
     results = [step(jax.tree_util.tree_map(jnp.copy, state),
                     jax.device_put(batch, batch_sharding(mesh))) for batch in (per_row, grouped)]

@@ -242,7 +242,6 @@ def _dkdv_kernel(plan_ref, slopes_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, 
     k_pos = _positions(k_block * block_k, block_k)
     slope_over_scale = slopes_ref[head] / scale
     log2_scale = scale * LOG2_E
-    sums_dq = dq_ref is not None and db_q_ref is not None
 
     def visit_query_block(q_block, carry, masked):
         rows = pl.ds(pl.multiple_of(q_block * block_q, block_q), block_q)
@@ -273,7 +272,7 @@ def _dkdv_kernel(plan_ref, slopes_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, 
             dq = lax.dot_general(ds_t.astype(k.dtype), k, (((0,), (0,)), ((), ())),
                                  preferred_element_type=jnp.float32) * scale
             dq_ref[rows, :] = dq.astype(dq_ref.dtype)
-            if sums_dq:
+            if db_q_ref is not None:
                 carry["dq_sum"] += jnp.sum(dq, axis=0)
         return carry
 
@@ -282,7 +281,7 @@ def _dkdv_kernel(plan_ref, slopes_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, 
     carry = {"dk": jnp.zeros(k_ref.shape, jnp.float32), "dv": jnp.zeros(k_ref.shape, jnp.float32)}
     if bias_ref is not None:  # rowsum(dS) for the k . b_q term of dK
         carry["ds_sum"] = jnp.zeros((block_k,), jnp.float32)
-    if sums_dq:
+    if db_q_ref is not None:  # given with dq_ref only (one pass)
         carry["dq_sum"] = jnp.zeros((k_ref.shape[1],), jnp.float32)
     carry = _visit_blocks(plan_ref, k_block, visit_query_block, carry, split)
     dk = carry["dk"]
@@ -292,7 +291,7 @@ def _dkdv_kernel(plan_ref, slopes_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, 
     dv_ref[...] = carry["dv"].astype(dv_ref.dtype)
     if db_v_ref is not None:
         db_v_ref[...] = jnp.sum(carry["dv"], axis=0)
-    if sums_dq:
+    if db_q_ref is not None:
         db_q_ref[...] = carry["dq_sum"]
 
 
@@ -601,7 +600,6 @@ def _backward(q, k, v, segment_ids, slopes, out, lse, d_out, scale, sizes: Block
         name="alibi_flash_dq",
     )(*args)
     delta = rest.pop(0) if sizes.delta_in_dq_kernel else delta_source
-    db_q = rest
 
     # Key blocks are the rows here: the same plan with rows and columns swapped.
     bq, bk = sizes.block_q_dkv, sizes.block_k_dkv
@@ -638,16 +636,13 @@ def _backward(q, k, v, segment_ids, slopes, out, lse, d_out, scale, sizes: Block
     )(*args)
     if not fused:
         return (dq, *grads), None
-    d_qkv, *db_v = grads
-    return d_qkv, _bias_grad(db_q, db_v)
+    return grads[0], None if bias is None else _bias_grad(rest[0], grads[1])
 
 
-def _bias_grad(db_q: list, db_v: list):
+def _bias_grad(db_q: jax.Array, db_v: jax.Array) -> jax.Array:
     """[3, heads, head_dim] float32 from the kernels' [batch, heads, blocks, head_dim] partial
-    column sums (lists of one, or empty without a bias); the b_k row is 0."""
-    if not db_q:
-        return None
-    d_q, d_v = (jnp.sum(x[0], axis=(0, 2)) for x in (db_q, db_v))
+    column sums of dQ and dV; the b_k row is 0."""
+    d_q, d_v = (jnp.sum(x, axis=(0, 2)) for x in (db_q, db_v))
     return jnp.stack([d_q, jnp.zeros_like(d_q), d_v])
 
 
@@ -702,8 +697,7 @@ def _one_pass_backward(q, k, v, segment_ids, q_segments, padded_slopes, out, lse
     )(*args)
     if not fused:
         return tuple(grads), None
-    d_qkv, *db = grads
-    return d_qkv, _bias_grad(db[:1], db[1:])
+    return grads[0], None if bias is None else _bias_grad(grads[1], grads[2])
 
 
 def uses_one_pass_backward(seq: int, sizes: BlockSizes) -> bool:
