@@ -321,3 +321,23 @@ def test_fp8_gemm_probe_runs_each_formulation_in_a_child_and_checks_it(tmp_path)
     for gemm in ("f8", "qdq"):   # e4m3 / e5m2 rounding: a few percent, not bf16's 0.3%
         assert all(1e-2 < e < 0.2 for e in rows[gemm]["rel_errors"]), rows[gemm]
     assert all(r["fp8_gemms"] == 0 for r in rows.values())   # no cuBLAS on CPU
+
+
+def test_fp8_gemm_probe_gemms_only_times_the_three_gemms_of_each_dtype(tmp_path):
+    """--gemms-only runs the layer's three GEMMs on operands already in bf16 / float8 (CPU,
+    in a child): both against float32, bf16 within its rounding, float8 with its larger
+    error, and none of them needs a transpose (each operand comes contraction-major)."""
+    out = tmp_path / "gemms.json"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.path.join(ROOT, "benchmarks"),
+               JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "fp8_gemm_probe.py"), "--shapes",
+         "128:64:32", "--iters", "1", "--flag-sets", "", "--gemms-only", "--json", str(out)],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r["gemm"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"bf16_gemms", "f8_gemms"}
+    assert len(rows["bf16_gemms"]["rel_errors"]) == 3
+    assert max(rows["bf16_gemms"]["rel_errors"]) < 1e-2
+    assert all(1e-2 < e < 0.2 for e in rows["f8_gemms"]["rel_errors"]), rows["f8_gemms"]
+    assert all(r["transposes"] == 0 for r in rows.values()), rows
