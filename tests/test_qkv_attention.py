@@ -101,6 +101,8 @@ def test_fused_entry_equals_sliced_kernel_and_xla_on_the_same_qkv(dtype):
     (jnp.float32, 9, dataclasses.replace(SMALL_BLOCKS, unmasked_interior=False)),
     (jnp.float32, 0, BlockSizes(one_pass_backward_max_seq=128)),
     (jnp.float32, 0, dataclasses.replace(SMALL_BLOCKS, delta_in_dq_kernel=False)),
+    # dQ and dK/dV blocks of different sizes: their bias partial sums are reduced apart.
+    (jnp.float32, 0, dataclasses.replace(SMALL_BLOCKS, block_k_dkv=16)),
     (jnp.bfloat16, 0, None),
 ])
 def test_fused_entry_adds_the_projection_bias_as_it_reads_qkv(dtype, window, block_sizes):

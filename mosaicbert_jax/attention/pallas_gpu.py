@@ -641,8 +641,11 @@ def _backward(q, k, v, segment_ids, slopes, out, lse, d_out, scale, sizes: Block
 
 def _bias_grad(db_q: jax.Array, db_v: jax.Array) -> jax.Array:
     """[3, heads, head_dim] float32 from the kernels' [batch, heads, blocks, head_dim] partial
-    column sums of dQ and dV; the b_k row is 0."""
-    d_q, d_v = (jnp.sum(x, axis=(0, 2)) for x in (db_q, db_v))
+    column sums of dQ and dV (one reduction over both); the b_k row is 0."""
+    if db_q.shape != db_v.shape:  # different block counts: one reduction each
+        d_q, d_v = (jnp.sum(x, axis=(0, 2)) for x in (db_q, db_v))
+    else:
+        d_q, d_v = jnp.sum(jnp.stack([db_q, db_v]), axis=(1, 3))
     return jnp.stack([d_q, jnp.zeros_like(d_q), d_v])
 
 

@@ -7,7 +7,8 @@ Two fused ops, each a custom_vjp over one forward and one backward kernel:
 - `dropout_add_layernorm`: LayerNorm(dropout(x + x_bias) + residual). The forward reads x and
   the residual once and writes y plus two float32 row statistics; the backward recomputes the
   normalised input and writes d(x), d(residual) and per-block partial sums of d(scale),
-  d(bias), d(x_bias) (a block of up to 64 rows, walked a few rows at a time).
+  d(bias), d(x_bias) as one [blocks, 3, width] array (a block of up to 64 rows, walked a few
+  rows at a time), which one reduction then sums.
 All arithmetic is float32 in registers; the dropout mask is `dropout.keep_from_position` of
 the element's (row, column), the same mask the unfused `hash_dropout` draws for the same seed.
 """
@@ -282,11 +283,12 @@ def _ln_fwd_kernel(seed_ref, x_ref, xb_ref, r_ref, w_ref, b_ref, y_ref, mean_ref
 def _ln_bwd_kernel(seed_ref, x_ref, xb_ref, r_ref, w_ref, mean_ref, rstd_ref, *refs,
                    rate: float, chunk: int, step_rows: int, copies: int, deferred: bool):
     """One block of rows, `step_rows` at a time; d(scale), d(bias), d(x_bias) are summed
-    over the whole block in registers and written once (deferred: as [step_rows, chunk]
-    tiles, reduced across rows at the end). The cotangents of the `copies` outputs
-    (refs[:copies]) are added here, so that sum costs no pass of its own."""
+    over the whole block in registers and written once, as rows 0, 1, 2 of the block's
+    [3, width] partial sums (deferred: kept as [step_rows, chunk] tiles, reduced across rows
+    at the end). The cotangents of the `copies` outputs (refs[:copies]) are added here, so
+    that sum costs no pass of its own."""
     column_sum = (lambda t: t) if deferred else (lambda t: jnp.sum(t, axis=0))
-    dy_refs, (dx_ref, dr_ref, dw_ref, db_ref, dxb_ref) = refs[:copies], refs[copies:]
+    dy_refs, (dx_ref, dr_ref, partials_ref) = refs[:copies], refs[copies:]
     block, width = x_ref.shape
     ws = _vector_chunks(w_ref, chunk)
     chunks = len(ws)
@@ -326,9 +328,8 @@ def _ln_bwd_kernel(seed_ref, x_ref, xb_ref, r_ref, w_ref, mean_ref, rstd_ref, *r
         sums = tuple(jnp.sum(t, axis=0) for t in sums)
     for c in range(chunks):
         cols = slice(c * chunk, (c + 1) * chunk)
-        dw_ref[cols] = sums[c]
-        db_ref[cols] = sums[chunks + c]
-        dxb_ref[cols] = sums[2 * chunks + c]
+        for row in range(3):  # d(scale), d(bias), d(x_bias)
+            partials_ref[row, cols] = sums[row * chunks + c]
 
 
 def _ln_specs(rows: int, width: int, block_rows: int):
@@ -371,27 +372,28 @@ def _ln_bwd(rate, eps, blocks, interpret, copies, residuals, dys):
     rows, width = x.shape
     br, row_spec, vec_spec, stat_spec = _ln_specs(rows, width, blocks.ln_block_rows_bwd)
     step_rows = min(blocks.ln_rows_bwd, br)
-    partial_spec = pl.BlockSpec((None, width), lambda i: (i, 0))
+    # One [3, width] row of partial sums per block, so one reduction after the kernel sums
+    # all three (three arrays took three reduction kernels).
+    partial_spec = pl.BlockSpec((None, 3, width), lambda i: (i, 0, 0))
     groups = rows // br
-    partial_shape = jax.ShapeDtypeStruct((groups, width), jnp.float32)
-    dx, dr, dw, db, dxb = pl.pallas_call(
+    dx, dr, partials = pl.pallas_call(
         functools.partial(_ln_bwd_kernel, rate=rate, chunk=_chunk(width),
                           step_rows=step_rows, copies=copies,
                           deferred=blocks.ln_deferred_sums_bwd),
         grid=(groups,),
         in_specs=[pl.BlockSpec((2,), lambda i: (0,)), row_spec, vec_spec, row_spec, vec_spec,
                   stat_spec, stat_spec] + [row_spec] * copies,
-        out_specs=[row_spec, row_spec, partial_spec, partial_spec, partial_spec],
+        out_specs=[row_spec, row_spec, partial_spec],
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype),
                    jax.ShapeDtypeStruct(residual.shape, residual.dtype),
-                   partial_shape, partial_shape, partial_shape],
+                   jax.ShapeDtypeStruct((groups, 3, width), jnp.float32)],
         compiler_params=plgpu.CompilerParams(num_warps=blocks.ln_warps_bwd,
                                              num_stages=blocks.ln_stages_bwd),
         interpret=interpret, name="dropout_add_layernorm_bwd",
     )(seed, x, x_bias, residual, scale, mean, rstd, *dys)
-    sums = [jnp.sum(p, axis=0).astype(like.dtype)
-            for p, like in ((dxb, x_bias), (dw, scale), (db, bias))]
-    return (dx, sums[0], dr, sums[1], sums[2], None)
+    d_scale, d_bias, d_x_bias = jnp.sum(partials, axis=0)
+    return (dx, d_x_bias.astype(x_bias.dtype), dr, d_scale.astype(scale.dtype),
+            d_bias.astype(bias.dtype), None)
 
 
 _ln.defvjp(_ln_fwd, _ln_bwd)
