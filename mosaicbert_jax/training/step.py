@@ -54,7 +54,8 @@ def global_norm(tree: Any, small: int = 1 << 16) -> jax.Array:
 
     Leaves of at most `small` elements (biases, LayerNorm scales: about 90 of BERT-base's 140)
     are stacked by shape and reduced together, one reduction kernel per shape instead of one
-    per leaf (stacking same-shape leaves keeps their sharding)."""
+    per leaf. Same-shape leaves mostly share their sharding, so the stack moves no data; where
+    they do not, XLA reshards those few small vectors."""
     squares, by_shape = [], {}
     for x in jax.tree_util.tree_leaves(tree):
         if x.size <= small:
