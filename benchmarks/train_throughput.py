@@ -8,7 +8,7 @@ BertForMaskedLM (bf16 autocast, SDPA) at the same batch in a subprocess.
 
   PYTHONPATH=. python benchmarks/train_throughput.py --cases base:128:256,base:512:64
 --precision bf16,fp8 (or --fp8) times each case with the FP8 GEMMs (model.fp8) beside bf16;
-fp8-qdq is the same with model.fp8_gemm="qdq" (see mosaicbert_jax/fp8.py).
+fp8-qdq and fp8-mlp are the same with model.fp8_gemm "qdq" or "mlp" (see mosaicbert_jax/fp8.py).
 On several GPUs, --scaling times each case on one GPU and then on all of them with a
 data-parallel and an FSDP mesh, and prints per-GPU throughput and scaling efficiency.
 """
@@ -117,8 +117,8 @@ def time_train_step(preset: str, seq_len: int, batch_per_device: int, attention:
     """`precision` fp8 sets model.fp8 (the FP8 GEMMs; fp8-qdq: with model.fp8_gemm qdq),
     over model_overrides."""
     model_overrides = {**(model_overrides or {}), "fp8": precision.startswith("fp8")}
-    if precision == "fp8-qdq":
-        model_overrides["fp8_gemm"] = "qdq"
+    if precision.startswith("fp8-"):
+        model_overrides["fp8_gemm"] = precision[len("fp8-"):]
     step, state, batches, cfg, mesh = build_train_step(
         preset, seq_len, batch_per_device, attention, mesh_axes, microbatches, remat,
         mean_doc_len, dropout_rng, devices, fused, model_overrides)
@@ -235,7 +235,7 @@ def main() -> None:
     add_tile_flags(parser)
     parser.add_argument("--precision", default="bf16",
                         help="comma list: bf16 (the default model), fp8 (model.fp8: FP8 GEMMs), "
-                             "fp8-qdq (the same with model.fp8_gemm=qdq)")
+                             "fp8-qdq, fp8-mlp (the same with model.fp8_gemm qdq or mlp)")
     parser.add_argument("--fp8", action="store_true", help="shorthand for --precision bf16,fp8")
     parser.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1")
     parser.add_argument("--scaling", action="store_true",
@@ -256,8 +256,9 @@ def main() -> None:
     if args.fp8:
         args.precision = "bf16,fp8"
     precisions = args.precision.split(",")
-    if set(precisions) - {"bf16", "fp8", "fp8-qdq"}:
-        parser.error(f"--precision={args.precision}: use a comma list of bf16, fp8, fp8-qdq")
+    known = ["bf16", "fp8"] + [f"fp8-{gemm}" for gemm in ("qdq", "mlp")]
+    if set(precisions) - set(known):
+        parser.error(f"--precision={args.precision}: use a comma list of {', '.join(known)}")
     if not args.no_xla_defaults:
         apply_gpu_defaults()  # what the train command runs with
     apply_tile_flags(parser, args)

@@ -69,7 +69,8 @@ class MosaicBertConfig:
     # learning-curve benchmark shows parity; the scaling stats keep `fp8_amax_history` amaxes.
     fp8: bool = False
     fp8_amax_history: int = 16
-    # How the FP8 GEMMs are written for XLA: "f8" (float8 operands) or "qdq" (fp8.GEMMS).
+    # How the FP8 GEMMs are written for XLA: "f8" (float8 operands), "qdq", or "mlp" (only the
+    # GLU MLP in FP8, quantised inside its kernels: fused/fp8_mlp.py); see fp8.GEMMS.
     fp8_gemm: str = "f8"
     num_labels: int = 2
     classifier_dropout_prob: Optional[float] = None
@@ -106,8 +107,12 @@ class MosaicBertConfig:
         if not isinstance(self.fp8, bool):
             raise ValueError(f"fp8={self.fp8!r} must be True or False")
         if self.fp8_gemm not in FP8_GEMMS:
-            raise ValueError(f"fp8_gemm={self.fp8_gemm!r} must be "
-                             + " or ".join(map(repr, FP8_GEMMS)))
+            raise ValueError(f"fp8_gemm={self.fp8_gemm!r} must be one of "
+                             + ", ".join(map(repr, FP8_GEMMS)))
+        if self.fp8 and self.fp8_gemm == "mlp" and self.dropout_rng != "hash":
+            raise ValueError(f"fp8_gemm='mlp' drops the MLP's activations with hash dropout "
+                             f"masks but dropout_rng={self.dropout_rng!r}; use "
+                             f"dropout_rng='hash' or fp8_gemm='f8'")
         if (isinstance(self.fp8_amax_history, bool) or not isinstance(self.fp8_amax_history, int)
                 or self.fp8_amax_history < 1):
             raise ValueError(f"fp8_amax_history={self.fp8_amax_history!r} must be an int >= 1 "

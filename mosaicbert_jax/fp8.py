@@ -37,7 +37,10 @@ STATS = "fp8_stats"  # the flax variable collection holding every FP8 dot's stat
 FORWARD_DTYPE = jnp.float8_e4m3fn   # activations and kernels
 BACKWARD_DTYPE = jnp.float8_e5m2    # output gradients
 TENSORS = ("input", "kernel", "output_grad")
-GEMMS = ("f8", "qdq")  # the two formulations (module docstring); model.fp8_gemm picks one
+# The formulations (module docstring), model.fp8_gemm picks one; "mlp" puts only the GLU MLP's
+# two GEMMs in FP8, its wide operands quantised inside the GLU kernels (fused/fp8_mlp.py), and
+# leaves the attention GEMMs in the compute dtype.
+GEMMS = ("f8", "qdq", "mlp")
 MARGIN = 0
 
 
@@ -77,9 +80,15 @@ def _amax(x: jax.Array) -> jax.Array:
     return jnp.max(jnp.abs(x)).astype(jnp.float32)
 
 
-def _next_stats(x: jax.Array, scale: jax.Array, history: jax.Array, fp8_dtype: Any):
-    history = roll_history(history, _amax(x))
+def next_stats_from_amax(amax: jax.Array, scale: jax.Array, history: jax.Array,
+                         fp8_dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """(next scale, next history) once a tensor measured `amax` this step."""
+    history = roll_history(history, amax)
     return scale_from_history(history, scale, fp8_dtype), history
+
+
+def _next_stats(x: jax.Array, scale: jax.Array, history: jax.Array, fp8_dtype: Any):
+    return next_stats_from_amax(_amax(x), scale, history, fp8_dtype)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -121,7 +130,7 @@ def _qdq_cotangent_bwd(fp8_dtype, residual, g):
 qdq_cotangent.defvjp(_qdq_cotangent_fwd, _qdq_cotangent_bwd)
 
 
-def _scaled_dot(a: jax.Array, b: jax.Array, dims: Any, scale: jax.Array, dtype: Any):
+def scaled_dot(a: jax.Array, b: jax.Array, dims: Any, scale: jax.Array, dtype: Any):
     """dot_general of two float8 arrays, accumulated in float32, as `dtype`, times `scale`."""
     out = jax.lax.dot_general(a, b, dims, preferred_element_type=dtype)
     return out * scale.astype(dtype)
@@ -146,7 +155,7 @@ def _fp8_matmul_fwd(dtype, x, w, x_stats, w_stats, g_stats):
     (x_scale, _), (w_scale, _) = x_stats, w_stats
     qx = quantize(x.reshape(-1, x.shape[-1]), FORWARD_DTYPE, x_scale)
     qw = quantize(w, FORWARD_DTYPE, w_scale)
-    y = _scaled_dot(qx, qw, _MATMUL, x_scale * w_scale, dtype)
+    y = scaled_dot(qx, qw, _MATMUL, x_scale * w_scale, dtype)
     new_x = _next_stats(x, *x_stats, FORWARD_DTYPE)
     new_w = _next_stats(w, *w_stats, FORWARD_DTYPE)
     return y.reshape(x.shape[:-1] + w.shape[1:]), (qx, qw, x_scale, w_scale, g_stats, new_x,
@@ -157,8 +166,8 @@ def _fp8_matmul_bwd(dtype, residual, g):
     qx, qw, x_scale, w_scale, (g_scale, g_history), new_x, new_w = residual
     g2 = g.reshape(-1, g.shape[-1])
     qg = quantize(g2, BACKWARD_DTYPE, g_scale)
-    dx = _scaled_dot(qg, qw, _GRAD_LHS, g_scale * w_scale, dtype)
-    dw = _scaled_dot(qx, qg, _GRAD_RHS, x_scale * g_scale, dtype)
+    dx = scaled_dot(qg, qw, _GRAD_LHS, g_scale * w_scale, dtype)
+    dw = scaled_dot(qx, qg, _GRAD_RHS, x_scale * g_scale, dtype)
     new_g = _next_stats(g, g_scale, g_history, BACKWARD_DTYPE)
     return dx.reshape(g.shape[:-1] + qx.shape[-1:]), dw, new_x, new_w, new_g
 
@@ -179,6 +188,28 @@ def qdq_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, x_st
     return qdq_cotangent(BACKWARD_DTYPE, out, *g_stats)
 
 
+def stats_variables(module: nn.Module, history_length: int) -> Optional[dict]:
+    """tensor -> (scale, amax_history) of `module`'s STATS variables (created when
+    initialising), for tensor in TENSORS; None when the module is applied without them."""
+    if not (module.is_initializing() or module.has_variable(STATS, "input_scale")):
+        return None
+    return {tensor: (
+        module.variable(STATS, f"{tensor}_scale", jnp.ones, (), jnp.float32).value,
+        module.variable(STATS, f"{tensor}_amax_history", jnp.zeros, (history_length,),
+                        jnp.float32).value) for tensor in TENSORS}
+
+
+class Fp8Stats(nn.Module):
+    """The STATS of one FP8 GEMM that is not an Fp8DotGeneral (the FP8 MLP's): calling it
+    gives stats_variables' dict, or None without the collection."""
+
+    history_length: int = 16
+
+    @nn.compact
+    def __call__(self) -> Optional[dict]:
+        return stats_variables(self, self.history_length)
+
+
 class Fp8DotGeneral(nn.Module):
     """lax.dot_general with e4m3 operands and an e5m2 output gradient, delayed scaling.
 
@@ -191,15 +222,10 @@ class Fp8DotGeneral(nn.Module):
     @nn.compact
     def __call__(self, lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any,
                  precision: Any = None, preferred_element_type: Optional[Any] = None):
-        if not (self.is_initializing() or self.has_variable(STATS, "input_scale")):
+        stats = stats_variables(self, self.history_length)
+        if stats is None:
             return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                        preferred_element_type=preferred_element_type)
-        stats = {}
-        for tensor in TENSORS:
-            stats[tensor] = (
-                self.variable(STATS, f"{tensor}_scale", jnp.ones, (), jnp.float32).value,
-                self.variable(STATS, f"{tensor}_amax_history", jnp.zeros,
-                              (self.history_length,), jnp.float32).value)
         compute_dtype = jnp.result_type(lhs, rhs)
         plain_matmul = (tuple(map(tuple, dimension_numbers[0])) == ((lhs.ndim - 1,), (0,))
                         and not any(dimension_numbers[1]) and rhs.ndim == 2)
@@ -213,8 +239,11 @@ class Fp8DotGeneral(nn.Module):
 
 
 def dot_general_cls(enabled: bool, history_length: int, gemm: str = "f8") -> Any:
-    """What to pass as nn.Dense(dot_general_cls=...): None (plain dot) or an Fp8DotGeneral."""
-    return partial(Fp8DotGeneral, history_length=history_length, gemm=gemm) if enabled else None
+    """What to pass as nn.Dense(dot_general_cls=...): None (plain dot) or an Fp8DotGeneral.
+    None too for gemm "mlp": there the MLP's own op is FP8 and every other GEMM is not."""
+    if not enabled or gemm == "mlp":
+        return None
+    return partial(Fp8DotGeneral, history_length=history_length, gemm=gemm)
 
 
 def combine_microbatch_stats(a: Any, b: Any) -> Any:

@@ -20,6 +20,7 @@ from mosaicbert_jax import fp8, fused
 from mosaicbert_jax.attention import alibi_slopes, attention_qkv
 from mosaicbert_jax.config import MLM_HEAD_LAYER_NORM_EPS, MosaicBertConfig
 from mosaicbert_jax.dropout import Dropout
+from mosaicbert_jax.fused import fp8_mlp
 from mosaicbert_jax.fused.reference import gelu
 
 
@@ -141,6 +142,27 @@ def _fused_impl(name: str, cfg: MosaicBertConfig, width: int) -> str:
     return fused.resolve(getattr(cfg, name), width, cfg.dropout_rng)
 
 
+def _dense_params(module: nn.Module, cfg: MosaicBertConfig, in_features: int, features: int,
+                  use_bias: bool = True) -> tuple[jax.Array, Optional[jax.Array]]:
+    """nn.Dense's kernel and bias (same names, shapes, inits), declared in `module`."""
+    kernel = module.param("kernel", _dense_init(cfg), (in_features, features), cfg.param_dtype)
+    bias = (module.param("bias", nn.initializers.zeros, (features,), cfg.param_dtype)
+            if use_bias else None)
+    return kernel, bias
+
+
+class DenseParams(nn.Module):
+    """nn.Dense's parameters only, for an op that does its own matmuls (the FP8 MLP)."""
+
+    features: int
+    config: MosaicBertConfig
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, in_features: int) -> tuple[jax.Array, Optional[jax.Array]]:
+        return _dense_params(self, self.config, in_features, self.features, self.use_bias)
+
+
 class DenseBiasApart(nn.Module):
     """nn.Dense's parameters (same names, shapes, inits) and matmul, returning the bias
     instead of adding it, so the fused LayerNorm kernel adds it without another pass
@@ -152,9 +174,7 @@ class DenseBiasApart(nn.Module):
     @nn.compact
     def __call__(self, x) -> tuple[jax.Array, jax.Array]:
         cfg = self.config
-        kernel = self.param("kernel", _dense_init(cfg), (x.shape[-1], self.features),
-                            cfg.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), cfg.param_dtype)
+        kernel, bias = _dense_params(self, cfg, x.shape[-1], self.features)
         fp8_dot = fp8.dot_general_cls(cfg.fp8, cfg.fp8_amax_history, cfg.fp8_gemm)
         dot = fp8_dot() if fp8_dot else jax.lax.dot_general
         y = dot(x.astype(cfg.dtype), kernel.astype(cfg.dtype), (((x.ndim - 1,), (0,)), ((), ())))
@@ -214,6 +234,11 @@ class MosaicBertGatedMLP(nn.Module):
     def __call__(self, x, deterministic: bool):
         cfg = self.config
         x, residual = _per_consumer(x)
+        if cfg.fp8 and cfg.fp8_gemm == "mlp":
+            up, down = (fp8.Fp8Stats(cfg.fp8_amax_history, name=name)()
+                        for name in ("gated_layers_fp8", "wo_fp8"))
+            if up is not None:  # training: FP8; without the stats, the plain MLP below
+                return self._fp8_mlp(x, residual, up, down, deterministic)
         h = _big_dense(cfg, 2 * cfg.intermediate_size, "gated_layers", use_bias=False)(x)
         dropout = Dropout(cfg.hidden_dropout_prob, cfg.dropout_rng)
         impl = _fused_impl("glu_implementation", cfg, cfg.intermediate_size)
@@ -226,6 +251,25 @@ class MosaicBertGatedMLP(nn.Module):
             h = fused.glu_dropout(h, seed, rate, impl)
         return _dense_add_layernorm(cfg, h, residual, None, deterministic, "wo", "layernorm",
                                     copies=self.copies)
+
+    def _fp8_mlp(self, x, residual, up: dict, down: dict, deterministic: bool):
+        """fp8_gemm "mlp": the same parameters and computation, both GEMMs in FP8 with the
+        GLU kernels quantising the wide tensors (fused/fp8_mlp.py), then the LayerNorm."""
+        cfg = self.config
+        w_up, _ = DenseParams(2 * cfg.intermediate_size, cfg, use_bias=False,
+                              name="gated_layers")(x.shape[-1])
+        w_down, b_down = DenseParams(cfg.hidden_size, cfg, name="wo")(cfg.intermediate_size)
+        seed, rate = Dropout(cfg.hidden_dropout_prob, cfg.dropout_rng).hash_seed(deterministic)
+        y = fp8_mlp.glu_mlp(x.reshape(-1, x.shape[-1]).astype(cfg.dtype),
+                            w_up.astype(cfg.dtype), w_down.astype(cfg.dtype), seed, up, down,
+                            rate, _fused_impl("glu_implementation", cfg, cfg.intermediate_size),
+                            cfg.dtype)
+        scale, bias = LayerNormParams(cfg, name="layernorm")()
+        return fused.dropout_add_layernorm(
+            y.reshape(x.shape[:-1] + (cfg.hidden_size,)), residual, scale, bias,
+            jnp.zeros((2,), jnp.uint32), 0.0, cfg.layer_norm_eps, b_down,
+            implementation=_fused_impl("layernorm_implementation", cfg, cfg.hidden_size),
+            copies=self.copies)
 
 
 def gather_positions(x: jax.Array, positions: jax.Array) -> jax.Array:

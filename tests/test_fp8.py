@@ -141,7 +141,7 @@ def test_fp8_gemm_modes_quantize_alike_in_a_model(setup):
     variables = {"params": params, fp8.STATS: setup["state"]["fp8"]}
     stats = _stats_after_one_pass(setup["model"], variables, batch)
     logits = {}
-    for gemm in fp8.GEMMS:
+    for gemm in ("f8", "qdq"):
         model = MosaicBertForMaskedLM(tiny(fp8=True, fp8_gemm=gemm))
         logits[gemm] = _centred_logits(model, {"params": params, fp8.STATS: stats}, batch)
         again = _stats_after_one_pass(model, variables, batch)
@@ -153,8 +153,10 @@ def test_fp8_gemm_modes_quantize_alike_in_a_model(setup):
 
 
 def test_config_rejects_bad_fp8_values():
-    with pytest.raises(ValueError, match="fp8_gemm='fp16' must be 'f8' or 'qdq'"):
+    with pytest.raises(ValueError, match="fp8_gemm='fp16' must be one of 'f8', 'qdq', 'mlp'"):
         tiny(fp8=True, fp8_gemm="fp16")
+    with pytest.raises(ValueError, match="fp8_gemm='mlp' drops .* dropout_rng='threefry'"):
+        tiny(fp8=True, fp8_gemm="mlp", dropout_rng="threefry")
 
     with pytest.raises(ValueError, match="fp8='True' must be True or False"):
         tiny(fp8="True")
@@ -359,3 +361,34 @@ def test_resume_check_names_the_fp8_setting_of_the_checkpoint():
     check_same_fp8(on, dict(on), 10, "/w")
     with pytest.raises(UserError, match=r"--config\.model\.fp8=False"):
         check_same_fp8({"hidden_size": 128}, on, 10, "/w")
+
+
+def test_fp8_mlp_model_quantizes_only_the_mlp_and_trains(setup):
+    """fp8_gemm "mlp": the same params as the bf16 model, stats only for the MLP's two GEMMs,
+    logits close to but not the full-precision ones once calibrated, the plain model without
+    the stats, and a train step that records every stat (fused/fp8_mlp.py)."""
+    batch, params = setup["batch"], setup["state"]["params"]
+    model = MosaicBertForMaskedLM(tiny(fp8=True, fp8_gemm="mlp"))
+    ids = jnp.ones((1, 8), jnp.int32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, ids))
+    assert jax.tree_util.tree_structure(shapes["params"]) == jax.tree_util.tree_structure(params)
+    assert set(at(shapes[fp8.STATS], LAYER0)) == {"mlp"}
+    assert set(at(shapes[fp8.STATS], LAYER0 + ("mlp",))) == {"gated_layers_fp8", "wo_fp8"}
+    stats = jax.tree_util.tree_map(lambda s: jnp.ones(s.shape, s.dtype)
+                                   if s.ndim == 0 else jnp.zeros(s.shape, s.dtype),
+                                   shapes[fp8.STATS])
+    calibrated = _stats_after_one_pass(model, {"params": params, fp8.STATS: stats}, batch)
+    exact = _centred_logits(MosaicBertForMaskedLM(tiny()), {"params": params}, batch)
+    quantized = _centred_logits(model, {"params": params, fp8.STATS: calibrated}, batch)
+    error = np.linalg.norm(quantized - exact) / np.linalg.norm(exact)
+    assert 5e-4 < error < 2e-2, error
+    np.testing.assert_array_equal(_centred_logits(model, {"params": params}, batch), exact)
+
+    mesh = setup["mesh"]
+    state, shardings = init_state(model, setup["tx"], 0, mesh)
+    step = make_train_step(model, setup["tx"], setup["schedule"], mesh, shardings)
+    new_state, metrics = step(state, batch)
+    assert float(metrics["finite"]) == 1.0 and np.isfinite(float(metrics["loss"]))
+    for leaf_path, leaf in jax.tree_util.tree_flatten_with_path(new_state["fp8"])[0]:
+        if "amax_history" in jax.tree_util.keystr(leaf_path):
+            assert float(leaf[0]) > 0, jax.tree_util.keystr(leaf_path)

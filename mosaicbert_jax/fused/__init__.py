@@ -2,7 +2,9 @@
 
 `glu_dropout(h, seed, rate, implementation)`: dropout(gelu(a) * b) for h = [a | b].
 `dropout_add_layernorm(x, residual, scale, bias, seed, rate, eps, x_bias, implementation)`:
-LayerNorm(dropout(x + x_bias) + residual), x_bias being the bias of the dense layer before. Implementations: "xla" (the plain composition in
+LayerNorm(dropout(x + x_bias) + residual), x_bias being the bias of the dense layer before.
+`glu_dropout_fp8` / `glu_dropout_fp8_grad`: the GLU and its gradient written as float8 (for
+the FP8 MLP, fused/fp8_mlp.py). Implementations: "xla" (the plain composition in
 reference.py, the model's unfused path), "pallas" (mosaicbert_jax/fused/pallas_gpu.py, GPU),
 "pallas_interpret" (the same kernels in the Pallas interpreter, any backend: for tests), and
 "auto" (pallas on CUDA GPUs of compute capability >= 8.0, xla elsewhere). Every path drops
@@ -53,6 +55,30 @@ def glu_dropout(h: jax.Array, seed: jax.Array, rate: float,
     return pallas_gpu.glu_dropout(h, seed, rate, interpret=impl == "pallas_interpret")
 
 
+def glu_dropout_fp8(h: jax.Array, seed: jax.Array, rate: float, inv_scale: jax.Array,
+                    fp8_dtype, implementation: str = "auto"):
+    """glu_dropout of h [rows, 2w] times inv_scale as fp8_dtype: (q [rows, w], q transposed,
+    float32 amax before quantising); the FP8 MLP's forward (fused/fp8_mlp.py)."""
+    impl = resolve(implementation, h.shape[-1] // 2)
+    if impl == "xla":
+        return reference.glu_dropout_fp8(h, seed, rate, inv_scale, fp8_dtype)
+    from mosaicbert_jax.fused import pallas_gpu
+    return pallas_gpu.glu_dropout_fp8(h, seed, rate, inv_scale, fp8_dtype,
+                                      interpret=impl == "pallas_interpret")
+
+
+def glu_dropout_fp8_grad(h: jax.Array, g: jax.Array, seed: jax.Array, rate: float,
+                         inv_scale: jax.Array, fp8_dtype, implementation: str = "auto"):
+    """glu_dropout's gradient at h for cotangent g, times inv_scale as fp8_dtype: (q [rows,
+    2w], q transposed, float32 amax); the FP8 MLP's backward."""
+    impl = resolve(implementation, g.shape[-1])
+    if impl == "xla":
+        return reference.glu_dropout_fp8_grad(h, g, seed, rate, inv_scale, fp8_dtype)
+    from mosaicbert_jax.fused import pallas_gpu
+    return pallas_gpu.glu_dropout_fp8_grad(h, g, seed, rate, inv_scale, fp8_dtype,
+                                           interpret=impl == "pallas_interpret")
+
+
 def dropout_add_layernorm(x: jax.Array, residual: jax.Array, scale: jax.Array,
                           bias: jax.Array, seed: jax.Array, rate: float, eps: float,
                           x_bias: Optional[jax.Array] = None, *,
@@ -71,4 +97,5 @@ def dropout_add_layernorm(x: jax.Array, residual: jax.Array, scale: jax.Array,
                                             copies=copies)
 
 
-__all__ = ["IMPLEMENTATIONS", "dropout_add_layernorm", "glu_dropout", "resolve"]
+__all__ = ["IMPLEMENTATIONS", "dropout_add_layernorm", "glu_dropout", "glu_dropout_fp8",
+           "glu_dropout_fp8_grad", "resolve"]

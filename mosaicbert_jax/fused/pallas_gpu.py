@@ -1,6 +1,7 @@
 """Pallas (Triton backend) kernels for the memory-bound half of a MosaicBERT layer.
 
-Two fused ops, each a custom_vjp over one forward and one backward kernel:
+Two fused ops, each a custom_vjp over one forward and one backward kernel (and, for the FP8
+MLP, the two GLU kernels again with float8 outputs: `glu_dropout_fp8`, `glu_dropout_fp8_grad`):
 - `glu_dropout`: dropout(gelu(a) * b) from the up-projection h = [a | b]. The forward reads h
   once and writes the product once; the backward reads h and the cotangent once and writes dh
   once. Nothing else is stored: GELU, its derivative and the dropout mask are recomputed.
@@ -68,6 +69,15 @@ class FusedBlocks:
     # 2.18 TB/s alone, 3.03 to 2.58 ms a base step, 635,299 to 642,720 tokens/s (session 7).
     ln_stages_bwd: int = 1
     ln_deferred_sums_bwd: bool = True
+    # The GLU kernels that write their output as float8, row-major and transposed (the FP8
+    # MLP, fused/fp8_mlp.py): 32 rows a tile, so each transposed row written is 32 bytes (one
+    # memory sector) long.
+    glu_fp8_rows: int = 32
+    glu_fp8_cols: int = 128
+    glu_fp8_warps: int = 4
+    glu_fp8_rows_bwd: int = 32
+    glu_fp8_cols_bwd: int = 128
+    glu_fp8_warps_bwd: int = 4
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -233,6 +243,122 @@ def glu_dropout(h: jax.Array, seed: jax.Array, rate: float, interpret: bool = Fa
     out = _glu(flat, seed.astype(jnp.uint32), float(rate), blocks or default_blocks(),
                interpret)
     return out.reshape(h.shape[:-1] + (width,))
+
+
+# ----------------------------------------------------------------------------- GLU, float8 out
+
+def _to_fp8(y: jax.Array, inv_scale: jax.Array, fp8_dtype) -> jax.Array:
+    """y * inv_scale clipped to the dtype's finite range, as fp8_dtype (what fp8.quantize
+    computes, with the reciprocal of the scale taken once outside the kernel)."""
+    limit = float(jnp.finfo(fp8_dtype).max)
+    return jnp.clip(y * inv_scale, -limit, limit).astype(fp8_dtype)
+
+
+def _tile_amax(*tiles: jax.Array) -> jax.Array:
+    """max |t| over every element of the tiles, as a [1, 1] float32 tile."""
+    amaxes = [jnp.max(jnp.abs(t), axis=(0, 1), keepdims=True) for t in tiles]
+    return functools.reduce(jnp.maximum, amaxes)
+
+
+def _glu_fp8_fwd_kernel(seed_ref, inv_ref, h_ref, q_ref, qt_ref, amax_ref, *, rate: float,
+                        fast: bool, fp8_dtype):
+    rows, cols = q_ref.shape
+    a = h_ref[:, 0, :].astype(jnp.float32)
+    b = h_ref[:, 1, :].astype(jnp.float32)
+    y = _gelu_parts(a, fast)[0] * b
+    if rate > 0.0:
+        keep = _keep(seed_ref, pl.program_id(0) * rows, rows, pl.program_id(1) * cols, cols,
+                     rate)
+        y = jnp.where(keep, y * (1.0 / (1.0 - rate)), 0.0)
+    q = _to_fp8(y, inv_ref[0], fp8_dtype)
+    q_ref[...] = q
+    qt_ref[...] = q.T
+    amax_ref[...] = _tile_amax(y)
+
+
+def _glu_fp8_bwd_kernel(seed_ref, inv_ref, h_ref, g_ref, q_ref, qt_ref, amax_ref, *,
+                        rate: float, fast: bool, fp8_dtype):
+    rows, cols = g_ref.shape
+    a = h_ref[:, 0, :].astype(jnp.float32)
+    b = h_ref[:, 1, :].astype(jnp.float32)
+    g = g_ref[...].astype(jnp.float32)
+    if rate > 0.0:
+        keep = _keep(seed_ref, pl.program_id(0) * rows, rows, pl.program_id(1) * cols, cols,
+                     rate)
+        g = jnp.where(keep, g * (1.0 / (1.0 - rate)), 0.0)
+    gelu, dgelu = _gelu_parts(a, fast)
+    da, db = g * b * dgelu, g * gelu
+    for slot, d in enumerate((da, db)):
+        q = _to_fp8(d, inv_ref[0], fp8_dtype)
+        q_ref[:, slot, :] = q
+        qt_ref[slot] = q.T
+    amax_ref[...] = _tile_amax(da, db)
+
+
+def _glu_fp8_call(kernel, rows: int, width: int, tiles: tuple[int, int, int], fp8_dtype,
+                  backward: bool, interpret: bool, name: str):
+    """pallas_call of a float8-out GLU kernel over [rows, width] tiles: outputs q (the
+    forward's [rows, width], the backward's [rows, 2, width]), q transposed ([width, rows] /
+    [2, width, rows]) and one amax per tile."""
+    block_rows, block_cols, warps = tiles
+    br = _largest_pow2_divisor(rows, block_rows)
+    bc = _largest_pow2_divisor(width, block_cols)
+    grid = (rows // br, width // bc)
+    h_spec = pl.BlockSpec((br, 2, bc), lambda i, j: (i, 0, j))
+    g_spec = pl.BlockSpec((br, bc), lambda i, j: (i, j))
+    if backward:
+        q_spec, q_shape = h_spec, (rows, 2, width)
+        qt_spec, qt_shape = pl.BlockSpec((2, bc, br), lambda i, j: (0, j, i)), (2, width, rows)
+    else:
+        q_spec, q_shape = g_spec, (rows, width)
+        qt_spec, qt_shape = pl.BlockSpec((bc, br), lambda i, j: (j, i)), (width, rows)
+    scalar_spec = pl.BlockSpec((1,), lambda i, j: (0,))
+    return pl.pallas_call(
+        kernel, grid=grid,
+        in_specs=[pl.BlockSpec((2,), lambda i, j: (0,)), scalar_spec, h_spec]
+        + [g_spec] * backward,
+        out_specs=[q_spec, qt_spec, pl.BlockSpec((1, 1), lambda i, j: (i, j))],
+        out_shape=[jax.ShapeDtypeStruct(q_shape, fp8_dtype),
+                   jax.ShapeDtypeStruct(qt_shape, fp8_dtype),
+                   jax.ShapeDtypeStruct(grid, jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
+        interpret=interpret, name=name)
+
+
+def glu_dropout_fp8(h: jax.Array, seed: jax.Array, rate: float, inv_scale: jax.Array,
+                    fp8_dtype, interpret: bool = False,
+                    blocks: Optional[FusedBlocks] = None):
+    """dropout(gelu(a) * b) for h = [a | b] ([rows, 2 * width]), times inv_scale, as
+    fp8_dtype: (q [rows, width], q transposed [width, rows], the float32 amax of the product
+    before quantising). One pass over h; the transposed copy is the contraction-major operand
+    of the next GEMM's weight gradient."""
+    blocks = blocks or default_blocks()
+    rows, width = h.shape[0], h.shape[1] // 2
+    call = _glu_fp8_call(
+        functools.partial(_glu_fp8_fwd_kernel, rate=float(rate), fast=not interpret,
+                          fp8_dtype=fp8_dtype), rows, width,
+        (blocks.glu_fp8_rows, blocks.glu_fp8_cols, blocks.glu_fp8_warps), fp8_dtype, False,
+        interpret, "glu_dropout_fp8_fwd")
+    q, qt, amax = call(seed.astype(jnp.uint32), inv_scale.astype(jnp.float32).reshape(1),
+                       h.reshape(rows, 2, width))
+    return q, qt, jnp.max(amax)
+
+
+def glu_dropout_fp8_grad(h: jax.Array, g: jax.Array, seed: jax.Array, rate: float,
+                         inv_scale: jax.Array, fp8_dtype, interpret: bool = False,
+                         blocks: Optional[FusedBlocks] = None):
+    """The gradient of glu_dropout at h for the cotangent g ([rows, width]), times inv_scale,
+    as fp8_dtype: (q [rows, 2 * width], q transposed [2 * width, rows], float32 amax)."""
+    blocks = blocks or default_blocks()
+    rows, width = g.shape
+    call = _glu_fp8_call(
+        functools.partial(_glu_fp8_bwd_kernel, rate=float(rate), fast=not interpret,
+                          fp8_dtype=fp8_dtype), rows, width,
+        (blocks.glu_fp8_rows_bwd, blocks.glu_fp8_cols_bwd, blocks.glu_fp8_warps_bwd),
+        fp8_dtype, True, interpret, "glu_dropout_fp8_bwd")
+    q, qt, amax = call(seed.astype(jnp.uint32), inv_scale.astype(jnp.float32).reshape(1),
+                       h.reshape(rows, 2, width), g)
+    return q.reshape(rows, 2 * width), qt.reshape(2 * width, rows), jnp.max(amax)
 
 
 # ----------------------------------------------------------------------------- LayerNorm

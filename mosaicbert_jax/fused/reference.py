@@ -31,6 +31,31 @@ def glu_dropout(h: jax.Array, seed: jax.Array, rate: float) -> jax.Array:
     return _dropout(out, seed, rate)
 
 
+def to_fp8(y: jax.Array, inv_scale: jax.Array, fp8_dtype) -> jax.Array:
+    """y * inv_scale (float32) clipped to the dtype's finite range, as fp8_dtype."""
+    limit = float(jnp.finfo(fp8_dtype).max)
+    return jnp.clip(y.astype(jnp.float32) * inv_scale.astype(jnp.float32), -limit,
+                    limit).astype(fp8_dtype)
+
+
+def _quantized_pair(y: jax.Array, inv_scale: jax.Array, fp8_dtype):
+    q = to_fp8(y, inv_scale, fp8_dtype)
+    return q, q.T, jnp.max(jnp.abs(y)).astype(jnp.float32)
+
+
+def glu_dropout_fp8(h: jax.Array, seed: jax.Array, rate: float, inv_scale: jax.Array,
+                    fp8_dtype):
+    """(q, q.T, amax) of glu_dropout(h) in float32 times inv_scale as fp8_dtype (h: [rows, 2w])."""
+    return _quantized_pair(glu_dropout(h.astype(jnp.float32), seed, rate), inv_scale, fp8_dtype)
+
+
+def glu_dropout_fp8_grad(h: jax.Array, g: jax.Array, seed: jax.Array, rate: float,
+                         inv_scale: jax.Array, fp8_dtype):
+    """(q, q.T, amax) of glu_dropout's float32 gradient at h for cotangent g, as fp8_dtype."""
+    _, vjp = jax.vjp(lambda h: glu_dropout(h, seed, rate), h.astype(jnp.float32))
+    return _quantized_pair(vjp(g.astype(jnp.float32))[0], inv_scale, fp8_dtype)
+
+
 def layernorm(z: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
     """LayerNorm over the last axis with float32 statistics, output in z's dtype."""
     z32 = z.astype(jnp.float32)

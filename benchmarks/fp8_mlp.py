@@ -1,0 +1,149 @@
+"""The FP8 MLP (model.fp8_gemm "mlp", mosaicbert_jax/fused/fp8_mlp.py) beside the bf16 MLP:
+check against float32, then time one layer's MLP forward and forward + backward.
+
+  PYTHONPATH=. python benchmarks/fp8_mlp.py [--tokens 32768] [--reps 20]
+
+The bf16 MLP is what the model runs by default: x @ W_up, the fused GLU + dropout kernel,
+@ W_down. The FP8 one is one op of six float8 GEMMs whose wide operands the GLU kernels
+write as float8 themselves. The check runs both on fresh random inputs (scales calibrated to
+their amaxes, as delayed scaling settles to) against the float32 MLP, and the FP8 op's kernels
+against its XLA composition.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mosaicbert_jax import fp8, fused
+from mosaicbert_jax.fused import fp8_mlp
+from mosaicbert_jax.xla_flags import apply_gpu_defaults
+
+E4M3, E5M2 = fp8.FORWARD_DTYPE, fp8.BACKWARD_DTYPE
+# Bars on the relative error against float32 (tests/test_fp8_mlp.py explains them).
+BARS = {"y": 0.12, "dx": 0.2, "d_w_up": 0.2, "d_w_down": 0.2}
+
+
+def relative_error(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+def median_ms(fn, *args, reps: int, rounds: int = 5) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        outs = [fn(*args) for _ in range(reps)]
+        jax.block_until_ready(outs)
+        times.append((time.perf_counter() - t) / reps)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def random_inputs(tokens: int, hidden: int, intermediate: int, seed: int):
+    keys = jax.random.split(jax.random.key(seed), 5)
+    x = jax.random.normal(keys[0], (tokens, hidden), jnp.float32)
+    w_up = jax.random.normal(keys[1], (hidden, 2 * intermediate)) * 0.02
+    w_down = jax.random.normal(keys[2], (intermediate, hidden)) * 0.02
+    g = jax.random.normal(keys[3], (tokens, hidden)) * 1e-4
+    dropout_seed = jax.random.bits(keys[4], (2,), jnp.uint32)
+    return x, w_up, w_down, g, dropout_seed
+
+
+def calibrated_stats(x, w_up, w_down, g, seed, rate):
+    """Stats whose scales map each tensor's float32 amax to fmax (history empty)."""
+    amax = lambda v: jnp.max(jnp.abs(v)).astype(jnp.float32)
+    ab = x @ w_up
+    h, vjp = jax.vjp(lambda ab: fused.reference.glu_dropout(ab, seed, rate), ab)
+    dab = vjp(g @ w_down.T)[0]
+    group = lambda a, w, d: {"input": (amax(a) / fp8.fp8_max(E4M3), jnp.zeros(16)),
+                             "kernel": (amax(w) / fp8.fp8_max(E4M3), jnp.zeros(16)),
+                             "output_grad": (amax(d) / fp8.fp8_max(E5M2), jnp.zeros(16))}
+    return group(x, w_up, dab), group(h, w_down, g)
+
+
+def bf16_mlp(x, w_up, w_down, seed, rate, impl):
+    return fused.glu_dropout(x @ w_up, seed, rate, impl) @ w_down
+
+
+def with_grads(fn, g):
+    def run(x, w_up, w_down):
+        y, vjp = jax.vjp(fn, x, w_up, w_down)
+        return (y,) + vjp(g)
+    return run
+
+
+def check(args, rate: float) -> bool:
+    x, w_up, w_down, g, seed = random_inputs(args.tokens, args.hidden, args.intermediate,
+                                             int(time.time()))
+    up, down = calibrated_stats(x, w_up, w_down, g, seed, rate)
+    with jax.default_matmul_precision("highest"):
+        exact = jax.jit(with_grads(lambda a, b, c: fp8_mlp.glu_mlp_reference(
+            a, b, c, seed, rate, jnp.float32), g))(x, w_up, w_down)
+    bf = [v.astype(jnp.bfloat16) for v in (x, w_up, w_down)]
+    ok = True
+    results = {}
+    for impl in ("auto", "xla"):
+        results[impl] = jax.jit(with_grads(lambda a, b, c: fp8_mlp.glu_mlp(
+            a, b, c, seed, up, down, rate, impl, jnp.bfloat16), g.astype(jnp.bfloat16)))(*bf)
+    plain = jax.jit(with_grads(lambda a, b, c: bf16_mlp(a, b, c, seed, rate, "auto"),
+                               g.astype(jnp.bfloat16)))(*bf)
+    for i, name in enumerate(BARS):
+        fp8_err = relative_error(results["auto"][i], exact[i])
+        between = relative_error(results["auto"][i], results["xla"][i])
+        bf16_err = relative_error(plain[i], exact[i])
+        good = (np.isfinite(fp8_err) and 2e-3 < fp8_err < BARS[name]
+                and between < 0.25 * fp8_err)
+        ok &= bool(good)
+        print(f"check rate={rate} {name}: fp8 vs float32 {fp8_err:.2e} (bar {BARS[name]}), "
+              f"kernels vs XLA composition {between:.2e}, bf16 MLP vs float32 {bf16_err:.2e}"
+              f" -> {'ok' if good else 'FAILED'}")
+    return ok
+
+
+def timings(args) -> None:
+    x, w_up, w_down, g, seed = random_inputs(args.tokens, args.hidden, args.intermediate, 0)
+    up, down = calibrated_stats(x, w_up, w_down, g, seed, 0.1)
+    bf = [v.astype(jnp.bfloat16) for v in (x, w_up, w_down)]
+    gb = g.astype(jnp.bfloat16)
+    variants = {
+        "bf16 (x W_up, fused GLU kernel, W_down)":
+            lambda a, b, c: bf16_mlp(a, b, c, seed, 0.1, "auto"),
+        "fp8 mlp (fused/fp8_mlp.py)":
+            lambda a, b, c: fp8_mlp.glu_mlp(a, b, c, seed, up, down, 0.1, "auto",
+                                            jnp.bfloat16),
+    }
+    flops = 2 * args.tokens * args.hidden * 3 * args.intermediate
+    print("\n| MLP | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s (6 GEMM passes) |")
+    print("| --- | --- | --- | --- |")
+    base = None
+    for name, fn in variants.items():
+        fwd = median_ms(jax.jit(fn), *bf, reps=args.reps)
+        both = median_ms(jax.jit(with_grads(fn, gb)), *bf, reps=args.reps)
+        base = base or both
+        print(f"| {name} | {fwd:.3f} | {both:.3f} ({base / both:.2f}x) | "
+              f"{3 * flops / (both * 1e-3) / 1e12:,.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=32768)
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--intermediate", type=int, default=3072)
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--check-only", action="store_true")
+    args = parser.parse_args()
+    apply_gpu_defaults()
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
+    ok = all([check(args, rate) for rate in (0.0, 0.1)])
+    print(f"fp8 mlp checks: {'all ok' if ok else 'FAILED'}")
+    if not args.check_only:
+        timings(args)
+
+
+if __name__ == "__main__":
+    main()
