@@ -1,7 +1,7 @@
 """The FP8 MLP (model.fp8_gemm "mlp", mosaicbert_jax/fused/fp8_mlp.py) beside the bf16 MLP:
 check against float32, then time one layer's MLP forward and forward + backward.
 
-  PYTHONPATH=. python benchmarks/fp8_mlp.py [--tokens 32768] [--reps 20]
+  PYTHONPATH=. python benchmarks/fp8_mlp.py [--tokens 32768] [--reps 20] [--sweep]
 
 The bf16 MLP is what the model runs by default: x @ W_up, the fused GLU + dropout kernel,
 @ W_down. The FP8 one is one op of six float8 GEMMs whose wide operands the GLU kernels
@@ -129,6 +129,44 @@ def timings(args) -> None:
               f"{3 * flops / (both * 1e-3) / 1e12:,.0f} |")
 
 
+SWEEP = ("glu_fp8_rows=32,glu_fp8_cols=128,glu_fp8_warps=4",
+         "glu_fp8_rows=64,glu_fp8_cols=64,glu_fp8_warps=4",
+         "glu_fp8_rows=64,glu_fp8_cols=128,glu_fp8_warps=8",
+         "glu_fp8_rows=128,glu_fp8_cols=64,glu_fp8_warps=8",
+         "glu_fp8_rows=32,glu_fp8_cols=256,glu_fp8_warps=8")
+
+
+def sweep(args) -> None:
+    """The float8-out GLU kernels alone at several tiles (forward and backward get the same
+    tile), beside the bf16 GLU kernels, with the bandwidth of the bytes each must move."""
+    from mosaicbert_jax.fused import pallas_gpu
+    rows, width = args.tokens, args.intermediate
+    keys = jax.random.split(jax.random.key(1), 2)
+    h = jax.random.normal(keys[0], (rows, 2 * width), jnp.bfloat16)
+    g = jax.random.normal(keys[1], (rows, width), jnp.bfloat16)
+    seed, inv = jnp.array([1, 2], jnp.uint32), jnp.float32(100.0)
+    # bf16 forward: read h, write the product; fp8: the product twice at 1 byte. The backward
+    # also reads g and writes d(h) (bf16: 2 x 2 bytes; fp8: twice 2 x 1 byte).
+    fwd_bytes, bwd_bytes = rows * width * (4 + 2), rows * width * (4 + 2 + 4)
+    print("\n| GLU kernel | tiles | fwd ms | fwd GB/s | bwd ms | bwd GB/s |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    fwd = median_ms(jax.jit(lambda h: pallas_gpu.glu_dropout(h, seed, 0.1)), h, reps=args.reps)
+    _, vjp = jax.vjp(lambda h: pallas_gpu.glu_dropout(h, seed, 0.1), h)
+    bwd = median_ms(jax.jit(lambda g: vjp(g)), g, reps=args.reps)
+    print(f"| bf16 | defaults | {fwd:.3f} | {fwd_bytes / fwd / 1e6:,.0f} | {bwd:.3f} | "
+          f"{bwd_bytes / bwd / 1e6:,.0f} |")
+    for text in SWEEP:
+        fields = dict(kv.split("=") for kv in text.split(","))
+        fields.update({f"{k}_bwd": v for k, v in list(fields.items())})
+        blocks = pallas_gpu.parse_blocks(",".join(f"{k}={v}" for k, v in fields.items()))
+        fwd = median_ms(jax.jit(lambda h: pallas_gpu.glu_dropout_fp8(
+            h, seed, 0.1, inv, E4M3, blocks=blocks)), h, reps=args.reps)
+        bwd = median_ms(jax.jit(lambda h, g: pallas_gpu.glu_dropout_fp8_grad(
+            h, g, seed, 0.1, inv, E5M2, blocks=blocks)), h, g, reps=args.reps)
+        print(f"| fp8 | {text} | {fwd:.3f} | {fwd_bytes / fwd / 1e6:,.0f} | {bwd:.3f} | "
+              f"{bwd_bytes / bwd / 1e6:,.0f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=32768)
@@ -136,6 +174,8 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=3072)
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--check-only", action="store_true")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also time the float8-out GLU kernels alone at several tiles")
     args = parser.parse_args()
     apply_gpu_defaults()
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
@@ -143,6 +183,8 @@ def main() -> None:
     print(f"fp8 mlp checks: {'all ok' if ok else 'FAILED'}")
     if not args.check_only:
         timings(args)
+    if args.sweep:
+        sweep(args)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,9 @@ Traces a few steps of the trainer's own train step (train_throughput.build_train
 the trace with jax.profiler.ProfileData and prints GPU time per step by kernel category and
 the top kernels, so optimisation targets are measured rather than guessed. With --fp8 it
 profiles the FP8 model (model.fp8) and first counts the GEMM custom calls of the compiled step:
-`__cublas$lt$matmul$f8` ones are the FP8 GEMMs XLA's GemmRewriter made of our float8 dots
-(--fp8-gemm f8) or of the qdq pattern (--fp8-gemm qdq): at most 12 per layer (4 dense layers
-x forward, input grad, kernel grad), 144 for base.
+`__cublas$lt$matmul$f8` ones are the FP8 GEMMs XLA's GemmRewriter made of our float8 dots:
+6 per layer with --fp8-gemm mlp (the default: the MLP's 2 dense layers x forward, input grad,
+kernel grad; 72 for base), at most 12 with f8 or the qdq pattern (all 4 dense layers; 144).
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def main() -> None:
     add_tile_flags(parser)
     parser.add_argument("--fp8", action="store_true",
                         help="profile the FP8 model (model.fp8) and count its FP8 GEMMs")
-    parser.add_argument("--fp8-gemm", default="f8", choices=FP8_GEMMS,
+    parser.add_argument("--fp8-gemm", default="mlp", choices=FP8_GEMMS,
                         help="with --fp8: model.fp8_gemm")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=30)

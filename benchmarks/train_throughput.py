@@ -8,7 +8,8 @@ BertForMaskedLM (bf16 autocast, SDPA) at the same batch in a subprocess.
 
   PYTHONPATH=. python benchmarks/train_throughput.py --cases base:128:256,base:512:64
 --precision bf16,fp8 (or --fp8) times each case with the FP8 GEMMs (model.fp8) beside bf16;
-fp8-qdq and fp8-mlp are the same with model.fp8_gemm "qdq" or "mlp" (see mosaicbert_jax/fp8.py).
+fp8-f8, fp8-qdq and fp8-mlp pin model.fp8_gemm ("fp8" takes the default, "mlp"; see
+mosaicbert_jax/fp8.py).
 On several GPUs, --scaling times each case on one GPU and then on all of them with a
 data-parallel and an FSDP mesh, and prints per-GPU throughput and scaling efficiency.
 """
@@ -114,7 +115,7 @@ def time_train_step(preset: str, seq_len: int, batch_per_device: int, attention:
                     mean_doc_len: int, dropout_rng: str = "hash", devices=None,
                     fused: str = "auto", model_overrides: dict | None = None,
                     precision: str = "bf16") -> dict:
-    """`precision` fp8 sets model.fp8 (the FP8 GEMMs; fp8-qdq: with model.fp8_gemm qdq),
+    """`precision` fp8 sets model.fp8 (the FP8 GEMMs; fp8-<gemm>: with that model.fp8_gemm),
     over model_overrides."""
     model_overrides = {**(model_overrides or {}), "fp8": precision.startswith("fp8")}
     if precision.startswith("fp8-"):
@@ -235,7 +236,7 @@ def main() -> None:
     add_tile_flags(parser)
     parser.add_argument("--precision", default="bf16",
                         help="comma list: bf16 (the default model), fp8 (model.fp8: FP8 GEMMs), "
-                             "fp8-qdq, fp8-mlp (the same with model.fp8_gemm qdq or mlp)")
+                             "fp8-f8, fp8-qdq, fp8-mlp (the same with that model.fp8_gemm)")
     parser.add_argument("--fp8", action="store_true", help="shorthand for --precision bf16,fp8")
     parser.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1")
     parser.add_argument("--scaling", action="store_true",
@@ -256,7 +257,7 @@ def main() -> None:
     if args.fp8:
         args.precision = "bf16,fp8"
     precisions = args.precision.split(",")
-    known = ["bf16", "fp8"] + [f"fp8-{gemm}" for gemm in ("qdq", "mlp")]
+    known = ["bf16", "fp8"] + [f"fp8-{gemm}" for gemm in ("f8", "qdq", "mlp")]
     if set(precisions) - set(known):
         parser.error(f"--precision={args.precision}: use a comma list of {', '.join(known)}")
     if not args.no_xla_defaults:

@@ -71,7 +71,7 @@ class MosaicBertConfig:
     fp8_amax_history: int = 16
     # How the FP8 GEMMs are written for XLA: "f8" (float8 operands), "qdq", or "mlp" (only the
     # GLU MLP in FP8, quantised inside its kernels: fused/fp8_mlp.py); see fp8.GEMMS.
-    fp8_gemm: str = "f8"
+    fp8_gemm: str = "mlp"
     num_labels: int = 2
     classifier_dropout_prob: Optional[float] = None
 

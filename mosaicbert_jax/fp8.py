@@ -1,8 +1,13 @@
 """FP8 matmuls with delayed per-tensor scaling, for the large GEMMs (issue 17; off by default).
 
+model.fp8_gemm "mlp" (the default once model.fp8 is on, and the fastest: 742,818 against
+635,546 tokens/s for bf16 on an H200, benchmarks/RESULTS.md session 9) puts only the GLU MLP in
+FP8, as one op whose GLU kernels quantise the wide tensors (fused/fp8_mlp.py, using this
+module's quantisation and stats); the attention GEMMs stay in the compute dtype.
+
 `Fp8DotGeneral` is a drop-in `dot_general` for nn.Dense (its `dot_general_cls`) and our own
-dense layers. Two ways to run the same quantisation (e4m3 activation and kernel, e5m2 output
-cotangent in the backward), picked by `gemm`:
+dense layers, for every large GEMM. Two ways to run the same quantisation (e4m3 activation
+and kernel, e5m2 output cotangent in the backward), picked by `gemm`:
   "f8": `fp8_matmul`, dot_generals whose operands ARE float8 arrays (preferred output in the
         compute dtype), the result times the two scales; the backward's two GEMMs are float8
         too (e5m2 x e4m3). XLA lowers these to cuBLASLt FP8 GEMMs on Hopper, and the saved
@@ -42,6 +47,27 @@ TENSORS = ("input", "kernel", "output_grad")
 # leaves the attention GEMMs in the compute dtype.
 GEMMS = ("f8", "qdq", "mlp")
 MARGIN = 0
+
+
+def capability_has_fp8(capability: Any) -> bool:
+    """Whether a CUDA compute capability ("9.0") has FP8 tensor cores (>= 8.9); unknown: yes."""
+    try:
+        return capability is None or float(capability) >= 8.9
+    except (TypeError, ValueError):
+        return True
+
+
+def check_hardware(enabled: bool) -> None:
+    """Refuses FP8 on a GPU without FP8 tensor cores (A100, V100), where the float8 GEMMs and
+    kernels cannot run; CPU and TPU run them as written."""
+    if not enabled or jax.default_backend() != "gpu":
+        return
+    device = jax.devices()[0]
+    capability = getattr(device, "compute_capability", None)
+    if not capability_has_fp8(capability):
+        raise ValueError(f"model.fp8 needs a GPU with FP8 tensor cores (compute capability "
+                         f">= 8.9: H100, H200, L4, L40); {device.device_kind} has "
+                         f"{capability}; set --config.model.fp8=False")
 
 
 def fp8_max(dtype: Any) -> float:

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from mosaicbert_jax import fp8
 from mosaicbert_jax.config import MosaicBertConfig
 from mosaicbert_jax.checkpoint import config_to_dict
 from mosaicbert_jax.data.training_data import make_training_data
@@ -66,6 +67,7 @@ def model_config_from(config: ml_collections.ConfigDict, vocab_size: int) -> Mos
         global_attention_every=config.model.global_attention_every,
         fp8=config.model.fp8, fp8_amax_history=config.model.fp8_amax_history,
         fp8_gemm=config.model.fp8_gemm)
+    fp8.check_hardware(config.model.fp8)
     return MosaicBertConfig.from_preset(config.model.preset, **overrides)
 
 

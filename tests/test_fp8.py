@@ -43,7 +43,7 @@ def at(tree, path):
 def setup():
     """A tiny FP8 model's fresh state, its compiled train step and one batch."""
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-    model = MosaicBertForMaskedLM(tiny(fp8=True))
+    model = MosaicBertForMaskedLM(tiny(fp8=True, fp8_gemm="f8"))
     schedule = warmup_linear_decay(1e-3, 10)
     tx = decoupled_adamw(schedule, 1e-3)
     state, shardings = init_state(model, tx, 0, mesh)
@@ -273,14 +273,14 @@ def test_a_nonfinite_step_keeps_the_old_fp8_stats(setup):
 def test_fp8_off_has_no_stats_and_the_same_params_as_fp8_on():
     ids = jnp.ones((1, 8), jnp.int32)
     off = jax.eval_shape(lambda: MosaicBertForMaskedLM(tiny()).init(jax.random.key(0), ids, ids))
-    on = jax.eval_shape(lambda: MosaicBertForMaskedLM(tiny(fp8=True)).init(
+    on = jax.eval_shape(lambda: MosaicBertForMaskedLM(tiny(fp8=True, fp8_gemm="f8")).init(
         jax.random.key(0), ids, ids))
     assert set(off) == {"params"} and set(on) == {"params", fp8.STATS}
     assert jax.tree_util.tree_structure(off["params"]) == jax.tree_util.tree_structure(
         on["params"])
     # The fused-LayerNorm path (DenseBiasApart) keeps stats for its dense layers too.
     fused = jax.eval_shape(lambda: MosaicBertForMaskedLM(tiny(
-        fp8=True, layernorm_implementation="pallas_interpret")).init(jax.random.key(0), ids,
+        fp8=True, fp8_gemm="f8", layernorm_implementation="pallas_interpret")).init(jax.random.key(0), ids,
                                                                     ids))
     assert jax.tree_util.tree_structure(fused[fp8.STATS]) == jax.tree_util.tree_structure(
         on[fp8.STATS])
@@ -291,9 +291,10 @@ def test_fp8_off_has_no_stats_and_the_same_params_as_fp8_on():
     assert set(state) == {"step", "params", "opt_state"}
 
 
-def fp8_config(**train):
+def fp8_config(gemm="f8", **train):
     config = small_config(**train)
     config.model.fp8 = True
+    config.model.fp8_gemm = gemm
     config.model.hidden_dropout_prob = 0.0
     config.train.steps = 4
     config.train.eval_every = 2
@@ -359,8 +360,26 @@ def test_resume_check_names_the_fp8_setting_of_the_checkpoint():
         check_same_fp8(on, {"fp8": True, "fp8_amax_history": 8}, 10, "/w")
     check_same_fp8({"hidden_size": 128}, off, 10, "/w")  # older checkpoints had no fp8: off
     check_same_fp8(on, dict(on), 10, "/w")
+    # The MLP-only stats do not fit a checkpoint of per-dense-layer stats (f8, or none given:
+    # checkpoints from before fp8_gemm), and the other way round; f8 and qdq share a layout.
+    mlp, f8 = {**on, "fp8_gemm": "mlp"}, {**on, "fp8_gemm": "f8"}
+    with pytest.raises(UserError, match=r"fp8_gemm='f8'.*--config\.model\.fp8_gemm=f8"):
+        check_same_fp8(f8, mlp, 10, "/w")
+    with pytest.raises(UserError, match=r"--config\.model\.fp8_gemm=f8"):
+        check_same_fp8(on, mlp, 10, "/w")
+    with pytest.raises(UserError, match=r"--config\.model\.fp8_gemm=mlp"):
+        check_same_fp8(mlp, {**on, "fp8_gemm": "qdq"}, 10, "/w")
+    check_same_fp8(f8, {**on, "fp8_gemm": "qdq"}, 10, "/w")
+    check_same_fp8({**off, "fp8_gemm": "f8"}, {**off, "fp8_gemm": "mlp"}, 10, "/w")
     with pytest.raises(UserError, match=r"--config\.model\.fp8=False"):
         check_same_fp8({"hidden_size": 128}, on, 10, "/w")
+
+
+def test_fp8_needs_compute_capability_8_9():
+    assert fp8.capability_has_fp8("9.0") and fp8.capability_has_fp8("8.9")
+    assert not fp8.capability_has_fp8("8.0") and not fp8.capability_has_fp8("7.0")
+    assert fp8.capability_has_fp8(None) and fp8.capability_has_fp8("unknown")
+    fp8.check_hardware(True)  # CPU: FP8 runs as written
 
 
 def test_fp8_mlp_model_quantizes_only_the_mlp_and_trains(setup):
@@ -392,3 +411,17 @@ def test_fp8_mlp_model_quantizes_only_the_mlp_and_trains(setup):
     for leaf_path, leaf in jax.tree_util.tree_flatten_with_path(new_state["fp8"])[0]:
         if "amax_history" in jax.tree_util.keystr(leaf_path):
             assert float(leaf[0]) > 0, jax.tree_util.keystr(leaf_path)
+
+
+def test_resume_with_the_fp8_mlp_is_exact(tmp_path):
+    """The default FP8 mode's stats (two groups per MLP) resume bit-exactly after a stop."""
+    whole = train_and_evaluate(fp8_config("mlp"), str(tmp_path / "whole"))
+    train_and_evaluate(fp8_config("mlp"), str(tmp_path / "split"), stop_after=2)
+    resumed = train_and_evaluate(fp8_config("mlp"), str(tmp_path / "split"))
+    assert resumed["resumed_from"] == 2
+    history = at(resumed["state"]["fp8"], LAYER0 + ("mlp", "wo_fp8", "input_amax_history"))
+    assert float(history[3]) > 0 and float(history[4]) == 0  # four steps rolled in
+    for key in ("params", "fp8"):
+        for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(whole["state"][key])),
+                        jax.tree_util.tree_leaves(jax.device_get(resumed["state"][key]))):
+            np.testing.assert_array_equal(a, b)

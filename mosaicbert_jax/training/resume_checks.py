@@ -51,8 +51,9 @@ def check_same_model(saved: Optional[dict[str, Any]], new: dict[str, Any], prese
 
 def check_same_fp8(saved: Optional[dict[str, Any]], new: dict[str, Any], step: int,
                    workdir: str) -> None:
-    """FP8 on or off (and its history length) must match the checkpoint: its train state holds
-    the FP8 scaling stats exactly when it was trained with FP8."""
+    """FP8 on or off (and its history length, and whether the MLP alone is FP8) must match the
+    checkpoint: its train state holds the FP8 scaling stats exactly when it was trained with
+    FP8, laid out by fp8_gemm."""
     if saved is None:
         return
     was, now = bool(saved.get("fp8", False)), bool(new.get("fp8", False))
@@ -67,6 +68,14 @@ def check_same_fp8(saved: Optional[dict[str, Any]], new: dict[str, Any], step: i
             f"{saved.get('fp8_amax_history')}, but the config has "
             f"{new.get('fp8_amax_history')}; resume it with "
             f"--config.model.fp8_amax_history={saved.get('fp8_amax_history')}")
+    # "f8" and "qdq" keep one stats group per dense layer, "mlp" two per MLP: the train states
+    # differ. Checkpoints from before fp8_gemm existed used "f8".
+    saved_gemm, new_gemm = saved.get("fp8_gemm", "f8"), new.get("fp8_gemm", "f8")
+    if now and (saved_gemm == "mlp") != (new_gemm == "mlp"):
+        raise UserError(
+            f"--workdir={workdir} holds a checkpoint (step {step}) trained with fp8_gemm="
+            f"{saved_gemm!r}, whose FP8 stats do not fit fp8_gemm={new_gemm!r}; resume it with "
+            f"--config.model.fp8_gemm={saved_gemm}, or start a new --workdir")
 
 
 def check_steps(start: int, total: int, workdir: str) -> None:
