@@ -140,6 +140,7 @@ def sweep(args) -> None:
     """The float8-out GLU kernels alone at several tiles (forward and backward get the same
     tile), beside the bf16 GLU kernels, with the bandwidth of the bytes each must move."""
     from mosaicbert_jax.fused import pallas_gpu
+    interpret = jax.default_backend() != "gpu"   # CPU: the interpreter (for the tests)
     rows, width = args.tokens, args.intermediate
     keys = jax.random.split(jax.random.key(1), 2)
     h = jax.random.normal(keys[0], (rows, 2 * width), jnp.bfloat16)
@@ -150,8 +151,9 @@ def sweep(args) -> None:
     fwd_bytes, bwd_bytes = rows * width * (4 + 2), rows * width * (4 + 2 + 4)
     print("\n| GLU kernel | tiles | fwd ms | fwd GB/s | bwd ms | bwd GB/s |")
     print("| --- | --- | --- | --- | --- | --- |")
-    fwd = median_ms(jax.jit(lambda h: pallas_gpu.glu_dropout(h, seed, 0.1)), h, reps=args.reps)
-    _, vjp = jax.vjp(lambda h: pallas_gpu.glu_dropout(h, seed, 0.1), h)
+    glu = lambda h: pallas_gpu.glu_dropout(h, seed, 0.1, interpret=interpret)
+    fwd = median_ms(jax.jit(glu), h, reps=args.reps)
+    _, vjp = jax.vjp(glu, h)
     bwd = median_ms(jax.jit(lambda g: vjp(g)), g, reps=args.reps)
     print(f"| bf16 | defaults | {fwd:.3f} | {fwd_bytes / fwd / 1e6:,.0f} | {bwd:.3f} | "
           f"{bwd_bytes / bwd / 1e6:,.0f} |")
@@ -160,9 +162,9 @@ def sweep(args) -> None:
         fields.update({f"{k}_bwd": v for k, v in list(fields.items())})
         blocks = pallas_gpu.parse_blocks(",".join(f"{k}={v}" for k, v in fields.items()))
         fwd = median_ms(jax.jit(lambda h: pallas_gpu.glu_dropout_fp8(
-            h, seed, 0.1, inv, E4M3, blocks=blocks)), h, reps=args.reps)
+            h, seed, 0.1, inv, E4M3, interpret, blocks)), h, reps=args.reps)
         bwd = median_ms(jax.jit(lambda h, g: pallas_gpu.glu_dropout_fp8_grad(
-            h, g, seed, 0.1, inv, E5M2, blocks=blocks)), h, g, reps=args.reps)
+            h, g, seed, 0.1, inv, E5M2, interpret, blocks)), h, g, reps=args.reps)
         print(f"| fp8 | {text} | {fwd:.3f} | {fwd_bytes / fwd / 1e6:,.0f} | {bwd:.3f} | "
               f"{bwd_bytes / bwd / 1e6:,.0f} |")
 
