@@ -22,26 +22,11 @@ import numpy as np
 from mosaicbert_jax import fp8, fused
 from mosaicbert_jax.fused import fp8_mlp
 from mosaicbert_jax.xla_flags import apply_gpu_defaults
+from fused_ops import median_ms, relative_error
 
 E4M3, E5M2 = fp8.FORWARD_DTYPE, fp8.BACKWARD_DTYPE
 # Bars on the relative error against float32 (tests/test_fp8_mlp.py explains them).
 BARS = {"y": 0.12, "dx": 0.2, "d_w_up": 0.2, "d_w_down": 0.2}
-
-
-def relative_error(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
-
-
-def median_ms(fn, *args, reps: int, rounds: int = 5) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        outs = [fn(*args) for _ in range(reps)]
-        jax.block_until_ready(outs)
-        times.append((time.perf_counter() - t) / reps)
-    return sorted(times)[len(times) // 2] * 1e3
 
 
 def random_inputs(tokens: int, hidden: int, intermediate: int, seed: int):

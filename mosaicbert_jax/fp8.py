@@ -113,7 +113,9 @@ def next_stats_from_amax(amax: jax.Array, scale: jax.Array, history: jax.Array,
     return scale_from_history(history, scale, fp8_dtype), history
 
 
-def _next_stats(x: jax.Array, scale: jax.Array, history: jax.Array, fp8_dtype: Any):
+def next_stats(x: jax.Array, scale: jax.Array, history: jax.Array,
+               fp8_dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """(next scale, next history) once `x` went through FP8 this step (its amax recorded)."""
     return next_stats_from_amax(_amax(x), scale, history, fp8_dtype)
 
 
@@ -125,7 +127,7 @@ def qdq_operand(fp8_dtype: Any, x: jax.Array, scale: jax.Array, history: jax.Arr
 
 
 def _qdq_operand_fwd(fp8_dtype, x, scale, history):
-    return quantize_dequantize(x, fp8_dtype, scale), _next_stats(x, scale, history, fp8_dtype)
+    return quantize_dequantize(x, fp8_dtype, scale), next_stats(x, scale, history, fp8_dtype)
 
 
 def _qdq_operand_bwd(fp8_dtype, new_stats, g):
@@ -149,7 +151,7 @@ def _qdq_cotangent_fwd(fp8_dtype, y, scale, history):
 
 def _qdq_cotangent_bwd(fp8_dtype, residual, g):
     scale, history = residual
-    new_scale, new_history = _next_stats(g, scale, history, fp8_dtype)
+    new_scale, new_history = next_stats(g, scale, history, fp8_dtype)
     return quantize_dequantize(g, fp8_dtype, scale), new_scale, new_history
 
 
@@ -182,8 +184,8 @@ def _fp8_matmul_fwd(dtype, x, w, x_stats, w_stats, g_stats):
     qx = quantize(x.reshape(-1, x.shape[-1]), FORWARD_DTYPE, x_scale)
     qw = quantize(w, FORWARD_DTYPE, w_scale)
     y = scaled_dot(qx, qw, _MATMUL, x_scale * w_scale, dtype)
-    new_x = _next_stats(x, *x_stats, FORWARD_DTYPE)
-    new_w = _next_stats(w, *w_stats, FORWARD_DTYPE)
+    new_x = next_stats(x, *x_stats, FORWARD_DTYPE)
+    new_w = next_stats(w, *w_stats, FORWARD_DTYPE)
     return y.reshape(x.shape[:-1] + w.shape[1:]), (qx, qw, x_scale, w_scale, g_stats, new_x,
                                                     new_w)
 
@@ -194,7 +196,7 @@ def _fp8_matmul_bwd(dtype, residual, g):
     qg = quantize(g2, BACKWARD_DTYPE, g_scale)
     dx = scaled_dot(qg, qw, _GRAD_LHS, g_scale * w_scale, dtype)
     dw = scaled_dot(qx, qg, _GRAD_RHS, x_scale * g_scale, dtype)
-    new_g = _next_stats(g, g_scale, g_history, BACKWARD_DTYPE)
+    new_g = next_stats(g, g_scale, g_history, BACKWARD_DTYPE)
     return dx.reshape(g.shape[:-1] + qx.shape[-1:]), dw, new_x, new_w, new_g
 
 

@@ -53,13 +53,10 @@ def _glu_mlp_fwd(x, w_up, w_down, seed, up, down, rate, implementation, dtype):
     qh, qh_t, h_amax = fused.glu_dropout_fp8(ab, seed, rate, 1.0 / sh, e4m3, implementation)
     qwd = fp8.quantize(w_down, e4m3, swd)                      # [f, n]
     y = _gemm(qh, qwd.T, sh * swd, dtype)                      # [m, n]
-    new_up = {"input": fp8.next_stats_from_amax(jnp.max(jnp.abs(x)).astype(jnp.float32),
-                                                sx, hx, e4m3),
-              "kernel": fp8.next_stats_from_amax(jnp.max(jnp.abs(w_up)).astype(jnp.float32),
-                                                 swu, hwu, e4m3)}
+    new_up = {"input": fp8.next_stats(x, sx, hx, e4m3),
+              "kernel": fp8.next_stats(w_up, swu, hwu, e4m3)}
     new_down = {"input": fp8.next_stats_from_amax(h_amax, sh, hh, e4m3),
-                "kernel": fp8.next_stats_from_amax(jnp.max(jnp.abs(w_down)).astype(jnp.float32),
-                                                   swd, hwd, e4m3)}
+                "kernel": fp8.next_stats(w_down, swd, hwd, e4m3)}
     residuals = (qx.T, qwu, ab, seed, qh_t, qwd, (sx, swu, sh, swd),
                  (up["output_grad"], down["output_grad"]), new_up, new_down)
     return y, residuals
@@ -78,8 +75,7 @@ def _glu_mlp_bwd(rate, implementation, dtype, residuals, g):
     dx = _gemm(qd, qwu, sgu * swu, dtype)                      # [m, k]
     d_w_up = _gemm(qx_t, qd_t, sx * sgu, dtype)                # [k, 2f]
     new_up = {**new_up, "output_grad": fp8.next_stats_from_amax(d_amax, sgu, hgu, e5m2)}
-    new_down = {**new_down, "output_grad": fp8.next_stats_from_amax(
-        jnp.max(jnp.abs(g)).astype(jnp.float32), sgd, hgd, e5m2)}
+    new_down = {**new_down, "output_grad": fp8.next_stats(g, sgd, hgd, e5m2)}
     return dx, d_w_up, d_w_down, None, new_up, new_down
 
 

@@ -30,6 +30,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from mosaicbert_jax.dropout import keep_from_position
 from mosaicbert_jax.field_overrides import parse_field_overrides
+from mosaicbert_jax.fused.reference import to_fp8
 
 warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated",
                         category=DeprecationWarning)
@@ -158,30 +159,38 @@ def supports(width: int) -> bool:
 
 # ----------------------------------------------------------------------------- GLU
 
-def _glu_fwd_kernel(seed_ref, h_ref, o_ref, *, rate: float, fast: bool):
-    rows, cols = o_ref.shape
+def _dropped_tile(seed_ref, t: jax.Array, rate: float) -> jax.Array:
+    """Hash dropout of this program's [rows, cols] tile t (float32), scaled by 1 / (1 - rate)."""
+    if rate == 0.0:
+        return t
+    rows, cols = t.shape
+    keep = _keep(seed_ref, pl.program_id(0) * rows, rows, pl.program_id(1) * cols, cols, rate)
+    return jnp.where(keep, t * (1.0 / (1.0 - rate)), 0.0)
+
+
+def _glu_tile(seed_ref, h_ref, rate: float, fast: bool) -> jax.Array:
+    """dropout(gelu(a) * b) of this program's tile of h = [a | b], float32."""
     a = h_ref[:, 0, :].astype(jnp.float32)
     b = h_ref[:, 1, :].astype(jnp.float32)
-    y = _gelu_parts(a, fast)[0] * b
-    if rate > 0.0:
-        keep = _keep(seed_ref, pl.program_id(0) * rows, rows, pl.program_id(1) * cols, cols,
-                     rate)
-        y = jnp.where(keep, y * (1.0 / (1.0 - rate)), 0.0)
-    o_ref[...] = y.astype(o_ref.dtype)
+    return _dropped_tile(seed_ref, _gelu_parts(a, fast)[0] * b, rate)
+
+
+def _glu_grad_tile(seed_ref, h_ref, g_ref, rate: float, fast: bool):
+    """(d(a), d(b)) of this program's tile for the cotangent tile g, float32."""
+    a = h_ref[:, 0, :].astype(jnp.float32)
+    b = h_ref[:, 1, :].astype(jnp.float32)
+    g = _dropped_tile(seed_ref, g_ref[...].astype(jnp.float32), rate)
+    gelu, dgelu = _gelu_parts(a, fast)
+    return g * b * dgelu, g * gelu
+
+
+def _glu_fwd_kernel(seed_ref, h_ref, o_ref, *, rate: float, fast: bool):
+    o_ref[...] = _glu_tile(seed_ref, h_ref, rate, fast).astype(o_ref.dtype)
 
 
 def _glu_bwd_kernel(seed_ref, h_ref, g_ref, dh_ref, *, rate: float, fast: bool):
-    rows, cols = g_ref.shape
-    a = h_ref[:, 0, :].astype(jnp.float32)
-    b = h_ref[:, 1, :].astype(jnp.float32)
-    g = g_ref[...].astype(jnp.float32)
-    if rate > 0.0:
-        keep = _keep(seed_ref, pl.program_id(0) * rows, rows, pl.program_id(1) * cols, cols,
-                     rate)
-        g = jnp.where(keep, g * (1.0 / (1.0 - rate)), 0.0)
-    gelu, dgelu = _gelu_parts(a, fast)
-    dh_ref[:, 0, :] = (g * b * dgelu).astype(dh_ref.dtype)
-    dh_ref[:, 1, :] = (g * gelu).astype(dh_ref.dtype)
+    for slot, d in enumerate(_glu_grad_tile(seed_ref, h_ref, g_ref, rate, fast)):
+        dh_ref[:, slot, :] = d.astype(dh_ref.dtype)
 
 
 def _glu_call(kernel, out_shape, rows: int, width: int, tiles: tuple[int, int, int],
@@ -247,13 +256,6 @@ def glu_dropout(h: jax.Array, seed: jax.Array, rate: float, interpret: bool = Fa
 
 # ----------------------------------------------------------------------------- GLU, float8 out
 
-def _to_fp8(y: jax.Array, inv_scale: jax.Array, fp8_dtype) -> jax.Array:
-    """y * inv_scale clipped to the dtype's finite range, as fp8_dtype (what fp8.quantize
-    computes, with the reciprocal of the scale taken once outside the kernel)."""
-    limit = float(jnp.finfo(fp8_dtype).max)
-    return jnp.clip(y * inv_scale, -limit, limit).astype(fp8_dtype)
-
-
 def _tile_amax(*tiles: jax.Array) -> jax.Array:
     """max |t| over every element of the tiles, as a [1, 1] float32 tile."""
     amaxes = [jnp.max(jnp.abs(t), axis=(0, 1), keepdims=True) for t in tiles]
@@ -262,15 +264,8 @@ def _tile_amax(*tiles: jax.Array) -> jax.Array:
 
 def _glu_fp8_fwd_kernel(seed_ref, inv_ref, h_ref, q_ref, qt_ref, amax_ref, *, rate: float,
                         fast: bool, fp8_dtype):
-    rows, cols = q_ref.shape
-    a = h_ref[:, 0, :].astype(jnp.float32)
-    b = h_ref[:, 1, :].astype(jnp.float32)
-    y = _gelu_parts(a, fast)[0] * b
-    if rate > 0.0:
-        keep = _keep(seed_ref, pl.program_id(0) * rows, rows, pl.program_id(1) * cols, cols,
-                     rate)
-        y = jnp.where(keep, y * (1.0 / (1.0 - rate)), 0.0)
-    q = _to_fp8(y, inv_ref[0], fp8_dtype)
+    y = _glu_tile(seed_ref, h_ref, rate, fast)
+    q = to_fp8(y, inv_ref[0], fp8_dtype)
     q_ref[...] = q
     qt_ref[...] = q.T
     amax_ref[...] = _tile_amax(y)
@@ -278,18 +273,9 @@ def _glu_fp8_fwd_kernel(seed_ref, inv_ref, h_ref, q_ref, qt_ref, amax_ref, *, ra
 
 def _glu_fp8_bwd_kernel(seed_ref, inv_ref, h_ref, g_ref, q_ref, qt_ref, amax_ref, *,
                         rate: float, fast: bool, fp8_dtype):
-    rows, cols = g_ref.shape
-    a = h_ref[:, 0, :].astype(jnp.float32)
-    b = h_ref[:, 1, :].astype(jnp.float32)
-    g = g_ref[...].astype(jnp.float32)
-    if rate > 0.0:
-        keep = _keep(seed_ref, pl.program_id(0) * rows, rows, pl.program_id(1) * cols, cols,
-                     rate)
-        g = jnp.where(keep, g * (1.0 / (1.0 - rate)), 0.0)
-    gelu, dgelu = _gelu_parts(a, fast)
-    da, db = g * b * dgelu, g * gelu
+    da, db = _glu_grad_tile(seed_ref, h_ref, g_ref, rate, fast)
     for slot, d in enumerate((da, db)):
-        q = _to_fp8(d, inv_ref[0], fp8_dtype)
+        q = to_fp8(d, inv_ref[0], fp8_dtype)
         q_ref[:, slot, :] = q
         qt_ref[slot] = q.T
     amax_ref[...] = _tile_amax(da, db)
