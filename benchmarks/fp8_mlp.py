@@ -1,7 +1,7 @@
 """The FP8 MLP (model.fp8_gemm "mlp", mosaicbert_jax/fused/fp8_mlp.py) beside the bf16 MLP:
 check against float32, then time one layer's MLP forward and forward + backward.
 
-  PYTHONPATH=. python benchmarks/fp8_mlp.py [--tokens 32768] [--reps 20] [--sweep]
+  PYTHONPATH=. python benchmarks/fp8_mlp.py [--tokens 32768] [--reps 20] [--sweep] [--ablate]
 
 The bf16 MLP is what the model runs by default: x @ W_up, the fused GLU + dropout kernel,
 @ W_down. The FP8 one is one op of six float8 GEMMs whose wide operands the GLU kernels
@@ -90,6 +90,20 @@ def check(args, rate: float) -> bool:
     return ok
 
 
+def xla_quantising(fn):
+    """fn with fused.quantize_fp8 replaced, while it is traced, by its XLA composition (an
+    amax-and-cast fusion and a transpose), to time what the kernel saves."""
+    def traced(*args):
+        kernel = fused.quantize_fp8
+        fused.quantize_fp8 = lambda x, inv, dtype, impl="auto": fused.reference.quantize_fp8(
+            x, inv, dtype)
+        try:
+            return fn(*args)
+        finally:
+            fused.quantize_fp8 = kernel
+    return traced
+
+
 def timings(args) -> None:
     x, w_up, w_down, g, seed = random_inputs(args.tokens, args.hidden, args.intermediate, 0)
     up, down = calibrated_stats(x, w_up, w_down, g, seed, 0.1)
@@ -102,6 +116,8 @@ def timings(args) -> None:
             lambda a, b, c: fp8_mlp.glu_mlp(a, b, c, seed, up, down, 0.1, "auto",
                                             jnp.bfloat16),
     }
+    variants["fp8 mlp, x and dy quantised by XLA (session 9)"] = xla_quantising(
+        variants["fp8 mlp (fused/fp8_mlp.py)"])
     flops = 2 * args.tokens * args.hidden * 3 * args.intermediate
     print("\n| MLP | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s (6 GEMM passes) |")
     print("| --- | --- | --- | --- |")
@@ -118,7 +134,10 @@ SWEEP = ("glu_fp8_rows=32,glu_fp8_cols=128,glu_fp8_warps=4",
          "glu_fp8_rows=64,glu_fp8_cols=64,glu_fp8_warps=4",
          "glu_fp8_rows=64,glu_fp8_cols=128,glu_fp8_warps=8",
          "glu_fp8_rows=128,glu_fp8_cols=64,glu_fp8_warps=8",
-         "glu_fp8_rows=32,glu_fp8_cols=256,glu_fp8_warps=8")
+         "glu_fp8_rows=32,glu_fp8_cols=256,glu_fp8_warps=8",
+         "glu_fp8_rows=64,glu_fp8_cols=128,glu_fp8_warps=4",
+         "glu_fp8_rows=64,glu_fp8_cols=256,glu_fp8_warps=8",
+         "glu_fp8_rows=128,glu_fp8_cols=128,glu_fp8_warps=8")
 
 
 def sweep(args) -> None:
@@ -154,6 +173,63 @@ def sweep(args) -> None:
               f"{bwd_bytes / bwd / 1e6:,.0f} |")
 
 
+def _ablated_kernel(backward: bool, drop: str, fp8_dtype, fast: bool):
+    """The float8 GLU kernel without one of its outputs (drop: "amax", "transposed", or
+    "transposed+amax"), to see what each output costs."""
+    from mosaicbert_jax.fused import pallas_gpu as pg
+
+    def store(q_ref, qt_ref, q, slot=None):
+        if slot is None:
+            q_ref[...] = q
+        else:
+            q_ref[:, slot, :] = q
+        if "transposed" not in drop:
+            if slot is None:
+                qt_ref[...] = q.T
+            else:
+                qt_ref[slot] = q.T
+
+    def forward(seed_ref, inv_ref, h_ref, q_ref, qt_ref, amax_ref):
+        y = pg._glu_tile(seed_ref, h_ref, 0.1, fast)
+        store(q_ref, qt_ref, fused.reference.to_fp8(y, inv_ref[0], fp8_dtype))
+        if "amax" not in drop:
+            amax_ref[...] = pg._tile_amax(y)
+
+    def backward_kernel(seed_ref, inv_ref, h_ref, g_ref, q_ref, qt_ref, amax_ref):
+        parts = pg._glu_grad_tile(seed_ref, h_ref, g_ref, 0.1, fast)
+        for slot, d in enumerate(parts):
+            store(q_ref, qt_ref, fused.reference.to_fp8(d, inv_ref[0], fp8_dtype), slot)
+        if "amax" not in drop:
+            amax_ref[...] = pg._tile_amax(*parts)
+
+    return backward_kernel if backward else forward
+
+
+def ablate(args) -> None:
+    """The float8 GLU kernels (default tiles) with their amax, their transposed store or both
+    left out: what each output costs (off-GPU: in the interpreter, for the tests)."""
+    from mosaicbert_jax.fused import pallas_gpu as pg
+    interpret = jax.default_backend() != "gpu"
+    rows, width = args.tokens, args.intermediate
+    keys = jax.random.split(jax.random.key(1), 2)
+    h = jax.random.normal(keys[0], (rows, 2, width), jnp.bfloat16)
+    g = jax.random.normal(keys[1], (rows, width), jnp.bfloat16)
+    seed, inv = jnp.array([1, 2], jnp.uint32), jnp.full((1,), 100.0, jnp.float32)
+    blocks = pg.default_blocks()
+    print("\n| float8 GLU kernel | left out | ms |\n| --- | --- | --- |")
+    for backward in (False, True):
+        tiles = ((blocks.glu_fp8_rows_bwd, blocks.glu_fp8_cols_bwd, blocks.glu_fp8_warps_bwd)
+                 if backward else (blocks.glu_fp8_rows, blocks.glu_fp8_cols, blocks.glu_fp8_warps))
+        fp8_dtype = E5M2 if backward else E4M3
+        for drop in ("nothing", "amax", "transposed", "transposed+amax"):
+            kernel = _ablated_kernel(backward, drop, fp8_dtype, fast=not interpret)
+            call = pg._glu_fp8_call(kernel, rows, width, tiles, fp8_dtype, backward, interpret,
+                                    "ablated")
+            operands = (seed, inv, h, g) if backward else (seed, inv, h)
+            print(f"| {'backward' if backward else 'forward'} {tiles} | {drop} | "
+                  f"{median_ms(jax.jit(call), *operands, reps=args.reps):.3f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=32768)
@@ -163,6 +239,9 @@ def main() -> None:
     parser.add_argument("--check-only", action="store_true")
     parser.add_argument("--sweep", action="store_true",
                         help="also time the float8-out GLU kernels alone at several tiles")
+    parser.add_argument("--ablate", action="store_true",
+                        help="also time the float8-out GLU kernels without each of their "
+                             "outputs")
     args = parser.parse_args()
     apply_gpu_defaults()
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
@@ -172,6 +251,8 @@ def main() -> None:
         timings(args)
     if args.sweep:
         sweep(args)
+    if args.ablate:
+        ablate(args)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """FP8 matmuls with delayed per-tensor scaling, for the large GEMMs (issue 17; off by default).
 
-model.fp8_gemm "mlp" (the default once model.fp8 is on, and the fastest: 742,818 against
-635,546 tokens/s for bf16 on an H200, benchmarks/RESULTS.md session 9) puts only the GLU MLP in
+model.fp8_gemm "mlp" (the default once model.fp8 is on, and the fastest: 760,604 against
+637,567 tokens/s for bf16 on an H200, benchmarks/RESULTS.md session 10) puts only the GLU MLP in
 FP8, as one op whose GLU kernels quantise the wide tensors (fused/fp8_mlp.py, using this
 module's quantisation and stats); the attention GEMMs stay in the compute dtype.
 

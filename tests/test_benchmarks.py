@@ -3,6 +3,7 @@ profiler's kernel categories sort the kernel names an H100 trace contains."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -344,17 +345,23 @@ def test_fp8_gemm_probe_gemms_only_times_the_three_gemms_of_each_dtype(tmp_path)
 
 
 def test_fp8_mlp_benchmark_checks_and_times_both_mlps():
-    """benchmarks/fp8_mlp.py on CPU (small shapes, the XLA composition; the tile sweep in the
-    interpreter): its checks pass, its table has the bf16 and the FP8 row, the sweep a row per
-    tile."""
+    """benchmarks/fp8_mlp.py on CPU (small shapes, the XLA composition; the tile sweep and the
+    ablation in the interpreter): its checks pass, its table has the bf16 and the FP8 rows, the
+    sweep a row per tile, the ablation a row per kernel and output left out."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.path.join(ROOT, "benchmarks"),
                JAX_PLATFORMS="cpu")
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "fp8_mlp.py"), "--tokens", "128",
-         "--hidden", "32", "--intermediate", "64", "--reps", "1", "--sweep"],
+         "--hidden", "32", "--intermediate", "64", "--reps", "1", "--sweep", "--ablate"],
         env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "fp8 mlp checks: all ok" in result.stdout
     assert result.stdout.count("-> ok") == 8
     assert "| bf16 (x W_up" in result.stdout and "| fp8 mlp" in result.stdout
-    assert result.stdout.count("| fp8 | glu_fp8_rows=") == 5
+    import fp8_mlp
+    assert result.stdout.count("| fp8 | glu_fp8_rows=") == len(fp8_mlp.SWEEP) == 8
+    assert "| fp8 mlp, x and dy quantised by XLA" in result.stdout
+    for kernel in ("forward", "backward"):
+        for left_out in ("nothing", "amax", "transposed", "transposed+amax"):
+            assert re.search(rf"\| {kernel} \(\d+, \d+, \d+\) \| {re.escape(left_out)} \| "
+                             rf"\d+\.\d+ \|", result.stdout), (kernel, left_out)

@@ -1,5 +1,5 @@
-"""The FP8 MLP (fused/fp8_mlp.py, model.fp8_gemm "mlp"): its float8-out GLU kernels (Pallas
-interpreter on CPU) against the plain composition, the op's output and gradients against the
+"""The FP8 MLP (fused/fp8_mlp.py, model.fp8_gemm "mlp"): its float8-out GLU kernels and its
+quantize kernel (Pallas interpreter on CPU) against the plain composition, the op's output and gradients against the
 float32 MLP, the stats it writes against amaxes recomputed step by step from the same float8
 operands, and the lowering of the kernels for CUDA."""
 
@@ -91,6 +91,37 @@ def test_fp8_glu_kernel_saturates_instead_of_overflowing():
         assert np.all(np.isfinite(q)) and np.max(np.abs(q)) == fp8.fp8_max(E4M3), impl
 
 
+@pytest.mark.parametrize("fp8_dtype", [E4M3, E5M2])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_quantize_kernel_matches_the_composition(fp8_dtype, dtype):
+    """fused.quantize_fp8 (the FP8 MLP's x and dy): the kernel in the interpreter gives the
+    composition's float8 values bit for bit, in both layouts, with the exact amax; values
+    beyond the range saturate."""
+    rng, seed_value = fresh_rng()
+    rows, width = int(rng.choice([64, 96, 192])), int(rng.choice([32, 96, 128]))
+    x = jnp.asarray(rng.standard_normal((rows, width)) * rng.uniform(0.1, 10), dtype)
+    amax = float(np.max(np.abs(_f32(x))))
+    fmax = fp8.fp8_max(fp8_dtype)
+    what = f"{rows}x{width} {dtype.__name__} (seed {seed_value})"
+    for headroom in (0.9, 4.0):     # 4: the largest values clip to +-fmax
+        inv_scale = jnp.float32(headroom * fmax / amax)
+        got = jax.jit(lambda x, s: fused.quantize_fp8(x, s, fp8_dtype, "pallas_interpret"))(
+            x, inv_scale)
+        want = jax.jit(lambda x, s: fused.quantize_fp8(x, s, fp8_dtype, "xla"))(x, inv_scale)
+        assert got[0].dtype == fp8_dtype and got[0].shape == (rows, width)
+        assert got[1].shape == (width, rows)
+        np.testing.assert_array_equal(_f32(got[0]), _f32(want[0]), err_msg=what)
+        np.testing.assert_array_equal(_f32(got[1]), _f32(got[0]).T, err_msg=what)
+        assert float(got[2]) == float(want[2]) == amax, what
+        q = _f32(got[0])
+        assert np.all(np.isfinite(q)) and np.max(np.abs(q)) <= fmax, what
+        if headroom > 1:
+            assert np.max(np.abs(q)) == fmax, what
+        else:  # not clipped: the dequantised values are float8 roundings of x
+            error = relative_error(q / float(inv_scale), _f32(x))
+            assert 1e-3 < error < 0.1, (error, what)
+
+
 def _mlp_case(rng, rate):
     m, k, f, n = int(rng.choice([32, 64])), 32, int(rng.choice([64, 128])), 32
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
@@ -107,10 +138,13 @@ def _stats(scales: dict, history_length: int = 4) -> dict:
 
 def _step_by_step(x, w_up, w_down, g, seed, rate, up_scales, down_scales):
     """The op recomputed from its float8 operands with plain float32 dots: (ab, h, dh, d(ab))."""
-    q = lambda v, d, s: fp8.quantize(v, d, jnp.float32(s)).astype(jnp.float32) * s
-    ab = q(x, E4M3, up_scales["input"]) @ q(w_up, E4M3, up_scales["kernel"])
+    q = lambda v, d, s: fp8.quantize(v, d, jnp.float32(s)).astype(jnp.float32) * s  # weights
+    # x and g go through fused.quantize_fp8, which multiplies by the inverse scale.
+    qa = lambda v, d, s: (fused.reference.to_fp8(v, 1.0 / jnp.float32(s), d)
+                          .astype(jnp.float32) * s)
+    ab = qa(x, E4M3, up_scales["input"]) @ q(w_up, E4M3, up_scales["kernel"])
     h = fused.reference.glu_dropout(ab, seed, rate)
-    dh = q(g, E5M2, down_scales["output_grad"]) @ q(w_down, E4M3, down_scales["kernel"]).T
+    dh = qa(g, E5M2, down_scales["output_grad"]) @ q(w_down, E4M3, down_scales["kernel"]).T
     _, vjp = jax.vjp(lambda ab: fused.reference.glu_dropout(ab, seed, rate), ab)
     return ab, h, dh, vjp(dh)[0]
 
@@ -200,7 +234,8 @@ def test_fp8_glu_kernels_lower_for_cuda():
     key, inv = jnp.zeros(2, jnp.uint32), jnp.float32(1.0)
     fwd = lambda h: pallas_gpu.glu_dropout_fp8(h, key, 0.1, inv, E4M3)
     bwd = lambda h: pallas_gpu.glu_dropout_fp8_grad(h, g, key, 0.1, inv, E5M2)
-    for fn, kind in ((fwd, "f8E4M3FN"), (bwd, "f8E5M2")):
+    quantize = lambda h: pallas_gpu.quantize_fp8(h[:, :768], inv, E5M2)
+    for fn, kind in ((fwd, "f8E4M3FN"), (bwd, "f8E5M2"), (quantize, "f8E5M2")):
         text = jax.jit(fn).trace(h).lower(lowering_platforms=("cuda",)).as_text()
         assert "__gpu$xla.gpu.triton" in text or "triton_kernel_call" in text
         assert kind in text

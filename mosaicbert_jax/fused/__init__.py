@@ -4,7 +4,8 @@
 `dropout_add_layernorm(x, residual, scale, bias, seed, rate, eps, x_bias, implementation)`:
 LayerNorm(dropout(x + x_bias) + residual), x_bias being the bias of the dense layer before.
 `glu_dropout_fp8` / `glu_dropout_fp8_grad`: the GLU and its gradient written as float8 (for
-the FP8 MLP, fused/fp8_mlp.py). Implementations: "xla" (the plain composition in
+the FP8 MLP, fused/fp8_mlp.py); `quantize_fp8`: a tensor as float8 in both layouts, with its
+amax (the FP8 MLP's x and dy). Implementations: "xla" (the plain composition in
 reference.py, the model's unfused path), "pallas" (mosaicbert_jax/fused/pallas_gpu.py, GPU),
 "pallas_interpret" (the same kernels in the Pallas interpreter, any backend: for tests), and
 "auto" (pallas on CUDA GPUs of compute capability >= 8.0, xla elsewhere). Every path drops
@@ -79,6 +80,18 @@ def glu_dropout_fp8_grad(h: jax.Array, g: jax.Array, seed: jax.Array, rate: floa
                                            interpret=impl == "pallas_interpret")
 
 
+def quantize_fp8(x: jax.Array, inv_scale: jax.Array, fp8_dtype,
+                 implementation: str = "auto"):
+    """x [rows, w] times inv_scale as fp8_dtype: (q, q transposed, float32 amax of x), the
+    FP8 MLP's operands x and dy in the two layouts its GEMMs take."""
+    impl = resolve(implementation, x.shape[-1])
+    if impl == "xla":
+        return reference.quantize_fp8(x, inv_scale, fp8_dtype)
+    from mosaicbert_jax.fused import pallas_gpu
+    return pallas_gpu.quantize_fp8(x, inv_scale, fp8_dtype,
+                                   interpret=impl == "pallas_interpret")
+
+
 def dropout_add_layernorm(x: jax.Array, residual: jax.Array, scale: jax.Array,
                           bias: jax.Array, seed: jax.Array, rate: float, eps: float,
                           x_bias: Optional[jax.Array] = None, *,
@@ -98,4 +111,4 @@ def dropout_add_layernorm(x: jax.Array, residual: jax.Array, scale: jax.Array,
 
 
 __all__ = ["IMPLEMENTATIONS", "dropout_add_layernorm", "glu_dropout", "glu_dropout_fp8",
-           "glu_dropout_fp8_grad", "resolve"]
+           "glu_dropout_fp8_grad", "quantize_fp8", "resolve"]

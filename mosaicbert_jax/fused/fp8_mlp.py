@@ -5,9 +5,10 @@ four float8 GEMMs all take operands laid out contraction-dim-last (cuBLASLt's on
 Hopper), so no FP8 GEMM waits on a transpose of a wide tensor: the GLU forward kernel writes
 the hidden activation as e4m3 twice, row-major (the next GEMM's input) and transposed (the
 input of W_down's gradient), plus its amax; the GLU backward kernel does the same for d([a|b])
-in e5m2. Only hidden_size-wide tensors (x and the output cotangent) and the weights are
-quantised and transposed by XLA. `benchmarks/fp8_gemm_probe.py --gemms-only` measured such
-GEMMs 1.7-1.9x faster than bf16 at the base model's MLP shapes on an H200.
+in e5m2. The hidden_size-wide x and output cotangent go through `fused.quantize_fp8` (one
+pass: both layouts and the amax); only the weights are quantised and transposed by XLA.
+`benchmarks/fp8_gemm_probe.py --gemms-only` measured such GEMMs 1.7-1.9x faster than bf16 at
+the base model's MLP shapes on an H200.
 
 Scaling is fp8.py's delayed per-tensor scaling, in two stat groups: "up" (input x, kernel
 W_up, output_grad d([a|b])) and "down" (input: the hidden activation, kernel W_down,
@@ -47,17 +48,17 @@ def _glu_mlp_fwd(x, w_up, w_down, seed, up, down, rate, implementation, dtype):
     e4m3 = fp8.FORWARD_DTYPE
     (sx, hx), (swu, hwu) = up["input"], up["kernel"]
     (sh, hh), (swd, hwd) = down["input"], down["kernel"]
-    qx = fp8.quantize(x, e4m3, sx)
+    qx, qx_t, x_amax = fused.quantize_fp8(x, 1.0 / sx, e4m3, implementation)
     qwu = fp8.quantize(w_up, e4m3, swu)                        # [k, 2f]
     ab = _gemm(qx, qwu.T, sx * swu, dtype)                     # [m, 2f]
     qh, qh_t, h_amax = fused.glu_dropout_fp8(ab, seed, rate, 1.0 / sh, e4m3, implementation)
     qwd = fp8.quantize(w_down, e4m3, swd)                      # [f, n]
     y = _gemm(qh, qwd.T, sh * swd, dtype)                      # [m, n]
-    new_up = {"input": fp8.next_stats(x, sx, hx, e4m3),
+    new_up = {"input": fp8.next_stats_from_amax(x_amax, sx, hx, e4m3),
               "kernel": fp8.next_stats(w_up, swu, hwu, e4m3)}
     new_down = {"input": fp8.next_stats_from_amax(h_amax, sh, hh, e4m3),
                 "kernel": fp8.next_stats(w_down, swd, hwd, e4m3)}
-    residuals = (qx.T, qwu, ab, seed, qh_t, qwd, (sx, swu, sh, swd),
+    residuals = (qx_t, qwu, ab, seed, qh_t, qwd, (sx, swu, sh, swd),
                  (up["output_grad"], down["output_grad"]), new_up, new_down)
     return y, residuals
 
@@ -67,15 +68,15 @@ def _glu_mlp_bwd(rate, implementation, dtype, residuals, g):
     qx_t, qwu, ab, seed, qh_t, qwd, scales, grad_stats, new_up, new_down = residuals
     sx, swu, sh, swd = scales
     (sgu, hgu), (sgd, hgd) = grad_stats
-    qg = fp8.quantize(g, e5m2, sgd)                            # [m, n]
+    qg, qg_t, g_amax = fused.quantize_fp8(g, 1.0 / sgd, e5m2, implementation)  # [m, n]
     dh = _gemm(qg, qwd, sgd * swd, dtype)                      # [m, f]
-    d_w_down = _gemm(qh_t, qg.T, sh * sgd, dtype)              # [f, n]
+    d_w_down = _gemm(qh_t, qg_t, sh * sgd, dtype)              # [f, n]
     qd, qd_t, d_amax = fused.glu_dropout_fp8_grad(ab, dh, seed, rate, 1.0 / sgu, e5m2,
                                                   implementation)
     dx = _gemm(qd, qwu, sgu * swu, dtype)                      # [m, k]
     d_w_up = _gemm(qx_t, qd_t, sx * sgu, dtype)                # [k, 2f]
     new_up = {**new_up, "output_grad": fp8.next_stats_from_amax(d_amax, sgu, hgu, e5m2)}
-    new_down = {**new_down, "output_grad": fp8.next_stats(g, sgd, hgd, e5m2)}
+    new_down = {**new_down, "output_grad": fp8.next_stats_from_amax(g_amax, sgd, hgd, e5m2)}
     return dx, d_w_up, d_w_down, None, new_up, new_down
 
 

@@ -38,7 +38,9 @@ def to_fp8(y: jax.Array, inv_scale: jax.Array, fp8_dtype) -> jax.Array:
                     limit).astype(fp8_dtype)
 
 
-def _quantized_pair(y: jax.Array, inv_scale: jax.Array, fp8_dtype):
+def quantize_fp8(y: jax.Array, inv_scale: jax.Array, fp8_dtype):
+    """(q, q.T, amax) of y [rows, width]: y times inv_scale as fp8_dtype, its transpose, and
+    the float32 max |y| (what delayed scaling records)."""
     q = to_fp8(y, inv_scale, fp8_dtype)
     return q, q.T, jnp.max(jnp.abs(y)).astype(jnp.float32)
 
@@ -46,14 +48,14 @@ def _quantized_pair(y: jax.Array, inv_scale: jax.Array, fp8_dtype):
 def glu_dropout_fp8(h: jax.Array, seed: jax.Array, rate: float, inv_scale: jax.Array,
                     fp8_dtype):
     """(q, q.T, amax) of glu_dropout(h) in float32 times inv_scale as fp8_dtype (h: [rows, 2w])."""
-    return _quantized_pair(glu_dropout(h.astype(jnp.float32), seed, rate), inv_scale, fp8_dtype)
+    return quantize_fp8(glu_dropout(h.astype(jnp.float32), seed, rate), inv_scale, fp8_dtype)
 
 
 def glu_dropout_fp8_grad(h: jax.Array, g: jax.Array, seed: jax.Array, rate: float,
                          inv_scale: jax.Array, fp8_dtype):
     """(q, q.T, amax) of glu_dropout's float32 gradient at h for cotangent g, as fp8_dtype."""
     _, vjp = jax.vjp(lambda h: glu_dropout(h, seed, rate), h.astype(jnp.float32))
-    return _quantized_pair(vjp(g.astype(jnp.float32))[0], inv_scale, fp8_dtype)
+    return quantize_fp8(vjp(g.astype(jnp.float32))[0], inv_scale, fp8_dtype)
 
 
 def layernorm(z: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
