@@ -1,5 +1,6 @@
-"""The FP8 MLP (model.fp8_gemm "mlp", mosaicbert_jax/fused/fp8_mlp.py) beside the bf16 MLP:
-check against float32, then time one layer's MLP forward and forward + backward.
+"""The FP8 MLP (model.fp8_gemm "mlp", mosaicbert_jax/fused/fp8_mlp.py) beside the bf16 MLP, and
+the FP8 QKV projection ("mlp_qkv", fused/fp8_dense.py) beside the bf16 one: check against
+float32, then time one layer's MLP and QKV projection, forward and forward + backward.
 
   PYTHONPATH=. python benchmarks/fp8_mlp.py [--tokens 32768] [--reps 20] [--sweep] [--ablate]
 
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mosaicbert_jax import fp8, fused
-from mosaicbert_jax.fused import fp8_mlp
+from mosaicbert_jax.fused import fp8_dense, fp8_mlp
 from mosaicbert_jax.xla_flags import apply_gpu_defaults
 from fused_ops import median_ms, relative_error
 
@@ -56,8 +57,9 @@ def bf16_mlp(x, w_up, w_down, seed, rate, impl):
 
 
 def with_grads(fn, g):
-    def run(x, w_up, w_down):
-        y, vjp = jax.vjp(fn, x, w_up, w_down)
+    """fn's output and the gradients of all its arguments for the cotangent g."""
+    def run(*args):
+        y, vjp = jax.vjp(fn, *args)
         return (y,) + vjp(g)
     return run
 
@@ -102,6 +104,61 @@ def xla_quantising(fn):
         finally:
             fused.quantize_fp8 = kernel
     return traced
+
+
+def check_qkv(args) -> bool:
+    """The FP8 QKV projection (fp8_gemm "mlp_qkv", fused/fp8_dense.py) on fresh random inputs,
+    bf16 operands: against the float32 dense, and its kernel against its XLA composition."""
+    keys = jax.random.split(jax.random.key(int(time.time())), 3)
+    n = 3 * args.hidden
+    x = jax.random.normal(keys[0], (args.tokens, args.hidden))
+    w = jax.random.normal(keys[1], (args.hidden, n)) * 0.02
+    g = jax.random.normal(keys[2], (args.tokens, n)) * 1e-4
+    amax = lambda v: jnp.max(jnp.abs(v)).astype(jnp.float32)
+    stats = {"input": (amax(x) / fp8.fp8_max(E4M3), jnp.zeros(16)),
+             "kernel": (amax(w) / fp8.fp8_max(E4M3), jnp.zeros(16)),
+             "output_grad": (amax(g) / fp8.fp8_max(E5M2), jnp.zeros(16))}
+    with jax.default_matmul_precision("highest"):
+        exact = (x @ w, g @ w.T, x.T @ g)
+    runs = {impl: jax.jit(with_grads(lambda a, b: fp8_dense.dense(a, b, stats, impl,
+                                                                   jnp.bfloat16),
+                                     g.astype(jnp.bfloat16)))(x.astype(jnp.bfloat16),
+                                                              w.astype(jnp.bfloat16))
+            for impl in ("auto", "xla")}
+    ok = True
+    for i, name in enumerate(("y", "dx", "dw")):
+        err = relative_error(runs["auto"][i], exact[i])
+        between = relative_error(runs["auto"][i], runs["xla"][i])
+        good = bool(np.isfinite(err) and 2e-3 < err < 0.12 and between < 0.25 * err)
+        ok &= good
+        print(f"check qkv {name}: fp8 vs float32 {err:.2e} (bar 0.12), kernel vs XLA "
+              f"composition {between:.2e} -> {'ok' if good else 'FAILED'}")
+    return ok
+
+
+def qkv_timings(args) -> None:
+    """The QKV projection (hidden -> 3 hidden) forward and forward + backward: bf16 against
+    the FP8 dense with its kernel quantising x and d(qkv)."""
+    keys = jax.random.split(jax.random.key(0), 3)
+    n = 3 * args.hidden
+    x = jax.random.normal(keys[0], (args.tokens, args.hidden), jnp.bfloat16)
+    w = (jax.random.normal(keys[1], (args.hidden, n)) * 0.02).astype(jnp.bfloat16)
+    g = (jax.random.normal(keys[2], (args.tokens, n)) * 1e-4).astype(jnp.bfloat16)
+    stats = {t: (jnp.float32(s), jnp.zeros(16)) for t, s in
+             (("input", 5 / 448), ("kernel", 0.1 / 448), ("output_grad", 5e-4 / 57344))}
+    variants = {"bf16 (x W)": lambda a, b: a @ b,
+                "fp8 dense (fused/fp8_dense.py)":
+                    lambda a, b: fp8_dense.dense(a, b, stats, "auto", jnp.bfloat16)}
+    flops = 2 * args.tokens * args.hidden * n
+    print(f"\n| QKV projection {args.hidden} -> {n} | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s |")
+    print("| --- | --- | --- | --- |")
+    base = None
+    for name, fn in variants.items():
+        fwd = median_ms(jax.jit(fn), x, w, reps=args.reps)
+        both = median_ms(jax.jit(with_grads(fn, g)), x, w, reps=args.reps)
+        base = base or both
+        print(f"| {name} | {fwd:.3f} | {both:.3f} ({base / both:.2f}x) | "
+              f"{3 * flops / (both * 1e-3) / 1e12:,.0f} |")
 
 
 def timings(args) -> None:
@@ -245,10 +302,11 @@ def main() -> None:
     args = parser.parse_args()
     apply_gpu_defaults()
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
-    ok = all([check(args, rate) for rate in (0.0, 0.1)])
+    ok = all([check(args, rate) for rate in (0.0, 0.1)] + [check_qkv(args)])
     print(f"fp8 mlp checks: {'all ok' if ok else 'FAILED'}")
     if not args.check_only:
         timings(args)
+        qkv_timings(args)
     if args.sweep:
         sweep(args)
     if args.ablate:

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import jax.numpy as jnp
 
 from mosaicbert_jax.attention import available_implementations
-from mosaicbert_jax.fp8 import GEMMS as FP8_GEMMS
+from mosaicbert_jax.fp8 import GEMMS as FP8_GEMMS, kernel_quantized
 
 DROPOUT_RNGS = ("hash", "threefry")
 # The MLM head's LayerNorm eps: the original PyTorch MosaicBERT hard-codes it, whatever
@@ -69,8 +69,9 @@ class MosaicBertConfig:
     # learning-curve benchmark shows parity; the scaling stats keep `fp8_amax_history` amaxes.
     fp8: bool = False
     fp8_amax_history: int = 16
-    # How the FP8 GEMMs are written for XLA: "f8" (float8 operands), "qdq", or "mlp" (only the
-    # GLU MLP in FP8, quantised inside its kernels: fused/fp8_mlp.py); see fp8.GEMMS.
+    # How the FP8 GEMMs are written for XLA: "f8" (float8 operands), "qdq", "mlp" (only the
+    # GLU MLP in FP8, quantised inside its kernels: fused/fp8_mlp.py) or "mlp_qkv" (that and
+    # the QKV projection: fused/fp8_dense.py); see fp8.GEMMS.
     fp8_gemm: str = "mlp"
     num_labels: int = 2
     classifier_dropout_prob: Optional[float] = None
@@ -109,9 +110,9 @@ class MosaicBertConfig:
         if self.fp8_gemm not in FP8_GEMMS:
             raise ValueError(f"fp8_gemm={self.fp8_gemm!r} must be one of "
                              + ", ".join(map(repr, FP8_GEMMS)))
-        if self.fp8 and self.fp8_gemm == "mlp" and self.dropout_rng != "hash":
-            raise ValueError(f"fp8_gemm='mlp' drops the MLP's activations with hash dropout "
-                             f"masks but dropout_rng={self.dropout_rng!r}; use "
+        if self.fp8 and kernel_quantized(self.fp8_gemm) and self.dropout_rng != "hash":
+            raise ValueError(f"fp8_gemm={self.fp8_gemm!r} drops the MLP's activations with "
+                             f"hash dropout masks but dropout_rng={self.dropout_rng!r}; use "
                              f"dropout_rng='hash' or fp8_gemm='f8'")
         if (isinstance(self.fp8_amax_history, bool) or not isinstance(self.fp8_amax_history, int)
                 or self.fp8_amax_history < 1):

@@ -1,9 +1,11 @@
 """FP8 matmuls with delayed per-tensor scaling, for the large GEMMs (issue 17; off by default).
 
-model.fp8_gemm "mlp" (the default once model.fp8 is on, and the fastest: 760,604 against
-637,567 tokens/s for bf16 on an H200, benchmarks/RESULTS.md session 10) puts only the GLU MLP in
-FP8, as one op whose GLU kernels quantise the wide tensors (fused/fp8_mlp.py, using this
-module's quantisation and stats); the attention GEMMs stay in the compute dtype.
+model.fp8_gemm "mlp" (the default once model.fp8 is on, and the fastest measured: 760,604
+against 637,567 tokens/s for bf16 on an H200, benchmarks/RESULTS.md session 10) puts only the
+GLU MLP in FP8, as one op whose GLU kernels quantise the wide tensors (fused/fp8_mlp.py, using
+this module's quantisation and stats); the attention GEMMs stay in the compute dtype.
+"mlp_qkv" (not yet measured on a GPU) adds the fused QKV projection as an FP8 dense whose x
+and output gradient a kernel quantises in both layouts (fused/fp8_dense.py).
 
 `Fp8DotGeneral` is a drop-in `dot_general` for nn.Dense (its `dot_general_cls`) and our own
 dense layers, for every large GEMM. Two ways to run the same quantisation (e4m3 activation
@@ -44,8 +46,12 @@ BACKWARD_DTYPE = jnp.float8_e5m2    # output gradients
 TENSORS = ("input", "kernel", "output_grad")
 # The formulations (module docstring), model.fp8_gemm picks one; "mlp" puts only the GLU MLP's
 # two GEMMs in FP8, its wide operands quantised inside the GLU kernels (fused/fp8_mlp.py), and
-# leaves the attention GEMMs in the compute dtype.
-GEMMS = ("f8", "qdq", "mlp")
+# leaves the attention GEMMs in the compute dtype; "mlp_qkv" also puts the fused QKV
+# projection in FP8, its x and d(qkv) quantised by a kernel (fused/fp8_dense.py).
+GEMMS = ("f8", "qdq", "mlp", "mlp_qkv")
+# Which GEMMs own FP8 stats (and so the train state's layout) under each formulation.
+_STATS_LAYOUT = {"f8": "every dense layer", "qdq": "every dense layer", "mlp": "the MLP",
+                 "mlp_qkv": "the MLP and Wqkv"}
 MARGIN = 0
 
 
@@ -68,6 +74,18 @@ def check_hardware(enabled: bool) -> None:
         raise ValueError(f"model.fp8 needs a GPU with FP8 tensor cores (compute capability "
                          f">= 8.9: H100, H200, L4, L40); {device.device_kind} has "
                          f"{capability}; set --config.model.fp8=False")
+
+
+def stats_layout(gemm: str) -> str:
+    """Which layers keep FP8 stats under fp8_gemm `gemm`: two formulations whose layouts are
+    equal give train states of the same structure (a checkpoint of one resumes the other)."""
+    return _STATS_LAYOUT.get(gemm, gemm)
+
+
+def kernel_quantized(gemm: str) -> bool:
+    """Whether `gemm` runs the MLP as fused/fp8_mlp.py's op (its kernels drop with hash
+    dropout masks) rather than through Fp8DotGeneral."""
+    return gemm in ("mlp", "mlp_qkv")
 
 
 def fp8_max(dtype: Any) -> float:
@@ -268,8 +286,9 @@ class Fp8DotGeneral(nn.Module):
 
 def dot_general_cls(enabled: bool, history_length: int, gemm: str = "f8") -> Any:
     """What to pass as nn.Dense(dot_general_cls=...): None (plain dot) or an Fp8DotGeneral.
-    None too for gemm "mlp": there the MLP's own op is FP8 and every other GEMM is not."""
-    if not enabled or gemm == "mlp":
+    None too for gemm "mlp" and "mlp_qkv": there the MLP's own op (and Wqkv's) is FP8 and
+    every other GEMM is not."""
+    if not enabled or kernel_quantized(gemm):
         return None
     return partial(Fp8DotGeneral, history_length=history_length, gemm=gemm)
 

@@ -20,7 +20,7 @@ from mosaicbert_jax import fp8, fused
 from mosaicbert_jax.attention import alibi_slopes, attention_qkv
 from mosaicbert_jax.config import MLM_HEAD_LAYER_NORM_EPS, MosaicBertConfig
 from mosaicbert_jax.dropout import Dropout
-from mosaicbert_jax.fused import fp8_mlp
+from mosaicbert_jax.fused import fp8_dense, fp8_mlp
 from mosaicbert_jax.fused.reference import gelu
 
 
@@ -114,7 +114,8 @@ class MosaicBertSelfAttention(nn.Module):
     def __call__(self, x, segment_ids):
         cfg = self.config
         batch, seq, _ = x.shape
-        qkv, bias = DenseBiasApart(3 * cfg.hidden_size, cfg, name="Wqkv")(x)
+        qkv, bias = DenseBiasApart(3 * cfg.hidden_size, cfg, fp8_dense_op=True,
+                                   name="Wqkv")(x)
         qkv = qkv.reshape(batch, seq, 3, cfg.num_attention_heads, cfg.head_dim)
         slopes = jnp.asarray(alibi_slopes(cfg.num_attention_heads))
         # Kernels with a fused-QKV entry read q, k, v in place (no slice copies, one d(qkv))
@@ -166,15 +167,25 @@ class DenseParams(nn.Module):
 class DenseBiasApart(nn.Module):
     """nn.Dense's parameters (same names, shapes, inits) and matmul, returning the bias
     instead of adding it, so the fused LayerNorm kernel adds it without another pass
-    (an FP8 matmul when cfg.fp8, as _big_dense)."""
+    (an FP8 matmul when cfg.fp8, as _big_dense). fp8_dense_op: under fp8_gemm "mlp_qkv" the
+    matmul is fused/fp8_dense.py's op, its stats in this module (the QKV projection)."""
 
     features: int
     config: MosaicBertConfig
+    fp8_dense_op: bool = False
 
     @nn.compact
     def __call__(self, x) -> tuple[jax.Array, jax.Array]:
         cfg = self.config
         kernel, bias = _dense_params(self, cfg, x.shape[-1], self.features)
+        if self.fp8_dense_op and cfg.fp8 and cfg.fp8_gemm == "mlp_qkv":
+            stats = fp8.stats_variables(self, cfg.fp8_amax_history)
+            if stats is not None:  # training; without the stats, the plain matmul below
+                y = fp8_dense.dense(x.reshape(-1, x.shape[-1]).astype(cfg.dtype),
+                                    kernel.astype(cfg.dtype), stats,
+                                    _fused_impl("glu_implementation", cfg, x.shape[-1]),
+                                    cfg.dtype)
+                return y.reshape(x.shape[:-1] + (self.features,)), bias
         fp8_dot = fp8.dot_general_cls(cfg.fp8, cfg.fp8_amax_history, cfg.fp8_gemm)
         dot = fp8_dot() if fp8_dot else jax.lax.dot_general
         y = dot(x.astype(cfg.dtype), kernel.astype(cfg.dtype), (((x.ndim - 1,), (0,)), ((), ())))
@@ -234,7 +245,7 @@ class MosaicBertGatedMLP(nn.Module):
     def __call__(self, x, deterministic: bool):
         cfg = self.config
         x, residual = _per_consumer(x)
-        if cfg.fp8 and cfg.fp8_gemm == "mlp":
+        if cfg.fp8 and fp8.kernel_quantized(cfg.fp8_gemm):
             up, down = (fp8.Fp8Stats(cfg.fp8_amax_history, name=name)()
                         for name in ("gated_layers_fp8", "wo_fp8"))
             if up is not None:  # training: FP8; without the stats, the plain MLP below

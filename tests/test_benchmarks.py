@@ -356,8 +356,9 @@ def test_fp8_mlp_benchmark_checks_and_times_both_mlps():
         env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "fp8 mlp checks: all ok" in result.stdout
-    assert result.stdout.count("-> ok") == 8
+    assert result.stdout.count("-> ok") == 8 + 3   # the MLP at two rates, the QKV projection
     assert "| bf16 (x W_up" in result.stdout and "| fp8 mlp" in result.stdout
+    assert "| bf16 (x W) |" in result.stdout and "| fp8 dense (fused/fp8_dense.py) |" in result.stdout
     import fp8_mlp
     assert result.stdout.count("| fp8 | glu_fp8_rows=") == len(fp8_mlp.SWEEP) == 8
     assert "| fp8 mlp, x and dy quantised by XLA" in result.stdout

@@ -370,6 +370,8 @@ def test_resume_check_names_the_fp8_setting_of_the_checkpoint():
     with pytest.raises(UserError, match=r"--config\.model\.fp8_gemm=mlp"):
         check_same_fp8(mlp, {**on, "fp8_gemm": "qdq"}, 10, "/w")
     check_same_fp8(f8, {**on, "fp8_gemm": "qdq"}, 10, "/w")
+    with pytest.raises(UserError, match=r"fp8_gemm='mlp'.*--config\.model\.fp8_gemm=mlp"):
+        check_same_fp8(mlp, {**on, "fp8_gemm": "mlp_qkv"}, 10, "/w")
     check_same_fp8({**off, "fp8_gemm": "f8"}, {**off, "fp8_gemm": "mlp"}, 10, "/w")
     with pytest.raises(UserError, match=r"--config\.model\.fp8=False"):
         check_same_fp8({"hidden_size": 128}, on, 10, "/w")
@@ -382,16 +384,23 @@ def test_fp8_needs_compute_capability_8_9():
     fp8.check_hardware(True)  # CPU: FP8 runs as written
 
 
-def test_fp8_mlp_model_quantizes_only_the_mlp_and_trains(setup):
-    """fp8_gemm "mlp": the same params as the bf16 model, stats only for the MLP's two GEMMs,
-    logits close to but not the full-precision ones once calibrated, the plain model without
-    the stats, and a train step that records every stat (fused/fp8_mlp.py)."""
+@pytest.mark.parametrize("gemm", ["mlp", "mlp_qkv"])
+def test_fp8_mlp_model_quantizes_only_the_mlp_and_trains(setup, gemm):
+    """fp8_gemm "mlp": the same params as the bf16 model, stats only for the MLP's two GEMMs
+    ("mlp_qkv": and the QKV projection's), logits close to but not the full-precision ones once
+    calibrated, the plain model without the stats, and a train step that records every stat
+    (fused/fp8_mlp.py, fused/fp8_dense.py)."""
     batch, params = setup["batch"], setup["state"]["params"]
-    model = MosaicBertForMaskedLM(tiny(fp8=True, fp8_gemm="mlp"))
+    model = MosaicBertForMaskedLM(tiny(fp8=True, fp8_gemm=gemm))
     ids = jnp.ones((1, 8), jnp.int32)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, ids))
     assert jax.tree_util.tree_structure(shapes["params"]) == jax.tree_util.tree_structure(params)
-    assert set(at(shapes[fp8.STATS], LAYER0)) == {"mlp"}
+    if gemm == "mlp":
+        assert set(at(shapes[fp8.STATS], LAYER0)) == {"mlp"}
+    else:
+        assert set(at(shapes[fp8.STATS], LAYER0)) == {"mlp", "attention_self"}
+        assert set(at(shapes[fp8.STATS], WQKV)) == {
+            f"{t}_{v}" for t in fp8.TENSORS for v in ("scale", "amax_history")}
     assert set(at(shapes[fp8.STATS], LAYER0 + ("mlp",))) == {"gated_layers_fp8", "wo_fp8"}
     stats = jax.tree_util.tree_map(lambda s: jnp.ones(s.shape, s.dtype)
                                    if s.ndim == 0 else jnp.zeros(s.shape, s.dtype),

@@ -24,13 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from mosaicbert_jax import fp8, fused
-
-_CONTRACT_LAST = (((1,), (1,)), ((), ()))  # [m, k] x [n, k] -> [m, n]
-
-
-def _gemm(a: jax.Array, b: jax.Array, scale: jax.Array, dtype: Any) -> jax.Array:
-    """a [m, k] . b [n, k] (both float8, contraction last) -> [m, n] in dtype, times scale."""
-    return fp8.scaled_dot(a, b, _CONTRACT_LAST, scale, dtype)
+from mosaicbert_jax.fused.fp8_dense import gemm as _gemm
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))

@@ -31,8 +31,9 @@ def get_default_config() -> ml_collections.ConfigDict:
         vocab_size=-1,              # -1: the preset's (30528 for bert-base-uncased)
         fp8=False,                  # FP8 GEMMs with delayed scaling (mosaicbert_jax/fp8.py)
         fp8_amax_history=16,        # amaxes each FP8 scale is taken over
-        fp8_gemm="mlp",             # mlp (the MLP in FP8, quantised in its kernels: fastest)
-                                    # | f8 (every large GEMM, float8 operands) | qdq
+        fp8_gemm="mlp",             # mlp (the MLP in FP8, quantised in its kernels: fastest
+                                    # measured) | mlp_qkv (and the QKV projection; not yet
+                                    # measured) | f8 (every large GEMM, float8 operands) | qdq
     ))
     c.data = ml_collections.ConfigDict(dict(
         source="shards",            # shards (prepared dir) | embedded | synthetic

@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 import ml_collections
 
+from mosaicbert_jax import fp8
 from mosaicbert_jax.cli_errors import UserError
 from mosaicbert_jax.config import MosaicBertConfig
 from mosaicbert_jax.optim import recipe_optimizer
@@ -68,10 +69,10 @@ def check_same_fp8(saved: Optional[dict[str, Any]], new: dict[str, Any], step: i
             f"{saved.get('fp8_amax_history')}, but the config has "
             f"{new.get('fp8_amax_history')}; resume it with "
             f"--config.model.fp8_amax_history={saved.get('fp8_amax_history')}")
-    # "f8" and "qdq" keep one stats group per dense layer, "mlp" two per MLP: the train states
-    # differ. Checkpoints from before fp8_gemm existed used "f8".
+    # "f8" and "qdq" keep one stats group per dense layer, "mlp" two per MLP, "mlp_qkv" those
+    # and Wqkv's: the train states differ. Checkpoints from before fp8_gemm existed used "f8".
     saved_gemm, new_gemm = saved.get("fp8_gemm", "f8"), new.get("fp8_gemm", "f8")
-    if now and (saved_gemm == "mlp") != (new_gemm == "mlp"):
+    if now and fp8.stats_layout(saved_gemm) != fp8.stats_layout(new_gemm):
         raise UserError(
             f"--workdir={workdir} holds a checkpoint (step {step}) trained with fp8_gemm="
             f"{saved_gemm!r}, whose FP8 stats do not fit fp8_gemm={new_gemm!r}; resume it with "
