@@ -5,7 +5,7 @@
 LayerNorm(dropout(x + x_bias) + residual), x_bias being the bias of the dense layer before.
 `glu_dropout_fp8` / `glu_dropout_fp8_grad`: the GLU and its gradient written as float8 (for
 the FP8 MLP, fused/fp8_mlp.py); `quantize_fp8`: a tensor as float8 in both layouts, with its
-amax (the FP8 MLP's x and dy). Implementations: "xla" (the plain composition in
+amax (the FP8 ops' x and dy). Implementations: "xla" (the plain composition in
 reference.py, the model's unfused path), "pallas" (mosaicbert_jax/fused/pallas_gpu.py, GPU),
 "pallas_interpret" (the same kernels in the Pallas interpreter, any backend: for tests), and
 "auto" (pallas on CUDA GPUs of compute capability >= 8.0, xla elsewhere). Every path drops
@@ -82,8 +82,9 @@ def glu_dropout_fp8_grad(h: jax.Array, g: jax.Array, seed: jax.Array, rate: floa
 
 def quantize_fp8(x: jax.Array, inv_scale: jax.Array, fp8_dtype,
                  implementation: str = "auto"):
-    """x [rows, w] times inv_scale as fp8_dtype: (q, q transposed, float32 amax of x), the
-    FP8 MLP's operands x and dy in the two layouts its GEMMs take."""
+    """x [rows, w] times inv_scale as fp8_dtype: (q, q transposed, float32 amax of x): the
+    input and output gradient of the FP8 MLP and FP8 dense ops in the two layouts their
+    GEMMs take."""
     impl = resolve(implementation, x.shape[-1])
     if impl == "xla":
         return reference.quantize_fp8(x, inv_scale, fp8_dtype)

@@ -80,8 +80,8 @@ class FusedBlocks:
     glu_fp8_cols_bwd: int = 128
     # 8 warps: 0.351 ms against 0.367 at 4 (32,768 x 3,072, H200, session 10).
     glu_fp8_warps_bwd: int = 8
-    # `quantize_fp8` (the FP8 MLP's x and output cotangent, hidden_size wide): 0.031 ms a
-    # call in the base step, where XLA's amax-and-cast plus transpose took 0.052 (session 10).
+    # `quantize_fp8` (the FP8 ops' x and output cotangent): 0.031 ms a hidden_size-wide
+    # tensor in the base step, where XLA's amax-and-cast plus transpose took 0.052 (session 10).
     quantize_rows: int = 64
     quantize_cols: int = 64
     quantize_warps: int = 4
