@@ -14,6 +14,7 @@ against its XLA composition.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import jax
@@ -40,16 +41,21 @@ def random_inputs(tokens: int, hidden: int, intermediate: int, seed: int):
     return x, w_up, w_down, g, dropout_seed
 
 
-def calibrated_stats(x, w_up, w_down, g, seed, rate):
-    """Stats whose scales map each tensor's float32 amax to fmax (history empty)."""
+def calibrated_group(x, w, g) -> dict:
+    """One FP8 GEMM's stats whose scales map the float32 amaxes of its input x, kernel w and
+    output gradient g to fmax (history empty), as delayed scaling settles to."""
     amax = lambda v: jnp.max(jnp.abs(v)).astype(jnp.float32)
+    return {"input": (amax(x) / fp8.fp8_max(E4M3), jnp.zeros(16)),
+            "kernel": (amax(w) / fp8.fp8_max(E4M3), jnp.zeros(16)),
+            "output_grad": (amax(g) / fp8.fp8_max(E5M2), jnp.zeros(16))}
+
+
+def calibrated_stats(x, w_up, w_down, g, seed, rate):
+    """The FP8 MLP's two stats groups, calibrated (calibrated_group)."""
     ab = x @ w_up
     h, vjp = jax.vjp(lambda ab: fused.reference.glu_dropout(ab, seed, rate), ab)
     dab = vjp(g @ w_down.T)[0]
-    group = lambda a, w, d: {"input": (amax(a) / fp8.fp8_max(E4M3), jnp.zeros(16)),
-                             "kernel": (amax(w) / fp8.fp8_max(E4M3), jnp.zeros(16)),
-                             "output_grad": (amax(d) / fp8.fp8_max(E5M2), jnp.zeros(16))}
-    return group(x, w_up, dab), group(h, w_down, g)
+    return calibrated_group(x, w_up, dab), calibrated_group(h, w_down, g)
 
 
 def bf16_mlp(x, w_up, w_down, seed, rate, impl):
@@ -114,10 +120,7 @@ def check_qkv(args) -> bool:
     x = jax.random.normal(keys[0], (args.tokens, args.hidden))
     w = jax.random.normal(keys[1], (args.hidden, n)) * 0.02
     g = jax.random.normal(keys[2], (args.tokens, n)) * 1e-4
-    amax = lambda v: jnp.max(jnp.abs(v)).astype(jnp.float32)
-    stats = {"input": (amax(x) / fp8.fp8_max(E4M3), jnp.zeros(16)),
-             "kernel": (amax(w) / fp8.fp8_max(E4M3), jnp.zeros(16)),
-             "output_grad": (amax(g) / fp8.fp8_max(E5M2), jnp.zeros(16))}
+    stats = calibrated_group(x, w, g)
     with jax.default_matmul_precision("highest"):
         exact = (x @ w, g @ w.T, x.T @ g)
     runs = {impl: jax.jit(with_grads(lambda a, b: fp8_dense.dense(a, b, stats, impl,
@@ -230,38 +233,6 @@ def sweep(args) -> None:
               f"{bwd_bytes / bwd / 1e6:,.0f} |")
 
 
-def _ablated_kernel(backward: bool, drop: str, fp8_dtype, fast: bool):
-    """The float8 GLU kernel without one of its outputs (drop: "amax", "transposed", or
-    "transposed+amax"), to see what each output costs."""
-    from mosaicbert_jax.fused import pallas_gpu as pg
-
-    def store(q_ref, qt_ref, q, slot=None):
-        if slot is None:
-            q_ref[...] = q
-        else:
-            q_ref[:, slot, :] = q
-        if "transposed" not in drop:
-            if slot is None:
-                qt_ref[...] = q.T
-            else:
-                qt_ref[slot] = q.T
-
-    def forward(seed_ref, inv_ref, h_ref, q_ref, qt_ref, amax_ref):
-        y = pg._glu_tile(seed_ref, h_ref, 0.1, fast)
-        store(q_ref, qt_ref, fused.reference.to_fp8(y, inv_ref[0], fp8_dtype))
-        if "amax" not in drop:
-            amax_ref[...] = pg._tile_amax(y)
-
-    def backward_kernel(seed_ref, inv_ref, h_ref, g_ref, q_ref, qt_ref, amax_ref):
-        parts = pg._glu_grad_tile(seed_ref, h_ref, g_ref, 0.1, fast)
-        for slot, d in enumerate(parts):
-            store(q_ref, qt_ref, fused.reference.to_fp8(d, inv_ref[0], fp8_dtype), slot)
-        if "amax" not in drop:
-            amax_ref[...] = pg._tile_amax(*parts)
-
-    return backward_kernel if backward else forward
-
-
 def ablate(args) -> None:
     """The float8 GLU kernels (default tiles) with their amax, their transposed store or both
     left out: what each output costs (off-GPU: in the interpreter, for the tests)."""
@@ -278,10 +249,13 @@ def ablate(args) -> None:
         tiles = ((blocks.glu_fp8_rows_bwd, blocks.glu_fp8_cols_bwd, blocks.glu_fp8_warps_bwd)
                  if backward else (blocks.glu_fp8_rows, blocks.glu_fp8_cols, blocks.glu_fp8_warps))
         fp8_dtype = E5M2 if backward else E4M3
-        for drop in ("nothing", "amax", "transposed", "transposed+amax"):
-            kernel = _ablated_kernel(backward, drop, fp8_dtype, fast=not interpret)
+        body = pg._glu_fp8_bwd_kernel if backward else pg._glu_fp8_fwd_kernel
+        for leave_out in ((), ("amax",), ("transposed",), pg.ABLATABLE_OUTPUTS):
+            kernel = functools.partial(body, rate=0.1, fast=not interpret, fp8_dtype=fp8_dtype,
+                                       leave_out=leave_out)
             call = pg._glu_fp8_call(kernel, rows, width, tiles, fp8_dtype, backward, interpret,
                                     "ablated")
+            drop = "+".join(sorted(leave_out, reverse=True)) or "nothing"
             operands = (seed, inv, h, g) if backward else (seed, inv, h)
             print(f"| {'backward' if backward else 'forward'} {tiles} | {drop} | "
                   f"{median_ms(jax.jit(call), *operands, reps=args.reps):.3f} |")

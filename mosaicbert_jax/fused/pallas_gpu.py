@@ -269,23 +269,32 @@ def _tile_amax(*tiles: jax.Array) -> jax.Array:
                    keepdims=True)
 
 
+# The float8 GLU kernels' `leave_out` (static, empty in the model): outputs left unwritten,
+# for benchmarks/fp8_mlp.py --ablate, which times what each output costs in these very kernels.
+ABLATABLE_OUTPUTS = ("transposed", "amax")
+
+
 def _glu_fp8_fwd_kernel(seed_ref, inv_ref, h_ref, q_ref, qt_ref, amax_ref, *, rate: float,
-                        fast: bool, fp8_dtype):
+                        fast: bool, fp8_dtype, leave_out: tuple = ()):
     y = _glu_tile(seed_ref, h_ref, rate, fast)
     q = to_fp8(y, inv_ref[0], fp8_dtype)
     q_ref[...] = q
-    qt_ref[...] = q.T
-    amax_ref[...] = _tile_amax(y)
+    if "transposed" not in leave_out:
+        qt_ref[...] = q.T
+    if "amax" not in leave_out:
+        amax_ref[...] = _tile_amax(y)
 
 
 def _glu_fp8_bwd_kernel(seed_ref, inv_ref, h_ref, g_ref, q_ref, qt_ref, amax_ref, *,
-                        rate: float, fast: bool, fp8_dtype):
+                        rate: float, fast: bool, fp8_dtype, leave_out: tuple = ()):
     da, db = _glu_grad_tile(seed_ref, h_ref, g_ref, rate, fast)
     for slot, d in enumerate((da, db)):
         q = to_fp8(d, inv_ref[0], fp8_dtype)
         q_ref[:, slot, :] = q
-        qt_ref[slot] = q.T
-    amax_ref[...] = _tile_amax(da, db)
+        if "transposed" not in leave_out:
+            qt_ref[slot] = q.T
+    if "amax" not in leave_out:
+        amax_ref[...] = _tile_amax(da, db)
 
 
 def _glu_fp8_call(kernel, rows: int, width: int, tiles: tuple[int, int, int], fp8_dtype,
