@@ -32,6 +32,7 @@ import numpy as np
 
 from mosaicbert_jax import MosaicBertForMaskedLM
 from mosaicbert_jax.data.training_data import make_training_data
+from mosaicbert_jax.fp8 import GEMMS as FP8_GEMMS
 from mosaicbert_jax.optim import recipe_optimizer
 from mosaicbert_jax.sharding import batch_sharding, make_mesh
 from mosaicbert_jax.train import model_config_from
@@ -258,7 +259,7 @@ def main() -> None:
     if args.fp8:
         args.precision = "bf16,fp8"
     precisions = args.precision.split(",")
-    known = ["bf16", "fp8"] + [f"fp8-{gemm}" for gemm in ("f8", "qdq", "mlp")]
+    known = ["bf16", "fp8"] + [f"fp8-{gemm}" for gemm in FP8_GEMMS]
     if set(precisions) - set(known):
         parser.error(f"--precision={args.precision}: use a comma list of {', '.join(known)}")
     if not args.no_xla_defaults:
