@@ -73,8 +73,8 @@ SWEEP = {
     "one_pass_q128_w8": dict(one_pass_backward_max_seq=128, block_q_dkv=128, num_warps_bwd=8),
     "bwd32x128_dq128x32": dict(block_q_dkv=32, block_k_dkv=128, block_q_dq=128, block_k_dq=32),
     "stages2": dict(num_stages=2, num_stages_bwd=2),
-    # delta = rowsum(dO * O) in one XLA pass instead of inside the dQ kernel.
-    "delta_xla": dict(delta_in_dq_kernel=False),
+    # delta = rowsum(dO * O) inside the dQ kernel instead of one XLA pass (the default).
+    "delta_in_dq": dict(delta_in_dq_kernel=True),
     "stages1": dict(num_stages=1, num_stages_bwd=1),
 }
 

@@ -8,8 +8,8 @@ BertForMaskedLM (bf16 autocast, SDPA) at the same batch in a subprocess.
 
   PYTHONPATH=. python benchmarks/train_throughput.py --cases base:128:256,base:512:64
 --precision bf16,fp8 (or --fp8) times each case with the FP8 GEMMs (model.fp8) beside bf16;
-fp8-f8, fp8-qdq, fp8-mlp and fp8-mlp_qkv pin model.fp8_gemm ("fp8" takes the default, "mlp"; see
-mosaicbert_jax/fp8.py).
+fp8-<gemm> (fp8-f8, fp8-qdq, fp8-mlp, fp8-mlp_qkv, fp8-encoder: fp8.GEMMS) pins model.fp8_gemm
+("fp8" takes the default, "encoder"; see mosaicbert_jax/fp8.py).
 On several GPUs, --scaling times each case on one GPU and then on all of them with a
 data-parallel and an FSDP mesh, and prints per-GPU throughput and scaling efficiency.
 """
@@ -237,8 +237,8 @@ def main() -> None:
     add_tile_flags(parser)
     parser.add_argument("--precision", default="bf16",
                         help="comma list: bf16 (the default model), fp8 (model.fp8: FP8 GEMMs), "
-                             "fp8-f8, fp8-qdq, fp8-mlp, fp8-mlp_qkv (the same with that "
-                             "model.fp8_gemm)")
+                             + ", ".join(f"fp8-{g}" for g in FP8_GEMMS)
+                             + " (the same with that model.fp8_gemm)")
     parser.add_argument("--fp8", action="store_true", help="shorthand for --precision bf16,fp8")
     parser.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1")
     parser.add_argument("--scaling", action="store_true",

@@ -11,9 +11,9 @@ from mosaicbert_jax.training.defaults import get_default_config
 def get_config():
     config = get_default_config()
     config.model.preset = "base"
-    # FP8 (--config.model.fp8=True: the MLP in FP8, 1.17x the bf16 step on an H200 with the
-    # same 1000-step curve; H100/H200/L4 only) is off by default: one 1000-step run is all
-    # the learning-curve evidence so far (docs/architecture.md, "FP8").
+    # FP8 (--config.model.fp8=True: every encoder GEMM in FP8, 1.24x the bf16 step on an H200
+    # with the same 1000-step curve; H100/H200/L4 only) is off by default: 1000-step runs are
+    # all the learning-curve evidence so far (docs/architecture.md, "FP8").
     config.model.fp8 = False
     config.data.source = "shards"
     config.data.seq_len = 128

@@ -70,9 +70,10 @@ class MosaicBertConfig:
     fp8: bool = False
     fp8_amax_history: int = 16
     # How the FP8 GEMMs are written for XLA: "f8" (float8 operands), "qdq", "mlp" (only the
-    # GLU MLP in FP8, quantised inside its kernels: fused/fp8_mlp.py) or "mlp_qkv" (that and
-    # the QKV projection: fused/fp8_dense.py); see fp8.GEMMS.
-    fp8_gemm: str = "mlp"
+    # GLU MLP in FP8, quantised inside its kernels: fused/fp8_mlp.py), "mlp_qkv" (that and
+    # the QKV projection: fused/fp8_dense.py) or "encoder" (and the attention output
+    # projection: every encoder GEMM); see fp8.GEMMS.
+    fp8_gemm: str = "encoder"
     num_labels: int = 2
     classifier_dropout_prob: Optional[float] = None
 

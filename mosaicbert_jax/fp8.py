@@ -1,11 +1,12 @@
 """FP8 matmuls with delayed per-tensor scaling, for the large GEMMs (issue 17; off by default).
 
-model.fp8_gemm "mlp" (the default once model.fp8 is on, and the fastest measured: 760,604
-against 637,567 tokens/s for bf16 on an H200, benchmarks/RESULTS.md session 10) puts only the
-GLU MLP in FP8, as one op whose GLU kernels quantise the wide tensors (fused/fp8_mlp.py, using
-this module's quantisation and stats); the attention GEMMs stay in the compute dtype.
-"mlp_qkv" (not yet measured on a GPU) adds the fused QKV projection as an FP8 dense whose x
-and output gradient a kernel quantises in both layouts (fused/fp8_dense.py).
+model.fp8_gemm "encoder" (the default once model.fp8 is on, and the fastest measured: 789,824
+against 637,226 tokens/s for bf16 on an H200, with the same 1000-step curve; benchmarks/
+RESULTS.md session 12) puts every encoder GEMM in FP8: the GLU MLP as one op whose GLU kernels
+quantise the wide tensors (fused/fp8_mlp.py, using this module's quantisation and stats), and
+the fused QKV and attention output projections as an FP8 dense whose x and output gradient a
+kernel quantises in both layouts (fused/fp8_dense.py). "mlp" (754,073) is the MLP alone,
+"mlp_qkv" (777,246) the MLP and the QKV projection. The MLM head stays in the compute dtype.
 
 `Fp8DotGeneral` is a drop-in `dot_general` for nn.Dense (its `dot_general_cls`) and our own
 dense layers, for every large GEMM. Two ways to run the same quantisation (e4m3 activation
@@ -47,11 +48,15 @@ TENSORS = ("input", "kernel", "output_grad")
 # The formulations (module docstring), model.fp8_gemm picks one; "mlp" puts only the GLU MLP's
 # two GEMMs in FP8, its wide operands quantised inside the GLU kernels (fused/fp8_mlp.py), and
 # leaves the attention GEMMs in the compute dtype; "mlp_qkv" also puts the fused QKV
-# projection in FP8, its x and d(qkv) quantised by a kernel (fused/fp8_dense.py).
-GEMMS = ("f8", "qdq", "mlp", "mlp_qkv")
+# projection in FP8, its x and d(qkv) quantised by a kernel (fused/fp8_dense.py); "encoder"
+# the attention output projection too.
+GEMMS = ("f8", "qdq", "mlp", "mlp_qkv", "encoder")
 # Which GEMMs own FP8 stats (and so the train state's layout) under each formulation.
 _STATS_LAYOUT = {"f8": "every dense layer", "qdq": "every dense layer", "mlp": "the MLP",
-                 "mlp_qkv": "the MLP and Wqkv"}
+                 "mlp_qkv": "the MLP and Wqkv",
+                 "encoder": "the MLP, Wqkv and the attention output"}
+# The dense layers that run fused/fp8_dense.py's op (their stats in the layer) under each.
+_DENSE_OP_ROLES = {"mlp_qkv": frozenset({"qkv"}), "encoder": frozenset({"qkv", "attention_out"})}
 MARGIN = 0
 
 
@@ -85,7 +90,12 @@ def stats_layout(gemm: str) -> str:
 def kernel_quantized(gemm: str) -> bool:
     """Whether `gemm` runs the MLP as fused/fp8_mlp.py's op (its kernels drop with hash
     dropout masks) rather than through Fp8DotGeneral."""
-    return gemm in ("mlp", "mlp_qkv")
+    return gemm in ("mlp", "mlp_qkv", "encoder")
+
+
+def dense_op_roles(gemm: str) -> frozenset:
+    """Which dense layers ("qkv", "attention_out") run as fused/fp8_dense.py's op under `gemm`."""
+    return _DENSE_OP_ROLES.get(gemm, frozenset())
 
 
 def fp8_max(dtype: Any) -> float:
@@ -286,8 +296,8 @@ class Fp8DotGeneral(nn.Module):
 
 def dot_general_cls(enabled: bool, history_length: int, gemm: str = "f8") -> Any:
     """What to pass as nn.Dense(dot_general_cls=...): None (plain dot) or an Fp8DotGeneral.
-    None too for gemm "mlp" and "mlp_qkv": there the MLP's own op (and Wqkv's) is FP8 and
-    every other GEMM is not."""
+    None too for gemm "mlp", "mlp_qkv" and "encoder": there the MLP's own op (and the dense
+    layers of dense_op_roles) is FP8 and every other GEMM is not."""
     if not enabled or kernel_quantized(gemm):
         return None
     return partial(Fp8DotGeneral, history_length=history_length, gemm=gemm)

@@ -114,8 +114,7 @@ class MosaicBertSelfAttention(nn.Module):
     def __call__(self, x, segment_ids):
         cfg = self.config
         batch, seq, _ = x.shape
-        qkv, bias = DenseBiasApart(3 * cfg.hidden_size, cfg, fp8_dense_op=True,
-                                   name="Wqkv")(x)
+        qkv, bias = DenseBiasApart(3 * cfg.hidden_size, cfg, fp8_role="qkv", name="Wqkv")(x)
         qkv = qkv.reshape(batch, seq, 3, cfg.num_attention_heads, cfg.head_dim)
         slopes = jnp.asarray(alibi_slopes(cfg.num_attention_heads))
         # Kernels with a fused-QKV entry read q, k, v in place (no slice copies, one d(qkv))
@@ -167,18 +166,19 @@ class DenseParams(nn.Module):
 class DenseBiasApart(nn.Module):
     """nn.Dense's parameters (same names, shapes, inits) and matmul, returning the bias
     instead of adding it, so the fused LayerNorm kernel adds it without another pass
-    (an FP8 matmul when cfg.fp8, as _big_dense). fp8_dense_op: under fp8_gemm "mlp_qkv" the
-    matmul is fused/fp8_dense.py's op, its stats in this module (the QKV projection)."""
+    (an FP8 matmul when cfg.fp8, as _big_dense). fp8_role ("qkv", "attention_out"): when
+    fp8.dense_op_roles(cfg.fp8_gemm) holds it, the matmul is fused/fp8_dense.py's op, its
+    stats in this module."""
 
     features: int
     config: MosaicBertConfig
-    fp8_dense_op: bool = False
+    fp8_role: str = ""
 
     @nn.compact
     def __call__(self, x) -> tuple[jax.Array, jax.Array]:
         cfg = self.config
         kernel, bias = _dense_params(self, cfg, x.shape[-1], self.features)
-        if self.fp8_dense_op and cfg.fp8 and cfg.fp8_gemm == "mlp_qkv":
+        if cfg.fp8 and self.fp8_role in fp8.dense_op_roles(cfg.fp8_gemm):
             stats = fp8.stats_variables(self, cfg.fp8_amax_history)
             if stats is not None:  # training; without the stats, the plain matmul below
                 y = fp8_dense.dense(x.reshape(-1, x.shape[-1]).astype(cfg.dtype),
@@ -194,19 +194,22 @@ class DenseBiasApart(nn.Module):
 
 def _dense_add_layernorm(cfg: MosaicBertConfig, x, residual, dropout: Optional[Dropout],
                          deterministic: bool, dense_name: str, norm_name: str,
-                         copies: int = 1):
+                         copies: int = 1, fp8_role: str = ""):
     """LayerNorm(dropout(Dense(x)) + residual): one fused kernel after the matmul, or the
     plain flax composition. copies = 2 returns the output twice, one per consumer (the
-    next matmul, the next residual), so the fused backward adds their cotangents in-kernel."""
+    next matmul, the next residual), so the fused backward adds their cotangents in-kernel.
+    fp8_role: the dense layer's, for DenseBiasApart."""
     impl = _fused_impl("layernorm_implementation", cfg, cfg.hidden_size)
+    dense = DenseBiasApart(cfg.hidden_size, cfg, fp8_role=fp8_role, name=dense_name)
     if impl == "xla":
-        x = _big_dense(cfg, cfg.hidden_size, dense_name)(x)
+        x, x_bias = dense(x)
+        x = x + x_bias.astype(cfg.dtype)
         if dropout is not None:
             x = dropout(x, deterministic)
         y = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype,
                          param_dtype=cfg.param_dtype, name=norm_name)(x + residual)
         return y if copies == 1 else (y,) * copies
-    x, x_bias = DenseBiasApart(cfg.hidden_size, cfg, name=dense_name)(x)
+    x, x_bias = dense(x)
     seed, rate = (dropout.hash_seed(deterministic) if dropout is not None
                   else (jnp.zeros((2,), jnp.uint32), 0.0))
     scale, bias = LayerNormParams(cfg, name=norm_name)()
@@ -231,7 +234,7 @@ class MosaicBertSelfOutput(nn.Module):
         cfg = self.config
         dropout = Dropout(cfg.hidden_dropout_prob, cfg.dropout_rng)
         return _dense_add_layernorm(cfg, hidden, residual, dropout, deterministic, "dense",
-                                    "LayerNorm", copies=2)
+                                    "LayerNorm", copies=2, fp8_role="attention_out")
 
 
 class MosaicBertGatedMLP(nn.Module):

@@ -372,6 +372,8 @@ def test_resume_check_names_the_fp8_setting_of_the_checkpoint():
     check_same_fp8(f8, {**on, "fp8_gemm": "qdq"}, 10, "/w")
     with pytest.raises(UserError, match=r"fp8_gemm='mlp'.*--config\.model\.fp8_gemm=mlp"):
         check_same_fp8(mlp, {**on, "fp8_gemm": "mlp_qkv"}, 10, "/w")
+    with pytest.raises(UserError, match=r"fp8_gemm='mlp_qkv'.*--config\.model\.fp8_gemm=mlp_qkv"):
+        check_same_fp8({**on, "fp8_gemm": "mlp_qkv"}, {**on, "fp8_gemm": "encoder"}, 10, "/w")
     check_same_fp8({**off, "fp8_gemm": "f8"}, {**off, "fp8_gemm": "mlp"}, 10, "/w")
     with pytest.raises(UserError, match=r"--config\.model\.fp8=False"):
         check_same_fp8({"hidden_size": 128}, on, 10, "/w")
@@ -384,10 +386,11 @@ def test_fp8_needs_compute_capability_8_9():
     fp8.check_hardware(True)  # CPU: FP8 runs as written
 
 
-@pytest.mark.parametrize("gemm", ["mlp", "mlp_qkv"])
+@pytest.mark.parametrize("gemm", ["mlp", "mlp_qkv", "encoder"])
 def test_fp8_mlp_model_quantizes_only_the_mlp_and_trains(setup, gemm):
     """fp8_gemm "mlp": the same params as the bf16 model, stats only for the MLP's two GEMMs
-    ("mlp_qkv": and the QKV projection's), logits close to but not the full-precision ones once
+    ("mlp_qkv": and the QKV projection's; "encoder": and the attention output projection's),
+    logits close to but not the full-precision ones once
     calibrated, the plain model without the stats, and a train step that records every stat
     (fused/fp8_mlp.py, fused/fp8_dense.py)."""
     batch, params = setup["batch"], setup["state"]["params"]
@@ -395,12 +398,17 @@ def test_fp8_mlp_model_quantizes_only_the_mlp_and_trains(setup, gemm):
     ids = jnp.ones((1, 8), jnp.int32)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, ids))
     assert jax.tree_util.tree_structure(shapes["params"]) == jax.tree_util.tree_structure(params)
+    every_stat = {f"{t}_{v}" for t in fp8.TENSORS for v in ("scale", "amax_history")}
     if gemm == "mlp":
         assert set(at(shapes[fp8.STATS], LAYER0)) == {"mlp"}
-    else:
+    elif gemm == "mlp_qkv":
         assert set(at(shapes[fp8.STATS], LAYER0)) == {"mlp", "attention_self"}
-        assert set(at(shapes[fp8.STATS], WQKV)) == {
-            f"{t}_{v}" for t in fp8.TENSORS for v in ("scale", "amax_history")}
+        assert set(at(shapes[fp8.STATS], WQKV)) == every_stat
+    else:
+        assert set(at(shapes[fp8.STATS], LAYER0)) == {"mlp", "attention_self",
+                                                      "attention_output"}
+        assert set(at(shapes[fp8.STATS], WQKV)) == every_stat
+        assert set(at(shapes[fp8.STATS], LAYER0 + ("attention_output", "dense"))) == every_stat
     assert set(at(shapes[fp8.STATS], LAYER0 + ("mlp",))) == {"gated_layers_fp8", "wo_fp8"}
     stats = jax.tree_util.tree_map(lambda s: jnp.ones(s.shape, s.dtype)
                                    if s.ndim == 0 else jnp.zeros(s.shape, s.dtype),
@@ -422,11 +430,12 @@ def test_fp8_mlp_model_quantizes_only_the_mlp_and_trains(setup, gemm):
             assert float(leaf[0]) > 0, jax.tree_util.keystr(leaf_path)
 
 
-def test_resume_with_the_fp8_mlp_is_exact(tmp_path):
-    """The default FP8 mode's stats (two groups per MLP) resume bit-exactly after a stop."""
-    whole = train_and_evaluate(fp8_config("mlp"), str(tmp_path / "whole"))
-    train_and_evaluate(fp8_config("mlp"), str(tmp_path / "split"), stop_after=2)
-    resumed = train_and_evaluate(fp8_config("mlp"), str(tmp_path / "split"))
+def test_resume_with_the_default_fp8_is_exact(tmp_path):
+    """The default FP8 mode's stats (two groups per MLP, one per attention projection) resume
+    bit-exactly after a stop."""
+    whole = train_and_evaluate(fp8_config("encoder"), str(tmp_path / "whole"))
+    train_and_evaluate(fp8_config("encoder"), str(tmp_path / "split"), stop_after=2)
+    resumed = train_and_evaluate(fp8_config("encoder"), str(tmp_path / "split"))
     assert resumed["resumed_from"] == 2
     history = at(resumed["state"]["fp8"], LAYER0 + ("mlp", "wo_fp8", "input_amax_history"))
     assert float(history[3]) > 0 and float(history[4]) == 0  # four steps rolled in

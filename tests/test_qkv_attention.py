@@ -46,7 +46,7 @@ def _fused_from_slices(block_sizes, window):
     (jnp.float32, 77, 7, dataclasses.replace(SMALL_BLOCKS, unmasked_interior=False)),
     (jnp.bfloat16, 77, 0, None),
     (jnp.bfloat16, 100, 33, SMALL_BLOCKS),
-    (jnp.float32, 100, 0, dataclasses.replace(SMALL_BLOCKS, delta_in_dq_kernel=False)),
+    (jnp.float32, 100, 0, dataclasses.replace(SMALL_BLOCKS, delta_in_dq_kernel=True)),
 ])
 def test_fused_entry_matches_float64_reference(dtype, seq, window, block_sizes):
     tolerances = BF16_TOLERANCES if dtype == jnp.bfloat16 else {}
@@ -100,7 +100,7 @@ def test_fused_entry_equals_sliced_kernel_and_xla_on_the_same_qkv(dtype):
     (jnp.float32, 0, SMALL_BLOCKS),
     (jnp.float32, 9, dataclasses.replace(SMALL_BLOCKS, unmasked_interior=False)),
     (jnp.float32, 0, BlockSizes(one_pass_backward_max_seq=128)),
-    (jnp.float32, 0, dataclasses.replace(SMALL_BLOCKS, delta_in_dq_kernel=False)),
+    (jnp.float32, 0, dataclasses.replace(SMALL_BLOCKS, delta_in_dq_kernel=True)),
     # dQ and dK/dV blocks of different sizes: their bias partial sums are reduced apart.
     (jnp.float32, 0, dataclasses.replace(SMALL_BLOCKS, block_k_dkv=16)),
     (jnp.bfloat16, 0, None),

@@ -23,7 +23,9 @@ The fused-QKV entry (flash_attention_qkv) runs the same kernels on the projectio
 [batch, seq, 3, heads, head_dim] output: the BlockSpecs fix the slot, so q, k, v are read
 in place, and the backward writes d(qkv) as one array (dQ into slot 0, then dK/dV into
 slots 1 and 2 of the same buffer, aliased): no slice copies or concatenate around the kernels.
-The dQ kernel also writes delta = rowsum(dO * O), so no XLA pass reads O and dO for it.
+delta = rowsum(dO * O) is one XLA pass before the dQ kernel (BlockSizes.delta_in_dq_kernel:
+the dQ kernel computes it from the tiles it loads, 14 fewer kernels but a dQ kernel 0.3 ms a
+step slower; the step measured 0.5 ms faster with FP8 and the same in bf16 with the XLA pass).
 It also takes the projection's bias b = (b_q, b_k, b_v) ([3, heads, head_dim]) instead of a
 bias-add pass over qkv (1.1 ms of a 51 ms base step on an H200: cuBLAS did not fuse that add),
 and touches no tile in a loop for it: softmax is shift-invariant per query, so b_k changes
@@ -94,9 +96,10 @@ class BlockSizes:
     # backward: one key block spans the sequence, so the dK/dV kernel also writes each query
     # block's whole dQ and the dQ kernel (which recomputes s, p and dp) is not run. 0: off.
     one_pass_backward_max_seq: int = 0
-    # The dQ kernel (which runs first) computes delta = rowsum(dO * O) for its rows and
-    # writes it for the dK/dV kernel; False: one XLA pass over O and dO computes it.
-    delta_in_dq_kernel: bool = True
+    # True: the dQ kernel (which runs first) computes delta = rowsum(dO * O) for its rows and
+    # writes it for the dK/dV kernel; False (measured faster, benchmarks/RESULTS.md session
+    # 12): one XLA pass over O and dO computes it.
+    delta_in_dq_kernel: bool = False
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -551,7 +554,7 @@ def _backward(q, k, v, segment_ids, slopes, out, lse, d_out, scale, sizes: Block
     """((dq, dk, dv), None); with slots=QKV_SLOTS (d(qkv) [batch, seq, 3, heads, head_dim],
     d(bias) [3, heads, head_dim] float32 or None for bias None; bias: as in _forward).
 
-    Two kernels: dQ first (it also writes delta, with sizes.delta_in_dq_kernel), then dK/dV,
+    Two kernels: dQ first (it also writes delta with sizes.delta_in_dq_kernel), then dK/dV,
     which with fused slots writes into the dQ kernel's d(qkv) buffer (aliased). d(b_q) and
     d(b_v) are the kernels' column sums of dQ and dV; d(b_k) is exactly 0 (each query's dS
     row sums to 0).

@@ -31,9 +31,10 @@ def get_default_config() -> ml_collections.ConfigDict:
         vocab_size=-1,              # -1: the preset's (30528 for bert-base-uncased)
         fp8=False,                  # FP8 GEMMs with delayed scaling (mosaicbert_jax/fp8.py)
         fp8_amax_history=16,        # amaxes each FP8 scale is taken over
-        fp8_gemm="mlp",             # mlp (the MLP in FP8, quantised in its kernels: fastest
-                                    # measured) | mlp_qkv (and the QKV projection; not yet
-                                    # measured) | f8 (every large GEMM, float8 operands) | qdq
+        fp8_gemm="encoder",         # encoder (every encoder GEMM, quantised by our kernels:
+                                    # fastest measured) | mlp_qkv (the MLP and the QKV
+                                    # projection) | mlp (the MLP) | f8 (every large GEMM,
+                                    # float8 operands, quantised by XLA) | qdq
     ))
     c.data = ml_collections.ConfigDict(dict(
         source="shards",            # shards (prepared dir) | embedded | synthetic

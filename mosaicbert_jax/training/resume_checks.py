@@ -70,7 +70,7 @@ def check_same_fp8(saved: Optional[dict[str, Any]], new: dict[str, Any], step: i
             f"{new.get('fp8_amax_history')}; resume it with "
             f"--config.model.fp8_amax_history={saved.get('fp8_amax_history')}")
     # "f8" and "qdq" keep one stats group per dense layer, "mlp" two per MLP, "mlp_qkv" those
-    # and Wqkv's: the train states differ. Checkpoints from before fp8_gemm existed used "f8".
+    # and Wqkv's, "encoder" also the attention output's: the train states differ. Checkpoints from before fp8_gemm existed used "f8".
     saved_gemm, new_gemm = saved.get("fp8_gemm", "f8"), new.get("fp8_gemm", "f8")
     if now and fp8.stats_layout(saved_gemm) != fp8.stats_layout(new_gemm):
         raise UserError(
