@@ -7,8 +7,8 @@ the trace with jax.profiler.ProfileData and prints GPU time per step by kernel c
 the top kernels, so optimisation targets are measured rather than guessed. With --fp8 it
 profiles the FP8 model (model.fp8) and first counts the GEMM custom calls of the compiled step:
 `__cublas$lt$matmul$f8` ones are the FP8 GEMMs XLA's GemmRewriter made of our float8 dots:
-6 per layer with --fp8-gemm mlp (the default: the MLP's 2 dense layers x forward, input grad,
-kernel grad; 72 for base), at most 12 with f8 or the qdq pattern (all 4 dense layers; 144).
+12 per layer with --fp8-gemm encoder (the default: all 4 dense layers x forward, input grad,
+kernel grad: 143 in the compiled base step), 6 with mlp (the MLP's 2 dense layers).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def category(name: str) -> str:
 
 
 def gpu_kernel_events(trace_dir: str):
-    """(name, duration_ms) of every kernel on the first GPU's stream lines of the trace."""
+    """(name, duration_ms, start_ns, end_ns) of every kernel on the first GPU's stream lines."""
     from jax.profiler import ProfileData
     paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
     if not paths:
@@ -68,7 +68,7 @@ def gpu_kernel_events(trace_dir: str):
         if not line.name.lower().startswith("stream"):
             continue
         for event in line.events:
-            events.append((event.name, event.duration_ns / 1e6))
+            events.append((event.name, event.duration_ns / 1e6, event.start_ns, event.end_ns))
     return events
 
 
@@ -81,10 +81,13 @@ def main() -> None:
     add_tile_flags(parser)
     parser.add_argument("--fp8", action="store_true",
                         help="profile the FP8 model (model.fp8) and count its FP8 GEMMs")
-    parser.add_argument("--fp8-gemm", default="mlp", choices=FP8_GEMMS,
+    parser.add_argument("--fp8-gemm", default="encoder", choices=FP8_GEMMS,
                         help="with --fp8: model.fp8_gemm")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--by-calls", type=int, default=0,
+                        help="also list the N kernels launched most often per step (small "
+                             "per-tensor ops show up here, not among the longest)")
     parser.add_argument("--hlo-out", default="", help="also write the compiled step's HLO here")
     args = parser.parse_args()
     apply_gpu_defaults()  # profile what the train command runs
@@ -114,7 +117,7 @@ def main() -> None:
     events = gpu_kernel_events(trace_dir)
     per_step = 1.0 / args.steps
     by_cat, by_name, counts = collections.Counter(), collections.Counter(), collections.Counter()
-    for name, ms in events:
+    for name, ms, _, _ in events:
         by_cat[category(name)] += ms * per_step
         by_name[name] += ms * per_step
         counts[name] += 1
@@ -123,12 +126,19 @@ def main() -> None:
           f"fused={args.fused} fp8={args.fp8 and args.fp8_gemm} on "
           f"{jax.devices()[0].device_kind}: {total:.1f} ms of kernels per step, "
           f"{len(events) / args.steps:.0f} kernels per step")
+    span_ms = (max(e[3] for e in events) - min(e[2] for e in events)) / 1e6 * per_step
+    print(f"GPU span {span_ms:.1f} ms per step: {span_ms - total:.2f} ms with no kernel running "
+          f"(launch gaps; kernels on several streams would overlap instead)")
     print("| category | ms/step | share |\n| --- | --- | --- |")
     for label, ms in by_cat.most_common():
         print(f"| {label} | {ms:.2f} | {ms / total:.1%} |")
     print("\n| top kernels | calls/step | ms/step |\n| --- | --- | --- |")
     for name, ms in by_name.most_common(args.top):
         print(f"| {name[:110]} | {counts[name] / args.steps:.0f} | {ms:.2f} |")
+    if args.by_calls:
+        print("\n| most launched kernels | calls/step | ms/step |\n| --- | --- | --- |")
+        for name, calls in counts.most_common(args.by_calls):
+            print(f"| {name[:110]} | {calls / args.steps:.0f} | {by_name[name]:.2f} |")
 
 
 if __name__ == "__main__":

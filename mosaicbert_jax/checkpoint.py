@@ -128,7 +128,7 @@ def _numpy_restore_args(metadata_tree: Any) -> Any:
                                   metadata_tree)
 
 
-def _tree_metadata(directory: epath.Path) -> dict[str, Any]:
+def tree_metadata(directory: epath.Path) -> dict[str, Any]:
     """The saved tree's metadata (orbax returns it wrapped differently across versions)."""
     handler = ocp.PyTreeCheckpointHandler()  # the handler: no step-level metadata lookup
     try:
@@ -141,7 +141,7 @@ def _tree_metadata(directory: epath.Path) -> dict[str, Any]:
 
 def _restore_numpy_tree(directory: epath.Path, subtree: Optional[str] = None) -> Any:
     """Restores a saved pytree (or only its top-level `subtree`) as host numpy arrays."""
-    tree = _tree_metadata(directory)
+    tree = tree_metadata(directory)
     checkpointer = ocp.PyTreeCheckpointer()
     if subtree is None:
         return checkpointer.restore(

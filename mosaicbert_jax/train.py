@@ -37,8 +37,8 @@ from mosaicbert_jax.training.resume_checks import (already_trained_message, chec
 from mosaicbert_jax.training.multihost import (check_same_on_every_process, exit_on_error,
                                                maybe_initialize_distributed,
                                                start_error_watcher, stop_error_watcher)
-from mosaicbert_jax.training.step import (BATCH_KEYS, first_nonfinite, init_state,
-                                          make_eval_step, make_train_step)
+from mosaicbert_jax.training.step import (BATCH_KEYS, first_nonfinite, fp8_stat_rows,
+                                          init_state, make_eval_step, make_train_step)
 from mosaicbert_jax.cli_errors import UserError, run_absl_app
 from mosaicbert_jax.xla_flags import apply_gpu_defaults
 
@@ -193,7 +193,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                             log.print)  # continued pretraining; ignored once resuming
     n_params = count_params(state["params"])
     if start:
-        state = ckpt.restore_state(start, state, shardings)
+        state = ckpt.restore_state(start, state, shardings,
+                                   fp8_stat_rows(model) if model_cfg.fp8 else ())
         log.print(f"resumed from step {start} in {ckpt.directory}")
     eval_initial = eval_iter.get_state()
 

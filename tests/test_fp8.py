@@ -3,12 +3,14 @@ writes (checked against amaxes recomputed independently), microbatch combination
 through real Orbax checkpoints, and fp8 off leaving everything as it was."""
 
 import os
+import shutil
 import sys
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from mosaicbert_jax import MosaicBertConfig, MosaicBertForMaskedLM, fp8
@@ -17,9 +19,11 @@ from mosaicbert_jax.data.synthetic import SyntheticMLMBatches
 from mosaicbert_jax.model import MosaicBertEmbeddings
 from mosaicbert_jax.optim import decoupled_adamw, warmup_linear_decay
 from mosaicbert_jax.sharding import batch_sharding, make_mesh
-from mosaicbert_jax.train import train_and_evaluate
+from mosaicbert_jax.train import model_config_from, train_and_evaluate
+from mosaicbert_jax.training.resume import TrainCheckpoints
 from mosaicbert_jax.training.resume_checks import check_same_fp8
-from mosaicbert_jax.training.step import init_state, make_train_step, masked_lm_sums
+from mosaicbert_jax.training.step import (fp8_stat_rows, init_state, make_train_step,
+                                          masked_lm_sums)
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_train import small_config  # noqa: E402
@@ -37,6 +41,11 @@ def at(tree, path):
     for key in path:
         tree = tree[key]
     return tree
+
+
+def stats_of(model, state):
+    """The per-module STATS tree of a train state's stacked FP8 stats."""
+    return fp8.unstack_stats(jax.device_get(state["fp8"]), fp8_stat_rows(model))
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +109,43 @@ def test_delayed_scaling_rolls_the_history_and_scales_from_its_max():
                                   [0.0, 1.0, 4.0, 2.0])
 
 
+def test_stacked_stats_update_each_row_as_its_own_tensor():
+    """The train state's stacked stats: stack/unstack round-trip a STATS tree, and one batched
+    update gives, row by row, exactly the per-tensor roll and rescale (fmax per row's dtype;
+    a NaN amax recorded as 0; an all-zero history keeps its scale)."""
+    rng = np.random.default_rng()
+    tree = {"b": {"c": {"kernel_scale": jnp.float32(0.5),
+                        "kernel_amax_history": jnp.zeros(4, jnp.float32)}},
+            "a": {f"{t}_{v}": (jnp.float32(rng.uniform(0.1, 1)) if v == "scale" else
+                               jnp.asarray(rng.uniform(0.5, 8, 4), jnp.float32))
+                  for t in ("input", "output_grad") for v in ("scale", "amax_history")}}
+    rows = fp8.stat_rows(tree)
+    assert rows == (("a", "input"), ("a", "output_grad"), ("b", "c", "kernel"))
+    stacked = fp8.stack_stats(tree, rows)
+    assert stacked["amax_history"].shape == (3, 4)
+    back = fp8.unstack_stats(stacked, rows)
+    assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(tree)
+    for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(tree)):
+        np.testing.assert_array_equal(a, b)
+    seen = jnp.asarray([rng.uniform(9, 20), np.nan, 0.0], jnp.float32)
+    new = jax.jit(lambda s, a: fp8.updated_stacked(s, a, rows))(stacked, seen)
+    for i, row in enumerate(rows):
+        group = fp8._group(tree, row)
+        history = fp8.roll_history(group[f"{row[-1]}_amax_history"], seen[i])
+        dtype = fp8.BACKWARD_DTYPE if row[-1] == "output_grad" else fp8.FORWARD_DTYPE
+        scale = fp8.scale_from_history(history, group[f"{row[-1]}_scale"], dtype)
+        np.testing.assert_array_equal(new["amax_history"][i], history)
+        # (1 ulp apart at most: XLA may turn the division by fmax into a multiplication)
+        np.testing.assert_allclose(new["scale"][i], scale, rtol=3e-7)
+    np.testing.assert_allclose(new["scale"][0], seen[0] / 448.0, rtol=1e-6)
+    assert float(new["amax_history"][1, 0]) == 0.0 and float(new["scale"][2]) == 0.5
+    # The tree form (tests, calibration) is the same update.
+    seen_tree = fp8.unstack_stats({"scale": seen, "amax_history": stacked["amax_history"]}, rows)
+    for a, b in zip(jax.tree_util.tree_leaves(fp8.updated_stats(tree, seen_tree)),
+                    jax.tree_util.tree_leaves(fp8.unstack_stats(new, rows))):
+        np.testing.assert_allclose(a, b, rtol=3e-7)
+
+
 def _stats(scale):
     return (jnp.float32(scale), jnp.zeros(4, jnp.float32))
 
@@ -138,7 +184,7 @@ def test_fp8_gemm_modes_quantize_alike_in_a_model(setup):
     """The "f8" and "qdq" ways compute the same quantised model (they differ only by where the
     bf16/f32 rounding of the dequantised products falls), and both write the same stats."""
     batch, params = setup["batch"], setup["state"]["params"]
-    variables = {"params": params, fp8.STATS: setup["state"]["fp8"]}
+    variables = {"params": params, fp8.STATS: stats_of(setup["model"], setup["state"])}
     stats = _stats_after_one_pass(setup["model"], variables, batch)
     logits = {}
     for gemm in ("f8", "qdq"):
@@ -189,8 +235,8 @@ def test_fp8_logits_are_close_to_but_not_the_full_precision_logits(setup):
     batch, model = setup["batch"], setup["model"]
     params = setup["state"]["params"]
     exact = _centred_logits(MosaicBertForMaskedLM(tiny()), {"params": params}, batch)
-    stats = _stats_after_one_pass(model, {"params": params, fp8.STATS: setup["state"]["fp8"]},
-                                  batch)
+    stats = _stats_after_one_pass(model, {"params": params,
+                                          fp8.STATS: stats_of(model, setup["state"])}, batch)
     quantized = _centred_logits(model, {"params": params, fp8.STATS: stats}, batch)
     error = np.linalg.norm(quantized - exact) / np.linalg.norm(exact)
     # e4m3 rounds each operand by <= 2**-4 relative, independently per element, so a K-term
@@ -204,9 +250,9 @@ def test_fp8_logits_are_close_to_but_not_the_full_precision_logits(setup):
 def test_train_step_writes_the_true_amaxes_of_the_tensors(setup):
     model, state, batch, new_state = (setup["model"], setup["state"], setup["batch"],
                                       setup["new_state"])
-    stats = at(new_state["fp8"], WQKV + ("Fp8DotGeneral_0",))
-    old = at(state["fp8"], WQKV + ("Fp8DotGeneral_0",))
-    variables = {"params": state["params"], fp8.STATS: state["fp8"]}
+    stats = at(stats_of(model, new_state), WQKV + ("Fp8DotGeneral_0",))
+    old = at(stats_of(model, state), WQKV + ("Fp8DotGeneral_0",))
+    variables = {"params": state["params"], fp8.STATS: stats_of(model, state)}
     # Recomputed independently: Wqkv's input is the embeddings' output; its kernel the params.
     _, captured = jax.jit(lambda v: model.apply(
         v, batch["input_ids"], batch["segment_ids"], masked_positions=batch["masked_positions"],
@@ -243,16 +289,21 @@ def test_train_step_writes_the_true_amaxes_of_the_tensors(setup):
                            else fp8.FORWARD_DTYPE)
         np.testing.assert_allclose(stats[f"{tensor}_scale"], true_amax / fmax, rtol=1e-5)
     # Every FP8 dot of the model got an output gradient from the backward.
-    for leaf_path, leaf in jax.tree_util.tree_flatten_with_path(new_state["fp8"])[0]:
+    new_stats = stats_of(model, new_state)
+    for leaf_path, leaf in jax.tree_util.tree_flatten_with_path(new_stats)[0]:
         if "output_grad_amax_history" in jax.tree_util.keystr(leaf_path):
             assert float(leaf[0]) > 0, jax.tree_util.keystr(leaf_path)
+    # The stacked state holds exactly these rows: one per (dense layer, tensor).
+    rows = fp8_stat_rows(model)
+    assert len(rows) == 3 * 4 * model.config.num_hidden_layers
+    assert new_state["fp8"]["amax_history"].shape == (len(rows), model.config.fp8_amax_history)
 
 
 def test_two_microbatches_give_the_max_combined_stats_of_one_batch(setup):
     step2 = make_train_step(setup["model"], setup["tx"], setup["schedule"], setup["mesh"],
                             setup["shardings"], microbatches=2)
     accumulated, _ = step2(copy(setup["state"]), setup["batch"])
-    one, two = setup["new_state"]["fp8"], accumulated["fp8"]
+    one, two = stats_of(setup["model"], setup["new_state"]), stats_of(setup["model"], accumulated)
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(one)[0],
                             jax.tree_util.tree_leaves(two)):
         # A summed combination would double each amax; a max gives the full batch's.
@@ -306,7 +357,9 @@ def test_resume_with_fp8_is_exact_and_refuses_a_changed_fp8_setting(tmp_path):
     whole = train_and_evaluate(fp8_config(), str(tmp_path / "whole"))
     first = train_and_evaluate(fp8_config(), str(tmp_path / "split"), stop_after=2)
     assert first["steps"] == 2
-    history = at(first["state"]["fp8"], WQKV + ("Fp8DotGeneral_0", "input_amax_history"))
+    model = MosaicBertForMaskedLM(model_config_from(fp8_config(), VOCAB))
+    history = at(stats_of(model, first["state"]), WQKV + ("Fp8DotGeneral_0",
+                                                          "input_amax_history"))
     assert float(history[1]) > 0 and float(history[2]) == 0  # two steps rolled in
     resumed = train_and_evaluate(fp8_config(), str(tmp_path / "split"))
     assert resumed["resumed_from"] == 2
@@ -320,6 +373,30 @@ def test_resume_with_fp8_is_exact_and_refuses_a_changed_fp8_setting(tmp_path):
     off.model.fp8 = False
     with pytest.raises(UserError, match=r"trained with fp8=True.*--config\.model\.fp8=True"):
         train_and_evaluate(off, str(tmp_path / "split"))
+
+
+def test_a_checkpoint_of_per_tensor_fp8_stats_resumes_exactly(tmp_path):
+    """Checkpoints written before the stats were stacked (one leaf per tensor) resume, stacked
+    on the fly, to the same bits as an uninterrupted run."""
+    whole = train_and_evaluate(fp8_config(), str(tmp_path / "whole"))
+    train_and_evaluate(fp8_config(), str(tmp_path / "split"), stop_after=2)
+    item = tmp_path / "split" / "checkpoints" / "2" / "state"
+    saved = ocp.PyTreeCheckpointer().restore(str(item))
+    rows = fp8_stat_rows(MosaicBertForMaskedLM(model_config_from(fp8_config(), VOCAB)))
+    saved["fp8"] = jax.tree_util.tree_map(np.asarray, fp8.unstack_stats(saved["fp8"], rows))
+    shutil.rmtree(item)
+    ocp.PyTreeCheckpointer().save(str(item), saved)
+    for workdir, step, per_tensor in (("split", 2, True), ("whole", 4, False)):
+        checkpoints = TrainCheckpoints(str(tmp_path / workdir), async_save=False)
+        assert checkpoints.saved_fp8_per_tensor(step) == per_tensor
+        checkpoints.close()
+    resumed = train_and_evaluate(fp8_config(), str(tmp_path / "split"))
+    assert resumed["resumed_from"] == 2
+    assert set(resumed["state"]["fp8"]) == {"scale", "amax_history"}
+    for key in ("params", "fp8"):
+        for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(whole["state"][key])),
+                        jax.tree_util.tree_leaves(jax.device_get(resumed["state"][key]))):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_bf16_fp8_dot_lowers_and_compiles_with_both_fp8_types():
@@ -425,7 +502,7 @@ def test_fp8_mlp_model_quantizes_only_the_mlp_and_trains(setup, gemm):
     step = make_train_step(model, setup["tx"], setup["schedule"], mesh, shardings)
     new_state, metrics = step(state, batch)
     assert float(metrics["finite"]) == 1.0 and np.isfinite(float(metrics["loss"]))
-    for leaf_path, leaf in jax.tree_util.tree_flatten_with_path(new_state["fp8"])[0]:
+    for leaf_path, leaf in jax.tree_util.tree_flatten_with_path(stats_of(model, new_state))[0]:
         if "amax_history" in jax.tree_util.keystr(leaf_path):
             assert float(leaf[0]) > 0, jax.tree_util.keystr(leaf_path)
 
@@ -437,7 +514,9 @@ def test_resume_with_the_default_fp8_is_exact(tmp_path):
     train_and_evaluate(fp8_config("encoder"), str(tmp_path / "split"), stop_after=2)
     resumed = train_and_evaluate(fp8_config("encoder"), str(tmp_path / "split"))
     assert resumed["resumed_from"] == 2
-    history = at(resumed["state"]["fp8"], LAYER0 + ("mlp", "wo_fp8", "input_amax_history"))
+    model = MosaicBertForMaskedLM(model_config_from(fp8_config("encoder"), VOCAB))
+    history = at(stats_of(model, resumed["state"]), LAYER0 + ("mlp", "wo_fp8",
+                                                              "input_amax_history"))
     assert float(history[3]) > 0 and float(history[4]) == 0  # four steps rolled in
     for key in ("params", "fp8"):
         for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(whole["state"][key])),

@@ -194,12 +194,11 @@ def test_fp8_mlp_matches_the_float32_mlp_and_writes_the_true_amaxes(impl, rate):
             ("up", "output_grad"): amax(dab), ("down", "input"): amax(h),
             ("down", "kernel"): amax(w_down), ("down", "output_grad"): amax(g)}
     for (group, tensor), value in true.items():
-        scale, history = (new_up if group == "up" else new_down)[tensor]
-        np.testing.assert_allclose(float(history[0]), value, rtol=1e-4,
+        # The stats' "cotangents": the amax seen in the scale's slot, zeros for the history.
+        seen, zeros = (new_up if group == "up" else new_down)[tensor]
+        np.testing.assert_allclose(float(seen), value, rtol=1e-4,
                                    err_msg=f"{group} {tensor} {what}")
-        assert np.all(np.asarray(history[1:]) == 0)
-        fmax = fp8.fp8_max(E5M2 if tensor == "output_grad" else E4M3)
-        np.testing.assert_allclose(float(scale), value / fmax, rtol=1e-4)
+        assert zeros.shape == (4,) and np.all(np.asarray(zeros) == 0)
 
 
 def test_fp8_mlp_kernels_and_composition_agree_in_bf16():

@@ -8,7 +8,8 @@ The model uses it for the fused QKV projection (768 -> 2304 in BERT-base: 0.483 
 bf16 and 0.267 in FP8 with operands ready, `benchmarks/fp8_gemm_probe.py --gemms-only`).
 
 Scaling is fp8.py's delayed per-tensor scaling: stats "input" (x), "kernel" (W) and
-"output_grad" (g); their "cotangents" are their updates, as for fp8.fp8_matmul.
+"output_grad" (g); their "cotangents" are the amaxes seen (fp8.seen_stats), as for
+fp8.fp8_matmul.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ def _dense_fwd(x, w, stats, implementation, dtype):
     qx, qx_t, x_amax = fused.quantize_fp8(x, 1.0 / sx, e4m3, implementation)
     qw = fp8.quantize(w, e4m3, sw)                             # [k, n]
     y = gemm(qx, qw.T, sx * sw, dtype)                         # [m, n]
-    new = {"input": fp8.next_stats_from_amax(x_amax, sx, hx, e4m3),
-           "kernel": fp8.next_stats(w, sw, hw, e4m3)}
+    new = {"input": fp8.seen_stats_from_amax(x_amax, hx),
+           "kernel": fp8.seen_stats(w, hw)}
     return y, (qx_t, qw, sx, sw, stats["output_grad"], new)
 
 
@@ -53,7 +54,7 @@ def _dense_bwd(implementation, dtype, residuals, g):
     qg, qg_t, g_amax = fused.quantize_fp8(g, 1.0 / sg, e5m2, implementation)
     dx = gemm(qg, qw, sg * sw, dtype)                          # [m, k]
     dw = gemm(qx_t, qg_t, sx * sg, dtype)                      # [k, n]
-    new = {**new, "output_grad": fp8.next_stats_from_amax(g_amax, sg, hg, e5m2)}
+    new = {**new, "output_grad": fp8.seen_stats_from_amax(g_amax, hg)}
     return dx, dw, new
 
 

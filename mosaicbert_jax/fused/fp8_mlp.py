@@ -12,7 +12,8 @@ the base model's MLP shapes on an H200.
 
 Scaling is fp8.py's delayed per-tensor scaling, in two stat groups: "up" (input x, kernel
 W_up, output_grad d([a|b])) and "down" (input: the hidden activation, kernel W_down,
-output_grad: dy); the stats' "cotangents" are their updates, as for fp8.fp8_matmul.
+output_grad: dy); the stats' "cotangents" are the amaxes seen (fp8.seen_stats), as for
+fp8.fp8_matmul.
 """
 
 from __future__ import annotations
@@ -48,10 +49,10 @@ def _glu_mlp_fwd(x, w_up, w_down, seed, up, down, rate, implementation, dtype):
     qh, qh_t, h_amax = fused.glu_dropout_fp8(ab, seed, rate, 1.0 / sh, e4m3, implementation)
     qwd = fp8.quantize(w_down, e4m3, swd)                      # [f, n]
     y = _gemm(qh, qwd.T, sh * swd, dtype)                      # [m, n]
-    new_up = {"input": fp8.next_stats_from_amax(x_amax, sx, hx, e4m3),
-              "kernel": fp8.next_stats(w_up, swu, hwu, e4m3)}
-    new_down = {"input": fp8.next_stats_from_amax(h_amax, sh, hh, e4m3),
-                "kernel": fp8.next_stats(w_down, swd, hwd, e4m3)}
+    new_up = {"input": fp8.seen_stats_from_amax(x_amax, hx),
+              "kernel": fp8.seen_stats(w_up, hwu)}
+    new_down = {"input": fp8.seen_stats_from_amax(h_amax, hh),
+                "kernel": fp8.seen_stats(w_down, hwd)}
     residuals = (qx_t, qwu, ab, seed, qh_t, qwd, (sx, swu, sh, swd),
                  (up["output_grad"], down["output_grad"]), new_up, new_down)
     return y, residuals
@@ -69,8 +70,8 @@ def _glu_mlp_bwd(rate, implementation, dtype, residuals, g):
                                                   implementation)
     dx = _gemm(qd, qwu, sgu * swu, dtype)                      # [m, k]
     d_w_up = _gemm(qx_t, qd_t, sx * sgu, dtype)                # [k, 2f]
-    new_up = {**new_up, "output_grad": fp8.next_stats_from_amax(d_amax, sgu, hgu, e5m2)}
-    new_down = {**new_down, "output_grad": fp8.next_stats_from_amax(g_amax, sgd, hgd, e5m2)}
+    new_up = {**new_up, "output_grad": fp8.seen_stats_from_amax(d_amax, hgu)}
+    new_down = {**new_down, "output_grad": fp8.seen_stats_from_amax(g_amax, hgd)}
     return dx, d_w_up, d_w_down, None, new_up, new_down
 
 

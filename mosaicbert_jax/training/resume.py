@@ -5,20 +5,24 @@ Layout (spelled in `mosaicbert_jax.checkpoint`, whose `load_pretrained` reads it
 `data_state`, `model_config` and `train_config` (JSON; train.steps, the optimizer section and
 data.seq_len, so a resume with another total can say what happens to the learning rate and
 fill-mask knows the trained length).
+With FP8 the state also holds "fp8", the scaling stats stacked one row per tensor; checkpoints
+written before they were stacked (one leaf per tensor) are restored and stacked on the fly.
 `data_state` is the data iterator's position, the same on every process (each derives its own
 rows from it), so process 0 writes it once and every process reads it back.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from mosaicbert_jax import fp8
 from mosaicbert_jax.checkpoint import (DATA_STATE_ITEM, MODEL_CONFIG_ITEM, TRAIN_CONFIG_ITEM,
-                                       STATE_ITEM, TRAIN_CHECKPOINT_ITEMS, checkpoints_dir)
+                                       STATE_ITEM, TRAIN_CHECKPOINT_ITEMS, checkpoints_dir,
+                                       tree_metadata)
 
 
 class TrainCheckpoints:
@@ -67,15 +71,33 @@ class TrainCheckpoints:
             DATA_STATE_ITEM: ocp.args.JsonRestore()}))
         return restored[DATA_STATE_ITEM]
 
-    def restore_state(self, step: int, state_like: Any, shardings: Any) -> Any:
+    def saved_fp8_per_tensor(self, step: int) -> bool:
+        """Whether the state saved at `step` keeps its FP8 stats one leaf per tensor (the layout
+        before they were stacked) rather than fp8.stack_stats' two arrays."""
+        tree = tree_metadata(epath.Path(self.directory) / str(step) / STATE_ITEM)
+        stats = tree.get("fp8") if isinstance(tree, Mapping) else None
+        return isinstance(stats, Mapping) and set(stats) != {"scale", "amax_history"}
+
+    def restore_state(self, step: int, state_like: Any, shardings: Any,
+                      fp8_rows: fp8.StatRows = ()) -> Any:
         """Restores state with the structure, dtypes and shardings of `state_like` (any mesh
-        and process count: Orbax reshards)."""
+        and process count: Orbax reshards). fp8_rows (training.step.fp8_stat_rows) lets a
+        checkpoint of per-tensor FP8 stats be read and stacked into state_like's layout."""
         abstract = jax.tree_util.tree_map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_like,
             shardings)
+        per_tensor = "fp8" in abstract and bool(fp8_rows) and self.saved_fp8_per_tensor(step)
+        if per_tensor:
+            replicated = shardings["fp8"]["scale"]
+            abstract["fp8"] = jax.tree_util.tree_map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                jax.eval_shape(lambda s: fp8.unstack_stats(s, fp8_rows), abstract["fp8"]))
         restored = self.manager.restore(step, args=ocp.args.Composite(**{
-            STATE_ITEM: ocp.args.StandardRestore(abstract)}))
-        return restored[STATE_ITEM]
+            STATE_ITEM: ocp.args.StandardRestore(abstract)}))[STATE_ITEM]
+        if per_tensor:
+            restored["fp8"] = jax.jit(lambda t: fp8.stack_stats(t, fp8_rows),
+                                      out_shardings=shardings["fp8"])(restored["fp8"])
+        return restored
 
     def close(self) -> None:
         self.manager.wait_until_finished()

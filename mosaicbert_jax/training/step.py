@@ -1,8 +1,9 @@
 """The jitted MLM train and eval steps: sparse head, fp32 loss, microbatch accumulation.
 
 The state is a plain dict {"step", "params", "opt_state"} so it saves with Orbax as is; with
-model.config.fp8 it also holds "fp8", the FP8 scaling stats (mosaicbert_jax/fp8.py), replicated,
-whose "gradients" in the step are their updated values.
+model.config.fp8 it also holds "fp8", the FP8 scaling stats (mosaicbert_jax/fp8.py) stacked one
+row per tensor ({"scale", "amax_history"}, replicated), whose "gradients" in the step are the
+amaxes each tensor saw.
 A step whose loss or gradient norm is not finite returns the state it was given, unchanged,
 with metrics["finite"] = 0 and metrics["nonfinite_step"] = that step's number, so the training
 loop can stop before anything of that step reaches a checkpoint.
@@ -28,17 +29,28 @@ BATCH_KEYS = ("input_ids", "segment_ids", "masked_positions", "masked_weights", 
 SUM_KEYS = ("loss_sum", "correct_sum", "weight_sum")
 
 
+def _init_variables(model: MosaicBertForMaskedLM, seed: int) -> dict:
+    ids = jnp.ones((1, 8), jnp.int32)
+    return model.init(jax.random.key(seed), ids, jnp.ones_like(ids))
+
+
+def fp8_stat_rows(model: MosaicBertForMaskedLM) -> fp8.StatRows:
+    """The rows of the model's stacked FP8 stats (fp8.stat_rows of its STATS collection)."""
+    shapes = jax.eval_shape(lambda: _init_variables(model, 0))
+    return fp8.stat_rows(shapes[fp8.STATS])
+
+
 def init_state(model: MosaicBertForMaskedLM, tx: optax.GradientTransformation, seed: int,
                mesh: Mesh) -> tuple[dict, Any]:
-    """Initialises params and optimizer state (and FP8 stats when model.config.fp8) directly
-    in their shardings on the mesh."""
+    """Initialises params and optimizer state (and FP8 stats when model.config.fp8, stacked:
+    fp8.stack_stats) directly in their shardings on the mesh."""
     def init_fn():
-        ids = jnp.ones((1, 8), jnp.int32)
-        variables = model.init(jax.random.key(seed), ids, jnp.ones_like(ids))
+        variables = _init_variables(model, seed)
         params = variables["params"]
         state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
         if model.config.fp8:
-            state["fp8"] = variables[fp8.STATS]
+            stats = variables[fp8.STATS]
+            state["fp8"] = fp8.stack_stats(stats, fp8.stat_rows(stats))
         return state
 
     abstract = jax.eval_shape(init_fn)
@@ -129,9 +141,10 @@ def make_train_step(model: MosaicBertForMaskedLM, tx: optax.GradientTransformati
     """Returns jitted step(state, batch) -> (state, metrics); state is donated.
 
     A non-finite loss or gradient norm keeps the input state (see the module docstring).
-    With FP8 the stats' "gradients" are their new values: microbatches combine them by max
+    With FP8 the stats' "gradients" are the amaxes seen: microbatches combine them by max
     (fp8.combine_microbatch_stats), and they never reach the gradient norm or the optimizer."""
     dropout_key = jax.random.key(dropout_seed)
+    rows = fp8_stat_rows(model) if model.config.fp8 else ()
 
     def sums_fn(params, fp8_stats, micro, rng):
         logits = model.apply(_variables(params, fp8_stats), micro["input_ids"],
@@ -140,13 +153,18 @@ def make_train_step(model: MosaicBertForMaskedLM, tx: optax.GradientTransformati
         sums = masked_lm_sums(logits, micro["masked_labels"], micro["masked_weights"])
         return sums["loss_sum"], sums
 
-    grad_fn = jax.grad(sums_fn, argnums=(0, 1), has_aux=True)
+    def grad_fn(params, fp8_stats, micro, rng):
+        """(param gradients, amaxes seen per stats row or None), sums."""
+        (grads, seen), sums = jax.grad(sums_fn, argnums=(0, 1), has_aux=True)(
+            params, fp8_stats, micro, rng)
+        return (grads, None if seen is None else fp8.stack_seen(seen, rows)), sums
 
     def step(state, batch):
-        params, fp8_stats = state["params"], state.get("fp8")
+        params = state["params"]
+        fp8_stats = None if "fp8" not in state else fp8.unstack_stats(state["fp8"], rows)
         rng = jax.random.fold_in(dropout_key, state["step"])
         if microbatches == 1:
-            (grads, new_fp8), sums = grad_fn(params, fp8_stats, batch, rng)
+            (grads, seen), sums = grad_fn(params, fp8_stats, batch, rng)
         else:
             if batch["masked_positions"].shape[0] != batch["input_ids"].shape[0]:
                 raise ValueError("microbatches > 1 need masked_positions per row ([batch, k]); "
@@ -157,15 +175,15 @@ def make_train_step(model: MosaicBertForMaskedLM, tx: optax.GradientTransformati
             def body(carry, inputs):
                 index, mb = inputs
                 (g, f), s = grad_fn(params, fp8_stats, mb, jax.random.fold_in(rng, index))
-                grads_sum, fp8_seen, sums_sum = carry
+                grads_sum, seen_so_far, sums_sum = carry
                 return (jax.tree_util.tree_map(jnp.add, grads_sum, g),
-                        fp8.combine_microbatch_stats(fp8_seen, f),
+                        fp8.combine_microbatch_stats(seen_so_far, f),
                         jax.tree_util.tree_map(jnp.add, sums_sum, s)), None
 
             zero_sums = {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS}
-            zeros = (jax.tree_util.tree_map(jnp.zeros_like, params),
-                     jax.tree_util.tree_map(jnp.zeros_like, fp8_stats), zero_sums)
-            (grads, new_fp8, sums), _ = jax.lax.scan(body, zeros,
+            no_amax = None if fp8_stats is None else jnp.zeros((len(rows),), jnp.float32)
+            zeros = (jax.tree_util.tree_map(jnp.zeros_like, params), no_amax, zero_sums)
+            (grads, seen, sums), _ = jax.lax.scan(body, zeros,
                                                      (jnp.arange(microbatches), micro))
         denom = jnp.maximum(sums["weight_sum"], 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
@@ -173,7 +191,7 @@ def make_train_step(model: MosaicBertForMaskedLM, tx: optax.GradientTransformati
         new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                      "opt_state": opt_state}
         if fp8_stats is not None:
-            new_state["fp8"] = fp8.updated_stats(fp8_stats, new_fp8)
+            new_state["fp8"] = fp8.updated_stacked(state["fp8"], seen, rows)
         loss, grad_norm = sums["loss_sum"] / denom, global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old),
@@ -205,7 +223,11 @@ def make_eval_step(model: MosaicBertForMaskedLM, mesh: Mesh, params_shardings: A
                    fp8_shardings: Any = None) -> Callable:
     """Returns eval(params, batch, fp8_stats=None) -> sums of loss, correct and valid slots;
     pass state.get("fp8") so an FP8 model evaluates with its current scales (not updated)."""
+    rows = fp8_stat_rows(model) if model.config.fp8 else ()
+
     def step(params, batch, fp8_stats):
+        if fp8_stats is not None:
+            fp8_stats = fp8.unstack_stats(fp8_stats, rows)
         logits = model.apply(_variables(params, fp8_stats), batch["input_ids"],
                              batch["segment_ids"], masked_positions=batch["masked_positions"],
                              deterministic=True)
