@@ -13,7 +13,8 @@ import os
 
 # flag -> value. Command buffers (CUDA graphs) made the base train step 2.5 ms slower (66.4 vs
 # 63.9 ms at 256 x 128 on an H100, JAX 0.11.2): the step is long, so launch overhead is not
-# what they would save, and their updates cost.
+# what they would save, and their updates cost. On the FP8 step (H200, 2026-12-02) they gave
+# 40.8 against 41.1 ms on one machine and 41.4 against 41.2 on another: no reliable gain.
 GPU_DEFAULTS = {"--xla_gpu_enable_command_buffer": ""}
 
 _CUDA_PLUGINS = ("jax_cuda13_plugin", "jax_cuda12_plugin", "jax_plugins.xla_cuda12",
