@@ -9,7 +9,9 @@ BertForMaskedLM (bf16 autocast, SDPA) at the same batch in a subprocess.
   PYTHONPATH=. python benchmarks/train_throughput.py --cases base:128:256,base:512:64
 --precision bf16,fp8 (or --fp8) times each case with the FP8 GEMMs (model.fp8) beside bf16;
 fp8-<gemm> (fp8-f8, fp8-qdq, fp8-mlp, fp8-mlp_qkv, fp8-encoder: fp8.GEMMS) pins model.fp8_gemm
-("fp8" takes the default, "encoder"; see mosaicbert_jax/fp8.py).
+("fp8" takes the default, "encoder"; see mosaicbert_jax/fp8.py). A precision may end in
++field=int model overrides (bool fields 0/1), e.g. fp8+fp8_qkv_grad_in_attention=0 times the FP8
+model with d(qkv) quantised by its own pass, beside fp8.
 On several GPUs, --scaling times each case on one GPU and then on all of them with a
 data-parallel and an FSDP mesh, and prints per-GPU throughput and scaling efficiency.
 """
@@ -30,8 +32,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mosaicbert_jax import MosaicBertForMaskedLM
+from mosaicbert_jax import MosaicBertConfig, MosaicBertForMaskedLM
 from mosaicbert_jax.data.training_data import make_training_data
+from mosaicbert_jax.field_overrides import parse_field_overrides
 from mosaicbert_jax.fp8 import GEMMS as FP8_GEMMS
 from mosaicbert_jax.optim import recipe_optimizer
 from mosaicbert_jax.sharding import batch_sharding, make_mesh
@@ -84,6 +87,9 @@ def recipe_config(preset: str, seq_len: int, global_batch: int, attention: str,
     config.train.global_batch_size = global_batch
     config.train.microbatches = microbatches
     config.mesh.update(mesh_axes)
+    unknown = sorted(set(model_overrides or {}) - set(config.model))
+    if unknown:  # config.model.update would add them unread
+        raise ValueError(f"model overrides {unknown} are not keys of config.model")
     config.model.update(model_overrides or {})
     return config
 
@@ -111,6 +117,13 @@ def build_train_step(preset: str, seq_len: int, batch_per_device: int, attention
     return step, state, batches, cfg, mesh
 
 
+def split_precision(precision: str) -> tuple[str, dict]:
+    """'fp8+field=1+other=0' -> ('fp8', {field: True, other: False}): the precision and the
+    MosaicBertConfig overrides after it (a bad one raises a one-line ValueError)."""
+    base, *items = precision.split("+")
+    return base, parse_field_overrides(",".join(items), MosaicBertConfig, "precision override")
+
+
 def time_train_step(preset: str, seq_len: int, batch_per_device: int, attention: str,
                     mesh_axes: dict, steps: int, microbatches: int, remat: bool,
                     mean_doc_len: int, dropout_rng: str = "hash", devices=None,
@@ -118,7 +131,9 @@ def time_train_step(preset: str, seq_len: int, batch_per_device: int, attention:
                     precision: str = "bf16") -> dict:
     """`precision` fp8 sets model.fp8 (the FP8 GEMMs; fp8-<gemm>: with that model.fp8_gemm),
     over model_overrides."""
-    model_overrides = {**(model_overrides or {}), "fp8": precision.startswith("fp8")}
+    precision, overrides = split_precision(precision)
+    model_overrides = {**(model_overrides or {}), **overrides,
+                       "fp8": precision.startswith("fp8")}
     if precision.startswith("fp8-"):
         model_overrides["fp8_gemm"] = precision[len("fp8-"):]
     step, state, batches, cfg, mesh = build_train_step(
@@ -260,8 +275,13 @@ def main() -> None:
         args.precision = "bf16,fp8"
     precisions = args.precision.split(",")
     known = ["bf16", "fp8"] + [f"fp8-{gemm}" for gemm in FP8_GEMMS]
-    if set(precisions) - set(known):
-        parser.error(f"--precision={args.precision}: use a comma list of {', '.join(known)}")
+    try:
+        bases = {split_precision(p)[0] for p in precisions}
+    except ValueError as e:
+        parser.error(str(e))
+    if bases - set(known):
+        parser.error(f"--precision={args.precision}: use a comma list of {', '.join(known)} "
+                     f"(each optionally +field=int)")
     if not args.no_xla_defaults:
         apply_gpu_defaults()  # what the train command runs with
     apply_tile_flags(parser, args)

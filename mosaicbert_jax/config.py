@@ -74,6 +74,10 @@ class MosaicBertConfig:
     # the QKV projection: fused/fp8_dense.py) or "encoder" (and the attention output
     # projection: every encoder GEMM); see fp8.GEMMS.
     fp8_gemm: str = "encoder"
+    # With the QKV projection an FP8 dense op ("mlp_qkv", "encoder") and the Pallas GPU
+    # attention: the attention backward writes d(qkv) as float8 itself (fused/fp8_attention.py;
+    # the same bytes as a quantize pass after it, one pass fewer). False: that pass.
+    fp8_qkv_grad_in_attention: bool = True
     num_labels: int = 2
     classifier_dropout_prob: Optional[float] = None
 
@@ -108,6 +112,9 @@ class MosaicBertConfig:
                                  f"{self.dropout_rng!r}; use dropout_rng='hash' or {name}='xla'")
         if not isinstance(self.fp8, bool):
             raise ValueError(f"fp8={self.fp8!r} must be True or False")
+        if not isinstance(self.fp8_qkv_grad_in_attention, bool):
+            raise ValueError(f"fp8_qkv_grad_in_attention={self.fp8_qkv_grad_in_attention!r} "
+                             f"must be True or False")
         if self.fp8_gemm not in FP8_GEMMS:
             raise ValueError(f"fp8_gemm={self.fp8_gemm!r} must be one of "
                              + ", ".join(map(repr, FP8_GEMMS)))

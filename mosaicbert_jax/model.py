@@ -17,10 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from mosaicbert_jax import fp8, fused
-from mosaicbert_jax.attention import alibi_slopes, attention_qkv
+from mosaicbert_jax.attention import alibi_slopes, attention_qkv, resolve_implementation
 from mosaicbert_jax.config import MLM_HEAD_LAYER_NORM_EPS, MosaicBertConfig
 from mosaicbert_jax.dropout import Dropout
-from mosaicbert_jax.fused import fp8_dense, fp8_mlp
+from mosaicbert_jax.fused import fp8_attention, fp8_dense, fp8_mlp
 from mosaicbert_jax.fused.reference import gelu
 
 
@@ -114,9 +114,26 @@ class MosaicBertSelfAttention(nn.Module):
     def __call__(self, x, segment_ids):
         cfg = self.config
         batch, seq, _ = x.shape
-        qkv, bias = DenseBiasApart(3 * cfg.hidden_size, cfg, fp8_role="qkv", name="Wqkv")(x)
-        qkv = qkv.reshape(batch, seq, 3, cfg.num_attention_heads, cfg.head_dim)
         slopes = jnp.asarray(alibi_slopes(cfg.num_attention_heads))
+        attention_impl = resolve_implementation(cfg.attention_implementation)
+        if cfg.fp8 and fp8_attention.resolve_use(cfg.fp8_qkv_grad_in_attention,
+                                                 fp8.dense_op_roles(cfg.fp8_gemm),
+                                                 attention_impl, seq, cfg.head_dim):
+            kernel, bias, stats = DenseVariables(3 * cfg.hidden_size, cfg, name="Wqkv")(
+                x.shape[-1])
+            if stats is not None:  # training: one op, whose backward writes float8 d(qkv)
+                return fp8_attention.qkv_attention(
+                    x, kernel, bias, stats, segment_ids, slopes,
+                    heads=cfg.num_attention_heads, attention_implementation=attention_impl,
+                    quantize_implementation=_fused_impl("glu_implementation", cfg,
+                                                        x.shape[-1]),
+                    window=self.window, dtype=cfg.dtype)
+            qkv = jax.lax.dot_general(x.astype(cfg.dtype), kernel.astype(cfg.dtype),
+                                      (((x.ndim - 1,), (0,)), ((), ())))
+        else:
+            qkv, bias = DenseBiasApart(3 * cfg.hidden_size, cfg, fp8_role="qkv",
+                                       name="Wqkv")(x)
+        qkv = qkv.reshape(batch, seq, 3, cfg.num_attention_heads, cfg.head_dim)
         # Kernels with a fused-QKV entry read q, k, v in place (no slice copies, one d(qkv))
         # and add the bias as they read them (no bias-add pass over qkv).
         out = attention_qkv(qkv, segment_ids, slopes,
@@ -161,6 +178,20 @@ class DenseParams(nn.Module):
     @nn.compact
     def __call__(self, in_features: int) -> tuple[jax.Array, Optional[jax.Array]]:
         return _dense_params(self, self.config, in_features, self.features, self.use_bias)
+
+
+class DenseVariables(nn.Module):
+    """DenseBiasApart's variables (same names): kernel, bias and, when it trains in FP8, its
+    stats (None without the collection), for an op that does the matmul itself
+    (fused/fp8_attention.py)."""
+
+    features: int
+    config: MosaicBertConfig
+
+    @nn.compact
+    def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array, Optional[dict]]:
+        kernel, bias = _dense_params(self, self.config, in_features, self.features)
+        return kernel, bias, fp8.stats_variables(self, self.config.fp8_amax_history)
 
 
 class DenseBiasApart(nn.Module):

@@ -66,7 +66,8 @@ def model_config_from(config: ml_collections.ConfigDict, vocab_size: int) -> Mos
         attention_window=config.model.attention_window,
         global_attention_every=config.model.global_attention_every,
         fp8=config.model.fp8, fp8_amax_history=config.model.fp8_amax_history,
-        fp8_gemm=config.model.fp8_gemm)
+        fp8_gemm=config.model.fp8_gemm,
+        fp8_qkv_grad_in_attention=config.model.get("fp8_qkv_grad_in_attention", True))
     fp8.check_hardware(config.model.fp8)
     return MosaicBertConfig.from_preset(config.model.preset, **overrides)
 

@@ -366,3 +366,18 @@ def test_fp8_mlp_benchmark_checks_and_times_both_mlps():
         for left_out in ("nothing", "amax", "transposed", "transposed+amax"):
             assert re.search(rf"\| {kernel} \(\d+, \d+, \d+\) \| {re.escape(left_out)} \| "
                              rf"\d+\.\d+ \|", result.stdout), (kernel, left_out)
+
+
+def test_precision_overrides_reach_the_model_config_or_fail_in_one_line():
+    from train_throughput import recipe_config, split_precision
+    precision, overrides = split_precision("fp8+fp8_qkv_grad_in_attention=0")
+    assert (precision, overrides) == ("fp8", {"fp8_qkv_grad_in_attention": False})
+    config = recipe_config("tiny", 8, 16, "xla", {"data": 1, "fsdp": 1, "tensor": 1},
+                           model_overrides=overrides)
+    assert config.model.fp8_qkv_grad_in_attention is False
+    with pytest.raises(ValueError, match="precision override 'fp8_qkv=0' is not field=int"):
+        split_precision("fp8+fp8_qkv=0")
+    # A MosaicBertConfig field the train config does not carry would be dropped unread.
+    with pytest.raises(ValueError, match=r"model overrides \['num_hidden_layers'\] are not"):
+        recipe_config("tiny", 8, 16, "xla", {"data": 1, "fsdp": 1, "tensor": 1},
+                      model_overrides=split_precision("fp8+num_hidden_layers=3")[1])

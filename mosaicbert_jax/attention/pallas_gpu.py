@@ -35,6 +35,12 @@ once to each output row that sees keys. The kernels add b_q to q where q is load
 logit tile and rowsum(ds) b_q to dK at the end; the backward's delta uses the output
 without b_v. d(b_q) and d(b_v) are the column sums of dQ and dV, which the kernels write
 per program (no pass over d(qkv)); d(b_k) is exactly 0, as each query's dS row sums to 0.
+
+qkv_forward / qkv_backward_fp8 are the same kernels for the FP8 QKV projection + attention
+op (fused/fp8_attention.py): there the dQ and dK/dV kernels write d(qkv) times an inverse
+scale as float8, row-major and transposed ([3, heads, head_dim, batch, seq]), with one amax
+per program, instead of the bf16 d(qkv) the projection's backward would quantise in a pass
+of its own.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ from mosaicbert_jax.attention.block_sparsity import (check_qkv_bias, check_windo
                                                     fully_visible_block_ranges,
                                                     pad_sequence, visible_block_ranges)
 from mosaicbert_jax.field_overrides import parse_field_overrides
+from mosaicbert_jax.fp8 import to_fp8
 
 # JAX 0.11 marks its Pallas Triton backend deprecated and warns at every lowering; this
 # kernel is ours and keeps working until that backend is removed, so the warning is noise.
@@ -391,6 +398,21 @@ class _Specs:
         return pl.BlockSpec((None, block, 3, None, self.head_dim),
                             lambda i, b, h: (b, i, 0, h, 0))
 
+    def transposed_tokens(self, block: int, slot: int) -> pl.BlockSpec:
+        """[head_dim, block] of a [3, heads, head_dim, batch, seq] array (d(qkv) transposed)."""
+        return pl.BlockSpec((None, None, self.head_dim, None, block),
+                            lambda i, b, h: (slot, h, 0, b, i))
+
+    def transposed_all_slots(self, block: int) -> pl.BlockSpec:
+        """[3, head_dim, block] of the transposed layout: transposed_tokens for every slot."""
+        return pl.BlockSpec((3, None, self.head_dim, None, block),
+                            lambda i, b, h: (0, h, 0, b, i))
+
+    @staticmethod
+    def amax(heads: int) -> pl.BlockSpec:
+        """One float32 per program of a [row_blocks, batch * heads] array."""
+        return pl.BlockSpec((1, 1), lambda i, b, h: (i, b * heads + h))
+
     @staticmethod
     def segments(block: int) -> pl.BlockSpec:
         return pl.BlockSpec((None, block), lambda i, b, h: (b, i))
@@ -449,6 +471,55 @@ def _one_pass_separate(*refs, **params) -> None:
     """The one-pass _dkdv_kernel with dQ, dK, dV outputs in that order (as _backward returns)."""
     *inputs, dq_ref, dk_ref, dv_ref = refs
     _dkdv_kernel(*inputs, dk_ref, dv_ref, dq_ref, **params)
+
+
+class _Fp8SlotWriter:
+    """A [rows, head_dim] output written as float8 twice: into one slot of d(qkv) (row-major,
+    [rows, 3, head_dim] block) and of its transpose ([3, head_dim, rows] block), each tile
+    first rounded to the compute dtype, so the bytes equal what fused.quantize_fp8 makes of
+    the bf16 d(qkv) the plain kernels write. Remembers the tile's amax (`amax`, [1, 1])."""
+
+    def __init__(self, ref, transposed_ref, slot: Optional[int], inv_scale, fp8_dtype,
+                 dtype):
+        self._ref, self._transposed, self._slot = ref, transposed_ref, slot
+        self._inv, self._fp8_dtype, self.dtype = inv_scale, fp8_dtype, dtype
+        self.amax = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self._ref.shape[0], self._ref.shape[-1])
+
+    def __setitem__(self, index, value) -> None:
+        assert index is Ellipsis, "the two-kernel backward writes whole tiles"
+        x = value.astype(self.dtype).astype(jnp.float32)
+        q = to_fp8(x, self._inv, self._fp8_dtype)
+        if self._slot is None:
+            self._ref[...] = q
+            self._transposed[...] = q.T
+        else:
+            self._ref[:, self._slot, :] = q
+            self._transposed[self._slot] = q.T
+        self.amax = jnp.max(jnp.abs(x), axis=(0, 1), keepdims=True)
+
+
+def _dq_into_fp8(fp8_dtype, dtype, *refs, **params) -> None:
+    """_dq_kernel writing dQ as float8 (slot 0 of d(qkv) and of its transpose), plus the
+    program's amax; refs: the 10 inputs, the inverse scale, those two outputs, the amax
+    output and, with delta_in_dq_kernel, delta's."""
+    inputs, (inv_ref, q_ref, qt_ref, amax_ref), delta = refs[:10], refs[10:14], refs[14:]
+    writer = _Fp8SlotWriter(q_ref, qt_ref, None, inv_ref[0], fp8_dtype, dtype)
+    _dq_kernel(*inputs, writer, *delta, **params)
+    amax_ref[...] = writer.amax
+
+
+def _dkdv_into_fp8(k_slot: int, v_slot: int, fp8_dtype, dtype, *refs, **params) -> None:
+    """_dkdv_kernel writing dK and dV as float8 into their slots of the dQ kernel's float8
+    d(qkv) and transpose (aliased inputs, never read), plus the program's amax."""
+    *inputs, inv_ref, _aliased, _aliased_t, q_ref, qt_ref, amax_ref = refs
+    k_writer, v_writer = (_Fp8SlotWriter(q_ref, qt_ref, slot, inv_ref[0], fp8_dtype, dtype)
+                          for slot in (k_slot, v_slot))
+    _dkdv_kernel(*inputs, k_writer, v_writer, **params)
+    amax_ref[...] = jnp.maximum(k_writer.amax, v_writer.amax)
 
 
 def _with_bias(kernel, in_specs: list, args: list, bias, head_dim: int,
@@ -550,9 +621,11 @@ def _forward(q, k, v, segment_ids, slopes, scale, sizes: BlockSizes, interpret: 
 
 
 def _backward(q, k, v, segment_ids, slopes, out, lse, d_out, scale, sizes: BlockSizes,
-              interpret: bool, window: int = 0, slots=_SEPARATE, bias=None):
+              interpret: bool, window: int = 0, slots=_SEPARATE, bias=None, quantize=None):
     """((dq, dk, dv), None); with slots=QKV_SLOTS (d(qkv) [batch, seq, 3, heads, head_dim],
     d(bias) [3, heads, head_dim] float32 or None for bias None; bias: as in _forward).
+    quantize (fused slots, two-kernel backward only): (inv_scale, fp8_dtype); d(qkv) is then
+    ((float8 d(qkv), float8 [3, heads, head_dim, batch, seq] transpose, its float32 amax).
 
     Two kernels: dQ first (it also writes delta with sizes.delta_in_dq_kernel), then dK/dV,
     which with fused slots writes into the dQ kernel's d(qkv) buffer (aliased). d(b_q) and
@@ -569,30 +642,49 @@ def _backward(q, k, v, segment_ids, slopes, out, lse, d_out, scale, sizes: Block
     params = plgpu.CompilerParams(num_warps=sizes.num_warps_bwd,
                                   num_stages=sizes.num_stages_bwd)
     if uses_one_pass_backward(seq, sizes):
+        assert quantize is None, "the float8 d(qkv) comes from the two-kernel backward"
         return _one_pass_backward(q, k, v, segment_ids, q_segments, padded_slopes, out, lse,
                                   d_out, scale, sizes, params, interpret, window, slots, bias)
+    if quantize is not None:
+        assert fused, "the float8 d(qkv) is written for the fused entry only"
+        inv_scale, fp8_dtype = quantize
+        inv_scale = jnp.asarray(inv_scale, jnp.float32).reshape(1)
+        inv_spec = pl.BlockSpec((1,), lambda i, b, h: (0,))
+        transposed = jax.ShapeDtypeStruct((3, heads, head_dim, batch, seq), fp8_dtype)
+        amax_shape = lambda block: jax.ShapeDtypeStruct((seq // block, batch * heads),
+                                                        jnp.float32)
 
     bq, bk = sizes.block_q_dq, sizes.block_k_dq
     plan = _block_plan(segment_ids, bq, bk, window)
     specs = _Specs(seq, head_dim, padded_slopes.shape[0], plan.shape[-1])
     db_spec, db_shape = _column_sums(batch, heads, seq // bq, head_dim)
     # With fused slots the dQ output is the whole d(qkv), whose slots 1 and 2 dK/dV fills.
-    out_specs, out_shape = [specs.tokens(bq, q_slot)], [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+    dq_kernel, in_specs = _dq_kernel, []
+    if quantize is None:
+        out_specs, out_shape = [specs.tokens(bq, q_slot)], [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+    else:
+        dq_kernel = functools.partial(_dq_into_fp8, fp8_dtype, q.dtype)
+        out_specs = [specs.tokens(bq, q_slot), specs.transposed_tokens(bq, q_slot),
+                     specs.amax(heads)]
+        out_shape = [jax.ShapeDtypeStruct(q.shape, fp8_dtype), transposed, amax_shape(bq)]
+    n_grads = len(out_specs)
     if sizes.delta_in_dq_kernel:  # the kernel reads O and writes delta
         delta_source, delta_spec = out, specs.tokens(bq)
         out_specs.append(specs.row_stats(bq))
         out_shape.append(jax.ShapeDtypeStruct(lse.shape, jnp.float32))
     else:
         delta_source, delta_spec = _delta(out, d_out, bias), specs.row_stats(bq)
+    extra_specs, extra_args = ([inv_spec], [inv_scale]) if quantize is not None else ([], [])
     kernel, in_specs, args = _with_bias(
-        functools.partial(_dq_kernel, scale=scale, block_k=bk, split=sizes.unmasked_interior,
+        functools.partial(dq_kernel, scale=scale, block_k=bk, split=sizes.unmasked_interior,
                           window=window),
         [specs.plan, specs.slopes, specs.segments(bq), specs.all_segments(),
          specs.tokens(bq, q_slot), specs.all_tokens(k_slot), specs.all_tokens(v_slot),
-         specs.tokens(bq), specs.row_stats(bq), delta_spec],
-        [plan, padded_slopes, q_segments, segment_ids, q, k, v, d_out, lse, delta_source],
+         specs.tokens(bq), specs.row_stats(bq), delta_spec] + extra_specs,
+        [plan, padded_slopes, q_segments, segment_ids, q, k, v, d_out, lse, delta_source]
+        + extra_args,
         bias, head_dim, ("db_q_ref",))
-    dq, *rest = pl.pallas_call(
+    outputs = pl.pallas_call(
         kernel,
         grid=(seq // bq, batch, heads),
         in_specs=in_specs,
@@ -602,6 +694,7 @@ def _backward(q, k, v, segment_ids, slopes, out, lse, d_out, scale, sizes: Block
         interpret=interpret,
         name="alibi_flash_dq",
     )(*args)
+    dq, rest = outputs[:n_grads], list(outputs[n_grads:])
     delta = rest.pop(0) if sizes.delta_in_dq_kernel else delta_source
 
     # Key blocks are the rows here: the same plan with rows and columns swapped.
@@ -613,33 +706,46 @@ def _backward(q, k, v, segment_ids, slopes, out, lse, d_out, scale, sizes: Block
                 specs.all_tokens(q_slot), specs.tokens(bk, k_slot), specs.tokens(bk, v_slot),
                 specs.all_tokens(), specs.all_row_stats(), specs.all_row_stats()]
     args = [plan, padded_slopes, q_segments, segment_ids, q, k, v, d_out, lse, delta]
-    if fused:  # dK and dV fill slots 1 and 2 of the dQ kernel's buffer in place
+    if quantize is not None:  # dK and dV fill slots 1 and 2 of both float8 buffers in place
+        kernel = functools.partial(_dkdv_into_fp8, k_slot, v_slot, fp8_dtype, q.dtype)
+        in_specs += [inv_spec, specs.tokens_all_slots(bk), specs.transposed_all_slots(bk)]
+        args += [inv_scale, dq[0], dq[1]]
+        out_specs = [specs.tokens_all_slots(bk), specs.transposed_all_slots(bk),
+                     specs.amax(heads)]
+        out_shape = [jax.ShapeDtypeStruct(q.shape, fp8_dtype), transposed, amax_shape(bk)]
+    elif fused:  # dK and dV fill slots 1 and 2 of the dQ kernel's buffer in place
         kernel = functools.partial(_dkdv_into_aliased_slots, k_slot, v_slot)
         in_specs.append(specs.tokens_all_slots(bk))
-        args.append(dq)
+        args.append(dq[0])
         out_specs = [specs.tokens_all_slots(bk)]
         out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
     else:
         kernel = _dkdv_kernel
         out_specs = [specs.tokens(bk)] * 2
         out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (k, v)]
+    n_grads = len(out_specs)
     kernel, in_specs, args = _with_bias(
         functools.partial(kernel, scale=scale, block_q=bq, split=sizes.unmasked_interior,
                           window=window), in_specs, args, bias, head_dim, ("db_v_ref",))
+    aliases = ({len(args) - 2: 0, len(args) - 1: 1} if quantize is not None
+               else {len(args) - 1: 0} if fused else {})
     grads = pl.pallas_call(
         kernel,
         grid=(seq // bk, batch, heads),
         in_specs=in_specs,
         out_specs=out_specs + [db_spec] * (bias is not None),
         out_shape=out_shape + [db_shape] * (bias is not None),
-        input_output_aliases={len(args) - 1: 0} if fused else {},
+        input_output_aliases=aliases,
         compiler_params=params,
         interpret=interpret,
         name="alibi_flash_dkdv",
     )(*args)
     if not fused:
-        return (dq, *grads), None
-    return grads[0], None if bias is None else _bias_grad(rest[0], grads[1])
+        return (dq[0], *grads), None
+    d_bias = None if bias is None else _bias_grad(rest[0], grads[n_grads])
+    if quantize is None:
+        return grads[0], d_bias
+    return (grads[0], grads[1], jnp.maximum(jnp.max(dq[2]), jnp.max(grads[2]))), d_bias
 
 
 def _bias_grad(db_q: jax.Array, db_v: jax.Array) -> jax.Array:
@@ -753,6 +859,39 @@ def _flash_qkv_bwd(scale, sizes, interpret, window, residuals, d_out):
 
 
 _flash_qkv.defvjp(_flash_qkv_fwd, _flash_qkv_bwd)
+
+
+def fp8_grad_block_sizes(seq: int, head_dim: int) -> Optional[BlockSizes]:
+    """The default blocks of `seq` when qkv_backward_fp8 can run with them (no sequence
+    padding, the two-kernel backward, a supported head_dim); None otherwise."""
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        return None
+    sizes = default_block_sizes_for_head_dim(seq, head_dim)
+    if seq % max(sizes.blocks()) or uses_one_pass_backward(seq, sizes):
+        return None
+    return sizes
+
+
+def qkv_forward(qkv: jax.Array, bias: Optional[jax.Array], segment_ids: jax.Array,
+                slopes: jax.Array, scale: float, sizes: BlockSizes, interpret: bool = False,
+                window: int = 0) -> tuple[jax.Array, jax.Array]:
+    """(output [batch, seq, heads, head_dim], logsumexp) of the fused-QKV kernels, for an op
+    that owns its backward (fused/fp8_attention.py): no padding (seq a multiple of every
+    block), int32 segment ids, bias [3, heads, head_dim] in qkv's dtype or None."""
+    return _forward(qkv, qkv, qkv, segment_ids, slopes, scale, sizes, interpret, window,
+                    QKV_SLOTS, bias)
+
+
+def qkv_backward_fp8(qkv: jax.Array, bias: Optional[jax.Array], segment_ids: jax.Array,
+                     slopes: jax.Array, out: jax.Array, lse: jax.Array, d_out: jax.Array,
+                     scale: float, sizes: BlockSizes, inv_scale: jax.Array, fp8_dtype,
+                     interpret: bool = False, window: int = 0):
+    """qkv_forward's backward with d(qkv) times inv_scale written as fp8_dtype by the kernels
+    themselves: ((q [batch, seq, 3, heads, head_dim], q transposed [3, heads, head_dim, batch,
+    seq], float32 amax of d(qkv)), float32 d(bias) [3, heads, head_dim] or None). The bytes
+    are those of fused.quantize_fp8 on the bf16 d(qkv) of the plain backward."""
+    return _backward(qkv, qkv, qkv, segment_ids, slopes, out, lse, d_out, scale, sizes,
+                     interpret, window, QKV_SLOTS, bias, quantize=(inv_scale, fp8_dtype))
 
 
 def _check_inputs(q: jax.Array) -> None:

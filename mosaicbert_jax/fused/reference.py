@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from mosaicbert_jax.dropout import hash_dropout
+from mosaicbert_jax.fp8 import to_fp8  # noqa: F401  (the kernels' quantiser, re-exported)
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -29,13 +30,6 @@ def glu_dropout(h: jax.Array, seed: jax.Array, rate: float) -> jax.Array:
     gated, non_gated = h[..., :width], h[..., width:]
     out = (gelu(gated) * non_gated.astype(jnp.float32)).astype(h.dtype)
     return _dropout(out, seed, rate)
-
-
-def to_fp8(y: jax.Array, inv_scale: jax.Array, fp8_dtype) -> jax.Array:
-    """y * inv_scale (float32) clipped to the dtype's finite range, as fp8_dtype."""
-    limit = float(jnp.finfo(fp8_dtype).max)
-    return jnp.clip(y.astype(jnp.float32) * inv_scale.astype(jnp.float32), -limit,
-                    limit).astype(fp8_dtype)
 
 
 def quantize_fp8(y: jax.Array, inv_scale: jax.Array, fp8_dtype):

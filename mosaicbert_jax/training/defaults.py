@@ -35,6 +35,8 @@ def get_default_config() -> ml_collections.ConfigDict:
                                     # fastest measured) | mlp_qkv (the MLP and the QKV
                                     # projection) | mlp (the MLP) | f8 (every large GEMM,
                                     # float8 operands, quantised by XLA) | qdq
+        fp8_qkv_grad_in_attention=True,  # the attention backward writes d(qkv) as float8
+                                    # (mlp_qkv/encoder with Pallas GPU attention; same bytes)
     ))
     c.data = ml_collections.ConfigDict(dict(
         source="shards",            # shards (prepared dir) | embedded | synthetic
