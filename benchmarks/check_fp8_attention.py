@@ -19,13 +19,13 @@ Then times the two backwards at the base step's shape (--batch 256 x 128 tokens,
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from attention_cases import fresh_rng, random_packed_layouts, relative_error
+from fused_ops import median_ms
 from fp8_attention_cases import (assert_same_bits, bits, kernel_grads,
                                  op_outputs_and_grads)
 from mosaicbert_jax import fp8, fused
@@ -66,18 +66,6 @@ def assert_op_agrees(got, want, what: str) -> None:
         assert relative_error(a, b) < 1e-3, (relative_error(a, b), what)
 
 
-def _time(fn, *args, reps: int = 50) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(reps):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - start) / reps)
-    return float(np.median(times)) * 1e3
-
-
 def time_backwards(batch: int, seq: int, heads: int, head_dim: int) -> dict:
     """ms of the plain backward + quantize pass and of the float8-writing backward."""
     rng = np.random.default_rng(0)
@@ -103,8 +91,8 @@ def time_backwards(batch: int, seq: int, heads: int, head_dim: int) -> dict:
     def in_kernel(d_out, inv):
         return pallas_gpu.qkv_backward_fp8(qkv, bias, segments, slopes, out, lse, d_out, scale,
                                            sizes, inv, E5M2)
-    return {"bf16 backward + quantize_fp8": _time(plain, d_out, inv),
-            "float8 d(qkv) from the kernels": _time(in_kernel, d_out, inv)}
+    return {"bf16 backward + quantize_fp8": median_ms(plain, d_out, inv, reps=50),
+            "float8 d(qkv) from the kernels": median_ms(in_kernel, d_out, inv, reps=50)}
 
 
 def main() -> None:

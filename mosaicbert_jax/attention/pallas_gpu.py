@@ -659,7 +659,7 @@ def _backward(q, k, v, segment_ids, slopes, out, lse, d_out, scale, sizes: Block
     specs = _Specs(seq, head_dim, padded_slopes.shape[0], plan.shape[-1])
     db_spec, db_shape = _column_sums(batch, heads, seq // bq, head_dim)
     # With fused slots the dQ output is the whole d(qkv), whose slots 1 and 2 dK/dV fills.
-    dq_kernel, in_specs = _dq_kernel, []
+    dq_kernel = _dq_kernel
     if quantize is None:
         out_specs, out_shape = [specs.tokens(bq, q_slot)], [jax.ShapeDtypeStruct(q.shape, q.dtype)]
     else:

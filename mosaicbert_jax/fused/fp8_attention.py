@@ -22,8 +22,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mosaicbert_jax import fp8, fused
-from mosaicbert_jax.fused.fp8_dense import gemm
+from mosaicbert_jax import fp8
+from mosaicbert_jax.fused import fp8_dense
 
 # The attention implementations whose kernels write the float8 d(qkv) -> interpret flag.
 _KERNELS = {"pallas": False, "pallas_interpret": True}
@@ -78,32 +78,26 @@ def _qkv_attention(x, w, bias, stats, segment_ids, slopes, static):
 def _forward(x, w, bias, stats, segment_ids, slopes, static):
     head_dim = bias.shape[-1]
     heads, interpret, quantize, window, dtype, sizes = _unpack(static, segment_ids, head_dim)
-    e4m3 = fp8.FORWARD_DTYPE
-    (sx, hx), (sw, hw) = stats["input"], stats["kernel"]
-    qx, qx_t, x_amax = fused.quantize_fp8(x, 1.0 / sx, e4m3, quantize)
-    qw = fp8.quantize(w, e4m3, sw)                              # [hidden, 3 * hidden]
+    y, dense_residuals = fp8_dense.forward(x, w, stats, quantize, dtype)
     batch, seq = segment_ids.shape
-    qkv = gemm(qx, qw.T, sx * sw, dtype).reshape(batch, seq, 3, heads, head_dim)
-    scale = head_dim ** -0.5
-    out, lse = _kernels().qkv_forward(qkv, bias, segment_ids, slopes, scale, sizes, interpret,
-                                      window)
-    seen = {"input": fp8.seen_stats_from_amax(x_amax, hx), "kernel": fp8.seen_stats(w, hw)}
-    residuals = (qx_t, qw, sx, sw, stats["output_grad"], seen, qkv, bias, segment_ids, slopes,
-                 out, lse)
+    qkv = y.reshape(batch, seq, 3, heads, head_dim)
+    out, lse = _kernels().qkv_forward(qkv, bias, segment_ids, slopes, head_dim ** -0.5, sizes,
+                                      interpret, window)
+    residuals = (dense_residuals, qkv, bias, segment_ids, slopes, out, lse)
     return out.reshape(batch * seq, heads * head_dim), residuals
 
 
 def _backward(static, residuals, g):
-    qx_t, qw, sx, sw, (sg, hg), seen, qkv, bias, segment_ids, slopes, out, lse = residuals
+    dense_residuals, qkv, bias, segment_ids, slopes, out, lse = residuals
     head_dim = bias.shape[-1]
     _, interpret, _, window, dtype, sizes = _unpack(static, segment_ids, head_dim)
     (qg, qg_t, g_amax), d_bias = _kernels().qkv_backward_fp8(
         qkv, bias, segment_ids, slopes, out, lse, g.reshape(out.shape), head_dim ** -0.5,
-        sizes, 1.0 / sg, fp8.BACKWARD_DTYPE, interpret, window)
-    rows, width = qx_t.shape[1], qw.shape[1]
-    dx = gemm(qg.reshape(rows, width), qw, sg * sw, dtype)            # [m, hidden]
-    dw = gemm(qx_t, qg_t.reshape(width, rows), sx * sg, dtype)         # [hidden, 3 * hidden]
-    seen = {**seen, "output_grad": fp8.seen_stats_from_amax(g_amax, hg)}
+        sizes, 1.0 / fp8_dense.output_grad_scale(dense_residuals), fp8.BACKWARD_DTYPE,
+        interpret, window)
+    rows, width = g.shape[0], qkv.shape[2] * qkv.shape[3] * head_dim
+    dx, dw, seen = fp8_dense.grads_from_float8(dense_residuals, qg.reshape(rows, width),
+                                               qg_t.reshape(width, rows), g_amax, dtype)
     return dx, dw, d_bias.astype(bias.dtype), seen, None, jnp.zeros_like(slopes)
 
 

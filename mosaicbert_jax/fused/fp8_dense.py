@@ -34,10 +34,12 @@ def dense(x: jax.Array, w: jax.Array, stats: dict, implementation: str,
           dtype: Any) -> jax.Array:
     """x [m, k] @ W [k, n] in FP8, result in dtype. stats: tensor -> (scale, amax_history) for
     tensor in fp8.TENSORS; implementation: quantize_fp8's (fused.resolve)."""
-    return _dense_fwd(x, w, stats, implementation, dtype)[0]
+    return forward(x, w, stats, implementation, dtype)[0]
 
 
-def _dense_fwd(x, w, stats, implementation, dtype):
+def forward(x: jax.Array, w: jax.Array, stats: dict, implementation: str, dtype: Any):
+    """(y, residuals) of the op's forward, for `dense` and for ops that end in its GEMMs
+    (fused/fp8_attention.py); the residuals feed `grads_from_float8`."""
     e4m3 = fp8.FORWARD_DTYPE
     (sx, hx), (sw, hw) = stats["input"], stats["kernel"]
     qx, qx_t, x_amax = fused.quantize_fp8(x, 1.0 / sx, e4m3, implementation)
@@ -48,14 +50,29 @@ def _dense_fwd(x, w, stats, implementation, dtype):
     return y, (qx_t, qw, sx, sw, stats["output_grad"], new)
 
 
-def _dense_bwd(implementation, dtype, residuals, g):
-    e5m2 = fp8.BACKWARD_DTYPE
+def output_grad_scale(residuals) -> jax.Array:
+    """The scale the output cotangent is quantised at (its "output_grad" stats' scale)."""
+    return residuals[4][0]
+
+
+def grads_from_float8(residuals, qg: jax.Array, qg_t: jax.Array, g_amax: jax.Array,
+                      dtype: Any):
+    """(dx, dW, the stats' cotangents) from the output cotangent already quantised at
+    output_grad_scale (qg [m, n], qg_t [n, m]) and its amax."""
     qx_t, qw, sx, sw, (sg, hg), new = residuals
-    qg, qg_t, g_amax = fused.quantize_fp8(g, 1.0 / sg, e5m2, implementation)
     dx = gemm(qg, qw, sg * sw, dtype)                          # [m, k]
     dw = gemm(qx_t, qg_t, sx * sg, dtype)                      # [k, n]
-    new = {**new, "output_grad": fp8.seen_stats_from_amax(g_amax, hg)}
-    return dx, dw, new
+    return dx, dw, {**new, "output_grad": fp8.seen_stats_from_amax(g_amax, hg)}
+
+
+def _dense_fwd(x, w, stats, implementation, dtype):
+    return forward(x, w, stats, implementation, dtype)
+
+
+def _dense_bwd(implementation, dtype, residuals, g):
+    qg, qg_t, g_amax = fused.quantize_fp8(g, 1.0 / output_grad_scale(residuals),
+                                          fp8.BACKWARD_DTYPE, implementation)
+    return grads_from_float8(residuals, qg, qg_t, g_amax, dtype)
 
 
 dense.defvjp(_dense_fwd, _dense_bwd)
