@@ -81,6 +81,7 @@ def recipe_config(preset: str, seq_len: int, global_batch: int, attention: str,
     config.model.remat = remat
     config.model.glu_implementation = fused
     config.model.layernorm_implementation = fused
+    config.model.mlm_loss_implementation = fused
     config.data.source = "synthetic"
     config.data.seq_len = seq_len
     config.data.synthetic_mean_doc_len = mean_doc_len
@@ -99,8 +100,8 @@ def build_train_step(preset: str, seq_len: int, batch_per_device: int, attention
                      mean_doc_len: int = 0, dropout_rng: str = "hash", devices=None,
                      fused: str = "auto", model_overrides: dict | None = None):
     """The trainer's jitted train step for a preset, its initial state and 4 sharded batches,
-    built as train.py builds them from the recipe config. `fused` sets both fused-op switches
-    (model.glu_implementation, model.layernorm_implementation)."""
+    built as train.py builds them from the recipe config. `fused` sets the fused-op switches
+    (model.glu_implementation, layernorm_implementation, mlm_loss_implementation)."""
     mesh = make_mesh(mesh_axes, devices)
     global_batch = batch_per_device * mesh.devices.size
     config = recipe_config(preset, seq_len, global_batch, attention, mesh_axes, microbatches,

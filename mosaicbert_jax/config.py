@@ -62,6 +62,10 @@ class MosaicBertConfig:
     # XLA composition (see mosaicbert_jax/fused). The fused kernels draw hash dropout masks.
     glu_implementation: str = "auto"
     layernorm_implementation: str = "auto"
+    # The MLM loss over the decoder logits: "pallas", one row kernel that also writes the
+    # gradient, or the plain XLA composition ("xla"; "auto" = xla, measured faster on an
+    # H200: mosaicbert_jax/fused/mlm_loss.py).
+    mlm_loss_implementation: str = "auto"
     # Rematerialise each layer's activations in the backward pass (saves memory).
     remat: bool = False
     # FP8 (e4m3 forward, e5m2 output gradients, delayed scaling) for the encoder's large GEMMs:
@@ -110,6 +114,9 @@ class MosaicBertConfig:
             if value.startswith("pallas") and self.dropout_rng != "hash":
                 raise ValueError(f"{name}={value!r} draws hash dropout masks but dropout_rng="
                                  f"{self.dropout_rng!r}; use dropout_rng='hash' or {name}='xla'")
+        if self.mlm_loss_implementation not in FUSED_IMPLEMENTATIONS:
+            raise ValueError(f"mlm_loss_implementation={self.mlm_loss_implementation!r} is not "
+                             f"one of {FUSED_IMPLEMENTATIONS}")
         if not isinstance(self.fp8, bool):
             raise ValueError(f"fp8={self.fp8!r} must be True or False")
         if not isinstance(self.fp8_qkv_grad_in_attention, bool):

@@ -442,7 +442,9 @@ class MosaicBertMLMHead(nn.Module):
     config: MosaicBertConfig
 
     @nn.compact
-    def __call__(self, x, word_embeddings: jax.Array):
+    def __call__(self, x, word_embeddings: jax.Array, bias_apart: bool = False):
+        """float32 logits; with bias_apart, (logits in the compute dtype without the decoder
+        bias, the float32 bias), for a loss that adds it itself (fused/mlm_loss.py)."""
         cfg = self.config
         x = nn.Dense(cfg.hidden_size, kernel_init=_dense_init(cfg), dtype=cfg.dtype,
                      param_dtype=cfg.param_dtype, name="transform_dense")(x)
@@ -455,6 +457,8 @@ class MosaicBertMLMHead(nn.Module):
         logits = jnp.einsum("...h,vh->...v", x, word_embeddings.astype(cfg.dtype))
         bias = self.param("decoder_bias", nn.initializers.zeros, (cfg.vocab_size,),
                           cfg.param_dtype)
+        if bias_apart:
+            return logits, bias.astype(jnp.float32)
         return logits.astype(jnp.float32) + bias.astype(jnp.float32)
 
 
@@ -463,13 +467,14 @@ class MosaicBertForMaskedLM(nn.Module):
     the head run only there and logits are [batch, k, vocab]; otherwise [batch, seq, vocab].
     [groups, k] positions index within groups of batch / groups rows (gather_positions), for
     masking whose count varies by row; logits are then [groups, k, vocab]. Logits are float32
-    whatever the compute dtype."""
+    whatever the compute dtype. bias_apart=True returns (logits in the compute dtype, the
+    decoder bias) instead, for the train and eval steps' loss (fused/mlm_loss.py)."""
 
     config: MosaicBertConfig
 
     @nn.compact
     def __call__(self, input_ids, segment_ids, token_type_ids=None, masked_positions=None,
-                 deterministic: bool = True):
+                 deterministic: bool = True, bias_apart: bool = False):
         if masked_positions is not None:
             if masked_positions.ndim != 2:
                 raise ValueError(f"masked_positions must be [batch, k] or [groups, k]; got "
@@ -480,7 +485,7 @@ class MosaicBertForMaskedLM(nn.Module):
         hidden = bert(input_ids, segment_ids, token_type_ids, deterministic,
                       last_layer_positions=masked_positions)
         embedding = bert.variables["params"]["embeddings"]["word_embeddings"]["embedding"]
-        return MosaicBertMLMHead(self.config, name="cls")(hidden, embedding)
+        return MosaicBertMLMHead(self.config, name="cls")(hidden, embedding, bias_apart)
 
 
 class MosaicBertForSequenceClassification(nn.Module):

@@ -63,6 +63,7 @@ def model_config_from(config: ml_collections.ConfigDict, vocab_size: int) -> Mos
         dropout_rng=config.model.dropout_rng, vocab_size=vocab_size,
         glu_implementation=config.model.glu_implementation,
         layernorm_implementation=config.model.layernorm_implementation,
+        mlm_loss_implementation=config.model.get("mlm_loss_implementation", "auto"),
         attention_window=config.model.attention_window,
         global_attention_every=config.model.global_attention_every,
         fp8=config.model.fp8, fp8_amax_history=config.model.fp8_amax_history,

@@ -375,6 +375,12 @@ def test_precision_overrides_reach_the_model_config_or_fail_in_one_line():
     config = recipe_config("tiny", 8, 16, "xla", {"data": 1, "fsdp": 1, "tensor": 1},
                            model_overrides=overrides)
     assert config.model.fp8_qkv_grad_in_attention is False
+    precision, overrides = split_precision("bf16+mlm_loss_implementation=xla")
+    assert (precision, overrides) == ("bf16", {"mlm_loss_implementation": "xla"})
+    config = recipe_config("tiny", 8, 16, "xla", {"data": 1, "fsdp": 1, "tensor": 1},
+                           fused="auto", model_overrides=overrides)
+    assert config.model.mlm_loss_implementation == "xla"
+    assert config.model.glu_implementation == "auto"
     with pytest.raises(ValueError, match="precision override 'fp8_qkv=0' is not field=int"):
         split_precision("fp8+fp8_qkv=0")
     # A MosaicBertConfig field the train config does not carry would be dropped unread.

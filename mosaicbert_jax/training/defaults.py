@@ -26,6 +26,8 @@ def get_default_config() -> ml_collections.ConfigDict:
         # fused kernels for GLU+dropout and bias+dropout+residual+LayerNorm (mosaicbert_jax/fused):
         glu_implementation="auto",        # auto (Pallas on CUDA GPUs) | xla | pallas
         layernorm_implementation="auto",  # auto | xla | pallas
+        mlm_loss_implementation="auto",   # the MLM loss: auto (= xla, measured faster) |
+                                          # xla | pallas (a row kernel: fused/mlm_loss.py)
         attention_window=0,         # 0: full attention; w: keys within w tokens (docs/attention.md)
         global_attention_every=0,   # with a window: layers 0, n, 2n, ... stay global (0: none)
         vocab_size=-1,              # -1: the preset's (30528 for bert-base-uncased)

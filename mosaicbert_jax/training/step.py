@@ -8,7 +8,8 @@ A step whose loss or gradient norm is not finite returns the state it was given,
 with metrics["finite"] = 0 and metrics["nonfinite_step"] = that step's number, so the training
 loop can stop before anything of that step reaches a checkpoint.
 The loss is summed over the masked slots of the whole global batch and divided once by their
-count, so accumulating over microbatches gives exactly the full-batch gradient.
+count, so accumulating over microbatches gives exactly the full-batch gradient; it is
+fused/mlm_loss.py's, on the decoder logits with the decoder bias apart.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from mosaicbert_jax import fp8
+from mosaicbert_jax.fused import mlm_loss
+from mosaicbert_jax.fused.mlm_loss import masked_lm_sums  # noqa: F401 (the steps' loss)
 from mosaicbert_jax.model import MosaicBertForMaskedLM
 from mosaicbert_jax.sharding import batch_sharding, tree_shardings
 
@@ -79,53 +82,6 @@ def global_norm(tree: Any, small: int = 1 << 16) -> jax.Array:
     return jnp.sqrt(sum(squares))
 
 
-@jax.custom_vjp
-def _cross_entropy(logits: jax.Array, labels: jax.Array,
-                   log_normalizer: jax.Array) -> jax.Array:
-    """-log softmax(logits)[label] per row, float32, given the rows' logsumexp."""
-    return _cross_entropy_fwd(logits, labels, log_normalizer)[0]
-
-
-def _cross_entropy_fwd(logits, labels, log_normalizer):
-    label_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
-    return log_normalizer - label_logit, (logits, labels, log_normalizer)
-
-
-def _cross_entropy_bwd(residuals, g):
-    # softmax - one_hot(label), written as one elementwise expression of the logits: XLA
-    # fuses it with the upcast of the bf16 logits, the bf16 cast for the decoder's backward
-    # GEMMs and the decoder-bias reduction into one pass (autodiff's take_along_axis
-    # transpose is a scatter into a materialised float32 [tokens, vocab] buffer instead).
-    logits, labels, log_normalizer = residuals
-    vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-    one_hot = (vocab == labels[..., None]).astype(jnp.float32)
-    d_logits = (jnp.exp(logits - log_normalizer[..., None]) - one_hot) * g[..., None]
-    return d_logits, None, None
-
-
-_cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
-
-
-def masked_lm_sums(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> dict:
-    """Sums of cross-entropy, correct predictions and valid slots, in float32.
-
-    The logsumexp is shifted by the logit at the argmax, which is the row max, so one pass
-    over the 30528-wide logits finds both the prediction and the shift and a second sums
-    the exponentials (optax's loss plus a separate argmax read them three times; an online
-    logsumexp folded into the argmax pass measured slower on an H200, 0.87 vs 0.67 ms). The
-    gradient is one fused pass (_cross_entropy)."""
-    logits = logits.astype(jnp.float32)
-    labels = labels.astype(jnp.int32)
-    stopped = jax.lax.stop_gradient(logits)
-    predicted = jnp.argmax(stopped, axis=-1)
-    shift = jnp.take_along_axis(stopped, predicted[..., None], axis=-1)
-    log_normalizer = jnp.log(jnp.sum(jnp.exp(stopped - shift), axis=-1)) + shift[..., 0]
-    xent = _cross_entropy(logits, labels, log_normalizer)
-    correct = (predicted == labels).astype(jnp.float32)
-    return {"loss_sum": jnp.sum(xent * weights), "correct_sum": jnp.sum(correct * weights),
-            "weight_sum": jnp.sum(weights)}
-
-
 def _split_microbatches(batch: Batch, count: int, mesh: Mesh) -> Batch:
     """[B, ...] -> [count, B/count, ...], taking rows strided so every device keeps its share."""
     def split(x):
@@ -146,11 +102,15 @@ def make_train_step(model: MosaicBertForMaskedLM, tx: optax.GradientTransformati
     dropout_key = jax.random.key(dropout_seed)
     rows = fp8_stat_rows(model) if model.config.fp8 else ()
 
+    loss_impl = _loss_implementation(model)
+
     def sums_fn(params, fp8_stats, micro, rng):
-        logits = model.apply(_variables(params, fp8_stats), micro["input_ids"],
-                             micro["segment_ids"], masked_positions=micro["masked_positions"],
-                             deterministic=False, rngs={"dropout": rng})
-        sums = masked_lm_sums(logits, micro["masked_labels"], micro["masked_weights"])
+        logits, bias = model.apply(_variables(params, fp8_stats), micro["input_ids"],
+                                   micro["segment_ids"],
+                                   masked_positions=micro["masked_positions"],
+                                   deterministic=False, rngs={"dropout": rng}, bias_apart=True)
+        sums = mlm_loss.masked_lm_sums(logits, micro["masked_labels"], micro["masked_weights"],
+                                       bias, loss_impl)
         return sums["loss_sum"], sums
 
     def grad_fn(params, fp8_stats, micro, rng):
@@ -214,6 +174,12 @@ def first_nonfinite(seen: jax.Array, metrics: dict) -> jax.Array:
     return jnp.where(seen > 0, seen, metrics["nonfinite_step"])
 
 
+def _loss_implementation(model: MosaicBertForMaskedLM) -> str:
+    """model.config.mlm_loss_implementation resolved for its vocab (fused/mlm_loss.py)."""
+    cfg = model.config
+    return mlm_loss.resolve(cfg.mlm_loss_implementation, cfg.vocab_size)
+
+
 def _variables(params: Any, fp8_stats: Any) -> dict:
     """The model's variables: params, and the FP8 stats when there are any."""
     return {"params": params} if fp8_stats is None else {"params": params, fp8.STATS: fp8_stats}
@@ -225,13 +191,17 @@ def make_eval_step(model: MosaicBertForMaskedLM, mesh: Mesh, params_shardings: A
     pass state.get("fp8") so an FP8 model evaluates with its current scales (not updated)."""
     rows = fp8_stat_rows(model) if model.config.fp8 else ()
 
+    loss_impl = _loss_implementation(model)
+
     def step(params, batch, fp8_stats):
         if fp8_stats is not None:
             fp8_stats = fp8.unstack_stats(fp8_stats, rows)
-        logits = model.apply(_variables(params, fp8_stats), batch["input_ids"],
-                             batch["segment_ids"], masked_positions=batch["masked_positions"],
-                             deterministic=True)
-        return masked_lm_sums(logits, batch["masked_labels"], batch["masked_weights"])
+        logits, bias = model.apply(_variables(params, fp8_stats), batch["input_ids"],
+                                   batch["segment_ids"],
+                                   masked_positions=batch["masked_positions"],
+                                   deterministic=True, bias_apart=True)
+        return mlm_loss.masked_lm_sums(logits, batch["masked_labels"], batch["masked_weights"],
+                                       bias, loss_impl)
 
     data = batch_sharding(mesh)
     jitted = jax.jit(step, in_shardings=(params_shardings, {k: data for k in BATCH_KEYS},

@@ -1,0 +1,207 @@
+"""The MLM loss over the decoder's 30528-wide logits: sums of cross-entropy, correct
+predictions and valid slots, and the gradient of the loss for the decoder's backward GEMMs.
+
+`masked_lm_sums(logits, labels, weights, bias, implementation)`, logits [..., vocab] in the
+compute dtype and the decoder bias apart (None: already added). Two implementations:
+- "xla": the plain composition (`reference_sums`). Its passes over the logits are an argmax
+  (which finds the row max, the logsumexp's shift), a sum of exponentials, and in the
+  backward one fused pass writing softmax - one_hot (with the bias-gradient reduction).
+- "pallas" (GPU; "pallas_interpret" runs it in the Pallas interpreter): one kernel, one
+  program per row, that reads the row once into registers and writes, already in the
+  forward, the gradient (softmax - one_hot) * weight in the logits' dtype, plus the row's
+  cross-entropy and prediction. The backward only scales it by the loss's cotangent (XLA
+  drops the product by the constant 1 that jax.grad seeds) and sums it for the bias.
+  The gradient is the residual in place of the logits, so nothing more is stored.
+"auto" is xla: on an H200 (2026-12-03, benchmarks/check_mlm_loss.py, 9728 x 30528 bf16
+logits) the loss's forward + backward took 1.30 ms with the kernel against 1.06 ms for XLA's
+passes. A row held in registers (about 240 KB of them in float32) leaves room for one program
+per SM, too few loads in flight to reach the memory bandwidth; a kernel walking the row in
+chunks, with several rows per SM, is the next thing to try (benchmarks/RESULTS.md, session 16).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from mosaicbert_jax.config import FUSED_IMPLEMENTATIONS as IMPLEMENTATIONS
+
+# The row lives in registers as float32: this many warps (16 x 32 threads, about 60 values
+# each at 30528) keep it there.
+NUM_WARPS = 16
+MAX_VOCAB = 1 << 16
+
+
+def supports(vocab: int) -> bool:
+    """Whether the Pallas kernel takes this vocab size: a multiple of 16 (the row splits into
+    power-of-two chunks of at least 16) up to MAX_VOCAB (the row must fit in registers)."""
+    return 0 < vocab <= MAX_VOCAB and vocab % 16 == 0
+
+
+def resolve(implementation: str, vocab: int) -> str:
+    """The implementation that runs: 'auto' becomes xla (the faster, module docstring);
+    others are checked."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"mlm_loss_implementation={implementation!r} is not one of "
+                         f"{IMPLEMENTATIONS}")
+    if implementation in ("auto", "xla"):
+        return "xla"
+    if not supports(vocab):
+        raise ValueError(f"mlm_loss_implementation={implementation!r} needs a vocab size that "
+                         f"is a multiple of 16 and at most {MAX_VOCAB}; got {vocab}; use 'xla'")
+    return implementation
+
+
+def masked_lm_sums(logits: jax.Array, labels: jax.Array, weights: jax.Array,
+                   bias: Optional[jax.Array] = None, implementation: str = "xla") -> dict:
+    """{"loss_sum", "correct_sum", "weight_sum"} in float32 for logits [..., vocab] (plus
+    bias [vocab], added in float32), labels and weights [...]; implementation as resolve
+    gives it ("auto" is resolved here)."""
+    impl = resolve(implementation, logits.shape[-1])
+    labels = labels.astype(jnp.int32)
+    weights = weights.astype(jnp.float32)
+    if impl == "xla":
+        return reference_sums(logits, labels, weights, bias)
+    vocab = logits.shape[-1]
+    bias = jnp.zeros((vocab,), jnp.float32) if bias is None else bias.astype(jnp.float32)
+    loss_sum, correct_sum = _fused_sums(logits.reshape(-1, vocab), bias, labels.reshape(-1),
+                                        weights.reshape(-1), impl == "pallas_interpret")
+    return {"loss_sum": loss_sum, "correct_sum": correct_sum, "weight_sum": jnp.sum(weights)}
+
+
+# ------------------------------------------------------------------------------------ XLA
+
+@jax.custom_vjp
+def _cross_entropy(logits: jax.Array, labels: jax.Array,
+                   log_normalizer: jax.Array) -> jax.Array:
+    """-log softmax(logits)[label] per row, float32, given the rows' logsumexp."""
+    return _cross_entropy_fwd(logits, labels, log_normalizer)[0]
+
+
+def _cross_entropy_fwd(logits, labels, log_normalizer):
+    label_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    return log_normalizer - label_logit, (logits, labels, log_normalizer)
+
+
+def _cross_entropy_bwd(residuals, g):
+    # softmax - one_hot(label), written as one elementwise expression of the logits: XLA
+    # fuses it with the upcast of the bf16 logits, the bf16 cast for the decoder's backward
+    # GEMMs and the decoder-bias reduction into one pass (autodiff's take_along_axis
+    # transpose is a scatter into a materialised float32 [tokens, vocab] buffer instead).
+    logits, labels, log_normalizer = residuals
+    vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    one_hot = (vocab == labels[..., None]).astype(jnp.float32)
+    d_logits = (jnp.exp(logits - log_normalizer[..., None]) - one_hot) * g[..., None]
+    return d_logits, None, None
+
+
+_cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
+
+
+def reference_sums(logits: jax.Array, labels: jax.Array, weights: jax.Array,
+                   bias: Optional[jax.Array] = None) -> dict:
+    """The plain composition. The logsumexp is shifted by the logit at the argmax, which is
+    the row max, so one pass over the logits finds both the prediction and the shift and a
+    second sums the exponentials (optax's loss plus a separate argmax read them three times;
+    an online logsumexp folded into the argmax pass measured slower on an H200, 0.87 vs
+    0.67 ms). The gradient is one fused pass (_cross_entropy)."""
+    logits = logits.astype(jnp.float32)
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    labels = labels.astype(jnp.int32)
+    stopped = jax.lax.stop_gradient(logits)
+    predicted = jnp.argmax(stopped, axis=-1)
+    shift = jnp.take_along_axis(stopped, predicted[..., None], axis=-1)
+    log_normalizer = jnp.log(jnp.sum(jnp.exp(stopped - shift), axis=-1)) + shift[..., 0]
+    xent = _cross_entropy(logits, labels, log_normalizer)
+    correct = (predicted == labels).astype(jnp.float32)
+    return {"loss_sum": jnp.sum(xent * weights), "correct_sum": jnp.sum(correct * weights),
+            "weight_sum": jnp.sum(weights)}
+
+
+# --------------------------------------------------------------------------------- Pallas
+
+def _chunks(vocab: int) -> list[tuple[int, int]]:
+    """(offset, size) of power-of-two pieces covering [0, vocab), largest first (Triton
+    tensors are powers of two; 30528 = 16384 + 8192 + 4096 + 1024 + 512 + 256 + 64)."""
+    pieces, offset = [], 0
+    for bit in reversed(range(vocab.bit_length())):
+        if vocab & (1 << bit):
+            pieces.append((offset, 1 << bit))
+            offset += 1 << bit
+    return pieces
+
+
+def _row_kernel(labels_ref, weights_ref, logits_ref, bias_ref, grad_ref, xent_ref, pred_ref,
+                *, chunks):
+    label, weight = labels_ref[0], weights_ref[0]
+    xs = [logits_ref[:, o:o + n].astype(jnp.float32) + bias_ref[o:o + n][None, :]
+          for o, n in chunks]
+    columns = [o + jax.lax.broadcasted_iota(jnp.int32, (1, n), 1) for o, n in chunks]
+    row_max = functools.reduce(jnp.maximum, [jnp.max(x) for x in xs])
+    vocab = chunks[-1][0] + chunks[-1][1]
+    # The first column holding the max, as jnp.argmax picks it.
+    predicted = functools.reduce(jnp.minimum, [jnp.min(jnp.where(x == row_max, c, vocab))
+                                               for x, c in zip(xs, columns)])
+    total = sum(jnp.sum(jnp.exp(x - row_max)) for x in xs)
+    log_normalizer = jnp.log(total) + row_max
+    label_logit = sum(jnp.sum(jnp.where(c == label, x, 0.0)) for x, c in zip(xs, columns))
+    for (o, n), x, c in zip(chunks, xs, columns):
+        one_hot = jnp.where(c == label, 1.0, 0.0)
+        grad_ref[:, o:o + n] = ((jnp.exp(x - log_normalizer) - one_hot)
+                                * weight).astype(grad_ref.dtype)
+    xent_ref[...] = jnp.full((1, 1), log_normalizer - label_logit, jnp.float32)
+    pred_ref[...] = jnp.full((1, 1), predicted, jnp.int32)
+
+
+def _row_pass(logits, bias, labels, weights, interpret: bool):
+    """(gradient [rows, vocab] in logits' dtype, cross-entropy [rows], predictions [rows])."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+    rows, vocab = logits.shape
+    row = lambda i: (i,)
+    grad, xent, predicted = pl.pallas_call(
+        functools.partial(_row_kernel, chunks=_chunks(vocab)),
+        grid=(rows,),
+        in_specs=[pl.BlockSpec((1,), row), pl.BlockSpec((1,), row),
+                  pl.BlockSpec((1, vocab), lambda i: (i, 0)),
+                  pl.BlockSpec((vocab,), lambda i: (0,))],
+        out_specs=[pl.BlockSpec((1, vocab), lambda i: (i, 0)),
+                   pl.BlockSpec((1, 1), lambda i: (i, 0)),
+                   pl.BlockSpec((1, 1), lambda i: (i, 0))],
+        out_shape=[jax.ShapeDtypeStruct((rows, vocab), logits.dtype),
+                   jax.ShapeDtypeStruct((rows, 1), jnp.float32),
+                   jax.ShapeDtypeStruct((rows, 1), jnp.int32)],
+        compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
+        interpret=interpret, name="mlm_loss_rows",
+    )(labels, weights, logits, bias)
+    return grad, xent[:, 0], predicted[:, 0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fused_sums(logits, bias, labels, weights, interpret):
+    return _fused_sums_fwd(logits, bias, labels, weights, interpret)[0]
+
+
+def _fused_sums_fwd(logits, bias, labels, weights, interpret):
+    grad, xent, predicted = _row_pass(logits, bias, labels, weights, interpret)
+    sums = (jnp.sum(xent * weights),
+            jnp.sum(jnp.where(predicted == labels, weights, 0.0)))
+    return sums, (grad, xent)
+
+
+def _fused_sums_bwd(interpret, residuals, cotangents):
+    grad, xent = residuals
+    g = cotangents[0]  # correct_sum is a count: its cotangent is unused
+    d_logits = grad * g.astype(grad.dtype)
+    d_bias = jnp.sum(grad.astype(jnp.float32), axis=0) * g
+    return d_logits, d_bias, None, xent * g
+
+
+_fused_sums.defvjp(_fused_sums_fwd, _fused_sums_bwd)
+
+
+__all__ = ["IMPLEMENTATIONS", "masked_lm_sums", "reference_sums", "resolve", "supports"]
