@@ -2,6 +2,7 @@
 composition, compiled on this GPU at the base step's shape.
 
   PYTHONPATH=.:tests python benchmarks/check_mlm_loss.py [--rows 9728] [--draws 2]
+      [--variants 'chunk=0,num_warps=16;rows=4,chunk=2048,num_warps=8']
 
 Each draw: fresh random bf16 logits (offset by 80, so a shift is needed), bias, labels and
 0/1 weights; the two implementations' loss and correct sums and their gradients w.r.t. the
@@ -9,8 +10,9 @@ logits and the bias (value_and_grad, as the train step takes it). The loss agree
 summation order (2e-6) and the count exactly; the logits' gradient to one bf16 value (the
 float32 values, a few ulps apart from exp and summation order, round to neighbours where they
 straddle a rounding boundary); the bias gradient (summed from the bf16 gradient here, from float32 there) within
-one bf16 step of the summed magnitudes. Then times both (forward + backward of the loss
-alone) and prints a table. Exits non-zero on the first mismatch.
+one bf16 step of the summed magnitudes. Every RowBlocks variant in --variants is checked
+(the whole-row kernel and the chunked one). Then times XLA and each variant (forward +
+backward of the loss alone) and prints a table. Exits non-zero on the first mismatch.
 """
 
 from __future__ import annotations
@@ -23,13 +25,20 @@ import numpy as np
 
 from fused_ops import median_ms
 from mlm_loss_cases import BF16_STEP, bf16_ulps_apart
+from mosaicbert_jax.field_overrides import parse_field_overrides
 from mosaicbert_jax.fused import mlm_loss
 
 
-def loss_and_grads(impl: str):
+# RowBlocks variants checked and timed beside XLA: the whole-row kernel, then the chunked one.
+VARIANTS = ("chunk=0,num_warps=16", "chunk=0,num_warps=32", "rows=1,chunk=2048,num_warps=4",
+            "rows=2,chunk=2048,num_warps=4", "rows=4,chunk=1024,num_warps=4",
+            "rows=4,chunk=2048,num_warps=8", "rows=8,chunk=1024,num_warps=8")
+
+
+def loss_and_grads(impl: str, blocks: mlm_loss.RowBlocks = mlm_loss.RowBlocks()):
     """jit of (sums, (d_logits, d_bias)) for one implementation."""
     def loss(logits, bias, labels, weights):
-        sums = mlm_loss.masked_lm_sums(logits, labels, weights, bias, impl)
+        sums = mlm_loss.masked_lm_sums(logits, labels, weights, bias, impl, blocks)
         return sums["loss_sum"], sums
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
 
@@ -66,19 +75,32 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=9728, help="masked slots (256 x 38)")
     parser.add_argument("--vocab", type=int, default=30528)
     parser.add_argument("--draws", type=int, default=2)
+    parser.add_argument("--variants", default=";".join(VARIANTS),
+                        help="';'-separated RowBlocks overrides, e.g. 'rows=4,chunk=2048'")
     args = parser.parse_args()
-    fused, plain = loss_and_grads("pallas"), loss_and_grads("xla")
+    plain = loss_and_grads("xla")
+    variants = {}
+    for text in filter(None, args.variants.split(";")):
+        try:
+            blocks = mlm_loss.RowBlocks(**parse_field_overrides(text, mlm_loss.RowBlocks,
+                                                                "RowBlocks override"))
+        except ValueError as e:
+            parser.error(str(e))
+        variants[text] = loss_and_grads("pallas", blocks)
     for i in range(args.draws):
         seed = int(np.random.SeedSequence().entropy % 2 ** 32)
         inputs = draw(np.random.default_rng(seed), args.rows, args.vocab)
-        seen = check(fused(*inputs), plain(*inputs), f"draw {i} seed {seed}")
-        print(f"draw {i}: the kernel agrees with the XLA composition: {seen} (seed {seed})",
-              flush=True)
+        want = plain(*inputs)
+        for text, fused in variants.items():
+            seen = check(fused(*inputs), want, f"{text}, draw {i} seed {seed}")
+            print(f"draw {i}, {text}: agrees with the XLA composition: {seen} (seed {seed})",
+                  flush=True)
     inputs = draw(np.random.default_rng(0), args.rows, args.vocab)
     print(f"\nMLM loss forward + backward, {args.rows} x {args.vocab} bf16 logits, "
           f"{jax.devices()[0].device_kind}:\n| implementation | ms |\n| --- | --- |")
-    for name, fn in (("xla", plain), ("pallas row kernel", fused)):
-        print(f"| {name} | {median_ms(fn, *inputs, reps=20):.3f} |", flush=True)
+    print(f"| xla | {median_ms(plain, *inputs, reps=20):.3f} |", flush=True)
+    for text, fused in variants.items():
+        print(f"| pallas {text} | {median_ms(fused, *inputs, reps=20):.3f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -40,27 +40,37 @@ def _want(logits, bias, labels, weights):
     return loss, correct, grad
 
 
-def _sums_and_grads(impl, logits, bias, labels, weights, dtype):
+def _sums_and_grads(impl, logits, bias, labels, weights, dtype,
+                    blocks=mlm_loss.RowBlocks()):
     def loss(l, b):
-        sums = mlm_loss.masked_lm_sums(l, jnp.asarray(labels), jnp.asarray(weights), b, impl)
+        sums = mlm_loss.masked_lm_sums(l, jnp.asarray(labels), jnp.asarray(weights), b, impl,
+                                       blocks)
         return sums["loss_sum"], sums
     (_, sums), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
         jnp.asarray(logits, dtype), jnp.asarray(bias, jnp.float32))
     return {k: float(v) for k, v in sums.items()}, [np.asarray(g, np.float64) for g in grads]
 
 
-@pytest.mark.parametrize("vocab,dtype", [(30528, jnp.bfloat16), (208, jnp.float32),
-                                         (208, jnp.bfloat16)])
-def test_row_kernel_matches_a_float64_log_softmax(vocab, dtype):
+CHUNKED = mlm_loss.RowBlocks(rows=4, chunk=2048, num_warps=4)
+
+
+@pytest.mark.parametrize("vocab,dtype,rows,blocks", [
+    (30528, jnp.bfloat16, 7, mlm_loss.RowBlocks()), (208, jnp.float32, 7, mlm_loss.RowBlocks()),
+    (208, jnp.bfloat16, 7, mlm_loss.RowBlocks()), (30528, jnp.bfloat16, 8, CHUNKED),
+    (208, jnp.float32, 6, mlm_loss.RowBlocks(rows=4, chunk=64)),
+    (208, jnp.float32, 7, mlm_loss.RowBlocks(rows=4, chunk=256))])
+def test_row_kernel_matches_a_float64_log_softmax(vocab, dtype, rows, blocks):
     """Loss, correct count and both gradients against numpy in float64: in float32 to float32
     rounding; in bf16 the logits' gradient is the float64 one rounded to bf16 (within one bf16
     step of each value) and the bias gradient its column sum (within one step of the sum of
-    magnitudes). 30528 covers BERT's vocab (7 power-of-two pieces), 208 = 128 + 64 + 16."""
+    magnitudes). 30528 covers BERT's vocab (7 power-of-two pieces), 208 = 128 + 64 + 16. The
+    chunked variant: 4 rows a program (2 when 6 rows, 1 when 7), a loop of full chunks and
+    the pieces of the rest (30528 = 14 x 2048 + 1856; 208 = 3 x 64 + 16; 256 > 208: no loop)."""
     rng = np.random.default_rng()
-    logits, bias, labels, weights = _case(rng, 7, vocab, dtype)
+    logits, bias, labels, weights = _case(rng, rows, vocab, dtype)
     want_loss, want_correct, want_grad = _want(logits, bias, labels, weights)
     sums, (d_logits, d_bias) = _sums_and_grads("pallas_interpret", logits, bias, labels,
-                                               weights, dtype)
+                                               weights, dtype, blocks)
     np.testing.assert_allclose(sums["loss_sum"], want_loss, rtol=2e-6)
     assert sums["correct_sum"] == want_correct >= 1
     assert sums["weight_sum"] == weights.sum()
@@ -120,6 +130,10 @@ def test_resolve_keeps_xla_by_default_and_refuses_vocabs_the_kernel_cannot_take(
         mlm_loss.resolve("pallas", 30522)
     with pytest.raises(ValueError, match="'triton' is not one of"):
         mlm_loss.resolve("triton", 30528)
+    with pytest.raises(ValueError, match="RowBlocks.chunk=8 must be 0 or a power of two"):
+        mlm_loss.RowBlocks(chunk=8)
+    with pytest.raises(ValueError, match="RowBlocks.rows=3 must be a power of two"):
+        mlm_loss.RowBlocks(rows=3)
     with pytest.raises(ValueError, match="mlm_loss_implementation='fast'"):
         MosaicBertConfig.tiny(mlm_loss_implementation="fast")
 

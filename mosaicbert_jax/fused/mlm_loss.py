@@ -16,11 +16,15 @@ compute dtype and the decoder bias apart (None: already added). Two implementati
 logits) the loss's forward + backward took 1.30 ms with the kernel against 1.06 ms for XLA's
 passes. A row held in registers (about 240 KB of them in float32) leaves room for one program
 per SM, too few loads in flight to reach the memory bandwidth; a kernel walking the row in
-chunks, with several rows per SM, is the next thing to try (benchmarks/RESULTS.md, session 16).
+chunks, with several rows per SM, is the next thing to try (benchmarks/RESULTS.md, session 16):
+`RowBlocks(rows=4, chunk=2048)` runs that variant (two passes over each row, an online
+logsumexp in the first), not yet measured on a GPU; the default RowBlocks() is the measured
+whole-row kernel.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Optional
 
@@ -29,10 +33,27 @@ import jax.numpy as jnp
 
 from mosaicbert_jax.config import FUSED_IMPLEMENTATIONS as IMPLEMENTATIONS
 
-# The row lives in registers as float32: this many warps (16 x 32 threads, about 60 values
-# each at 30528) keep it there.
-NUM_WARPS = 16
 MAX_VOCAB = 1 << 16
+
+
+@dataclasses.dataclass(frozen=True)
+class RowBlocks:
+    """How the Pallas kernel walks the logits. chunk 0: one program per row, the whole row in
+    registers as float32 (16 warps: about 60 values a thread at 30528), read once. chunk > 0 (a
+    power of two): `rows` rows a program (capped at the largest power of two dividing the row
+    count), walked `chunk` columns at a time, twice: an online max / logsumexp / argmax, then
+    the gradient (the second read may come from L2)."""
+    rows: int = 1
+    chunk: int = 0
+    num_warps: int = 16
+
+    def __post_init__(self):
+        for name in ("rows", "num_warps") + (("chunk",) if self.chunk else ()):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"RowBlocks.{name}={value} must be a power of two")
+        if self.chunk and self.chunk < 16:
+            raise ValueError(f"RowBlocks.chunk={self.chunk} must be 0 or a power of two >= 16")
 
 
 def supports(vocab: int) -> bool:
@@ -56,10 +77,11 @@ def resolve(implementation: str, vocab: int) -> str:
 
 
 def masked_lm_sums(logits: jax.Array, labels: jax.Array, weights: jax.Array,
-                   bias: Optional[jax.Array] = None, implementation: str = "xla") -> dict:
+                   bias: Optional[jax.Array] = None, implementation: str = "xla",
+                   blocks: RowBlocks = RowBlocks()) -> dict:
     """{"loss_sum", "correct_sum", "weight_sum"} in float32 for logits [..., vocab] (plus
     bias [vocab], added in float32), labels and weights [...]; implementation as resolve
-    gives it ("auto" is resolved here)."""
+    gives it ("auto" is resolved here); blocks: the Pallas kernel's (RowBlocks)."""
     impl = resolve(implementation, logits.shape[-1])
     labels = labels.astype(jnp.int32)
     weights = weights.astype(jnp.float32)
@@ -68,7 +90,7 @@ def masked_lm_sums(logits: jax.Array, labels: jax.Array, weights: jax.Array,
     vocab = logits.shape[-1]
     bias = jnp.zeros((vocab,), jnp.float32) if bias is None else bias.astype(jnp.float32)
     loss_sum, correct_sum = _fused_sums(logits.reshape(-1, vocab), bias, labels.reshape(-1),
-                                        weights.reshape(-1), impl == "pallas_interpret")
+                                        weights.reshape(-1), impl == "pallas_interpret", blocks)
     return {"loss_sum": loss_sum, "correct_sum": correct_sum, "weight_sum": jnp.sum(weights)}
 
 
@@ -124,10 +146,10 @@ def reference_sums(logits: jax.Array, labels: jax.Array, weights: jax.Array,
 
 # --------------------------------------------------------------------------------- Pallas
 
-def _chunks(vocab: int) -> list[tuple[int, int]]:
-    """(offset, size) of power-of-two pieces covering [0, vocab), largest first (Triton
-    tensors are powers of two; 30528 = 16384 + 8192 + 4096 + 1024 + 512 + 256 + 64)."""
-    pieces, offset = [], 0
+def _chunks(vocab: int, start: int = 0) -> list[tuple[int, int]]:
+    """(offset, size) of power-of-two pieces covering [start, start + vocab), largest first
+    (Triton tensors are powers of two; 30528 = 16384 + 8192 + 4096 + 1024 + 512 + 256 + 64)."""
+    pieces, offset = [], start
     for bit in reversed(range(vocab.bit_length())):
         if vocab & (1 << bit):
             pieces.append((offset, 1 << bit))
@@ -157,43 +179,101 @@ def _row_kernel(labels_ref, weights_ref, logits_ref, bias_ref, grad_ref, xent_re
     pred_ref[...] = jnp.full((1, 1), predicted, jnp.int32)
 
 
-def _row_pass(logits, bias, labels, weights, interpret: bool):
+def _chunked_kernel(labels_ref, weights_ref, logits_ref, bias_ref, grad_ref, xent_ref,
+                    pred_ref, *, chunk: int):
+    from jax.experimental import pallas as pl
+    rows, vocab = logits_ref.shape
+    labels, weights = labels_ref[...][:, None], weights_ref[...][:, None]
+    full = vocab // chunk
+    tail = _chunks(vocab - full * chunk, full * chunk)
+
+    def piece(offset, size):
+        cols = pl.ds(offset, size)
+        x = logits_ref[:, cols].astype(jnp.float32) + bias_ref[cols][None, :]
+        return x, offset + jax.lax.broadcasted_iota(jnp.int32, (rows, size), 1)
+
+    def visit(offset, size, carry):  # online max, logsumexp sum, first argmax, label logit
+        row_max, total, predicted, label_logit = carry
+        x, columns = piece(offset, size)
+        piece_max = jnp.max(x, axis=1, keepdims=True)
+        first = jnp.min(jnp.where(x == piece_max, columns, vocab), axis=1, keepdims=True)
+        new_max = jnp.maximum(row_max, piece_max)
+        total = (total * jnp.exp(row_max - new_max)
+                 + jnp.sum(jnp.exp(x - new_max), axis=1, keepdims=True))
+        predicted = jnp.where(piece_max > row_max, first, predicted)
+        label_logit += jnp.sum(jnp.where(columns == labels, x, 0.0), axis=1, keepdims=True)
+        return new_max, total, predicted, label_logit
+
+    def write(offset, size, log_normalizer):
+        x, columns = piece(offset, size)
+        one_hot = jnp.where(columns == labels, 1.0, 0.0)
+        grad_ref[:, pl.ds(offset, size)] = ((jnp.exp(x - log_normalizer) - one_hot)
+                                            * weights).astype(grad_ref.dtype)
+
+    carry = (jnp.full((rows, 1), -jnp.inf, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
+             jnp.full((rows, 1), vocab, jnp.int32), jnp.zeros((rows, 1), jnp.float32))
+    if full:  # (a loop body is traced even for zero trips, and a chunk past vocab is not valid)
+        carry = jax.lax.fori_loop(0, full, lambda j, c: visit(j * chunk, chunk, c), carry)
+    for offset, size in tail:
+        carry = visit(offset, size, carry)
+    row_max, total, predicted, label_logit = carry
+    log_normalizer = jnp.log(total) + row_max
+
+    def write_chunk(j, unused):
+        write(j * chunk, chunk, log_normalizer)
+        return unused
+    if full:
+        jax.lax.fori_loop(0, full, write_chunk, 0)
+    for offset, size in tail:
+        write(offset, size, log_normalizer)
+    xent_ref[...] = log_normalizer - label_logit
+    pred_ref[...] = predicted
+
+
+def _row_pass(logits, bias, labels, weights, interpret: bool, blocks: RowBlocks):
     """(gradient [rows, vocab] in logits' dtype, cross-entropy [rows], predictions [rows])."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
     rows, vocab = logits.shape
-    row = lambda i: (i,)
+    if blocks.chunk:
+        block_rows = 1
+        while block_rows < blocks.rows and rows % (2 * block_rows) == 0:
+            block_rows *= 2
+        kernel = functools.partial(_chunked_kernel, chunk=blocks.chunk)
+    else:
+        block_rows, kernel = 1, functools.partial(_row_kernel, chunks=_chunks(vocab))
+    block = lambda i: (i,)
     grad, xent, predicted = pl.pallas_call(
-        functools.partial(_row_kernel, chunks=_chunks(vocab)),
-        grid=(rows,),
-        in_specs=[pl.BlockSpec((1,), row), pl.BlockSpec((1,), row),
-                  pl.BlockSpec((1, vocab), lambda i: (i, 0)),
+        kernel,
+        grid=(rows // block_rows,),
+        in_specs=[pl.BlockSpec((block_rows,), block), pl.BlockSpec((block_rows,), block),
+                  pl.BlockSpec((block_rows, vocab), lambda i: (i, 0)),
                   pl.BlockSpec((vocab,), lambda i: (0,))],
-        out_specs=[pl.BlockSpec((1, vocab), lambda i: (i, 0)),
-                   pl.BlockSpec((1, 1), lambda i: (i, 0)),
-                   pl.BlockSpec((1, 1), lambda i: (i, 0))],
+        out_specs=[pl.BlockSpec((block_rows, vocab), lambda i: (i, 0)),
+                   pl.BlockSpec((block_rows, 1), lambda i: (i, 0)),
+                   pl.BlockSpec((block_rows, 1), lambda i: (i, 0))],
         out_shape=[jax.ShapeDtypeStruct((rows, vocab), logits.dtype),
                    jax.ShapeDtypeStruct((rows, 1), jnp.float32),
                    jax.ShapeDtypeStruct((rows, 1), jnp.int32)],
-        compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=1),
         interpret=interpret, name="mlm_loss_rows",
     )(labels, weights, logits, bias)
     return grad, xent[:, 0], predicted[:, 0]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _fused_sums(logits, bias, labels, weights, interpret):
-    return _fused_sums_fwd(logits, bias, labels, weights, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _fused_sums(logits, bias, labels, weights, interpret, blocks):
+    return _fused_sums_fwd(logits, bias, labels, weights, interpret, blocks)[0]
 
 
-def _fused_sums_fwd(logits, bias, labels, weights, interpret):
-    grad, xent, predicted = _row_pass(logits, bias, labels, weights, interpret)
+def _fused_sums_fwd(logits, bias, labels, weights, interpret, blocks):
+    grad, xent, predicted = _row_pass(logits, bias, labels, weights, interpret, blocks)
     sums = (jnp.sum(xent * weights),
             jnp.sum(jnp.where(predicted == labels, weights, 0.0)))
     return sums, (grad, xent)
 
 
-def _fused_sums_bwd(interpret, residuals, cotangents):
+def _fused_sums_bwd(interpret, blocks, residuals, cotangents):
     grad, xent = residuals
     g = cotangents[0]  # correct_sum is a count: its cotangent is unused
     d_logits = grad * g.astype(grad.dtype)
@@ -204,4 +284,5 @@ def _fused_sums_bwd(interpret, residuals, cotangents):
 _fused_sums.defvjp(_fused_sums_fwd, _fused_sums_bwd)
 
 
-__all__ = ["IMPLEMENTATIONS", "masked_lm_sums", "reference_sums", "resolve", "supports"]
+__all__ = ["IMPLEMENTATIONS", "RowBlocks", "masked_lm_sums", "reference_sums", "resolve",
+           "supports"]
