@@ -234,11 +234,10 @@ def _row_pass(logits, bias, labels, weights, interpret: bool, blocks: RowBlocks)
     """(gradient [rows, vocab] in logits' dtype, cross-entropy [rows], predictions [rows])."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
+    from mosaicbert_jax.fused.pallas_gpu import _largest_pow2_divisor
     rows, vocab = logits.shape
     if blocks.chunk:
-        block_rows = 1
-        while block_rows < blocks.rows and rows % (2 * block_rows) == 0:
-            block_rows *= 2
+        block_rows = _largest_pow2_divisor(rows, blocks.rows)
         kernel = functools.partial(_chunked_kernel, chunk=blocks.chunk)
     else:
         block_rows, kernel = 1, functools.partial(_row_kernel, chunks=_chunks(vocab))
