@@ -5,7 +5,9 @@
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+from cpu_env import xla_flags
+
+os.environ["XLA_FLAGS"] = xla_flags("--xla_force_host_platform_device_count=8")
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from cpu_env import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
@@ -16,7 +18,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 def test_scaling_mode_times_one_device_then_both_meshes(tmp_path):
     out = tmp_path / "rows.json"
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+               XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2"))
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "train_throughput.py"),
          "--cases", "tiny:32:2", "--attention", "xla", "--steps", "1", "--scaling",

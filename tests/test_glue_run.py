@@ -21,6 +21,7 @@ from mosaicbert_jax.glue.finetune import data_parallel_mesh, finetune, initial_p
 from mosaicbert_jax.glue.schedule import Job, run_jobs
 from mosaicbert_jax.glue.tasks import GlueTask
 
+from cpu_env import xla_flags
 from test_glue_data import MNLI_HEADER, STSB_HEADER, make_tokenizer, write
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,7 +118,7 @@ def test_command_line_end_to_end_on_glue_tsvs(tmp_path):
                  f"--config.per_task.{task}.learning_rate=1e-3"]
     # Two host devices: the sequential path runs each job data parallel over both.
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+               XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2"))
     proc = subprocess.run([sys.executable, "-m", "mosaicbert_jax.glue", *args], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -29,7 +29,8 @@ def _env(**extra):
                      "NUM_PROCESSES", "PROCESS_ID", "LOCAL_RANK", "LOCAL_PROCESSES",
                      "LOCAL_DEVICE_IDS", "MESH_DATA", "MESH_FSDP", "MESH_TENSOR")
     env = {k: v for k, v in os.environ.items()
-           if k not in launcher_vars and not k.startswith(("SLURM_", "OMPI_", "JAX_"))}
+           if k not in launcher_vars and not k.startswith(("SLURM_", "OMPI_", "JAX_"))
+           or k == "JAX_COMPILATION_CACHE_DIR"}
     env.update(PYTHON=sys.executable, JAX_PLATFORMS="cpu",
                CONFIG=os.path.join(ROOT, "configs", "tiny.py"))
     env.update(extra)

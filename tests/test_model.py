@@ -97,10 +97,11 @@ def test_packing_matches_each_document_alone():
         seg[0, start:start + len(doc)] = s
         start += len(doc)
     ids[0, start:] = rng.integers(1, TINY.vocab_size, size=seq - start)  # junk under padding
-    packed = np.asarray(model.apply(params, ids, seg))
+    apply = jax.jit(model.apply)
+    packed = np.asarray(apply(params, ids, seg))
     start = 0
     for doc in docs:
-        alone = model.apply(params, jnp.asarray(doc[None], jnp.int32),
+        alone = apply(params, jnp.asarray(doc[None], jnp.int32),
                             jnp.ones((1, len(doc)), jnp.int32))
         np.testing.assert_allclose(packed[0, start:start + len(doc)], np.asarray(alone[0]),
                                    atol=1e-5)
@@ -108,7 +109,7 @@ def test_packing_matches_each_document_alone():
     # Changing what sits under padding changes no real token's output.
     ids2 = ids.copy()
     ids2[0, start:] = rng.integers(1, TINY.vocab_size, size=seq - start)
-    packed2 = np.asarray(model.apply(params, ids2, seg))
+    packed2 = np.asarray(apply(params, ids2, seg))
     np.testing.assert_array_equal(packed2[0, :start], packed[0, :start])
 
 
@@ -162,13 +163,12 @@ def test_grouped_masked_positions_give_the_per_row_logits_loss_and_gradients(gro
         logits = model.apply({"params": params}, ids, seg, masked_positions=positions)
         return masked_lm_sums(logits, labels, weights)["loss_sum"], logits
 
-    (l_row, _), g_row = jax.value_and_grad(loss, has_aux=True)(
-        params, per_row, labels, weights)
-    (l_grp, logits_grp), g_grp = jax.value_and_grad(loss, has_aux=True)(
-        params, grouped, g_labels, g_weights)
+    loss_and_grads = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    (l_row, _), g_row = loss_and_grads(params, per_row, labels, weights)
+    (l_grp, logits_grp), g_grp = loss_and_grads(params, grouped, g_labels, g_weights)
     assert logits_grp.shape == (groups, slots, TINY.vocab_size)
     # Each valid grouped slot holds the logits of its (row, token): the dense model's there.
-    dense = np.asarray(model.apply({"params": params}, ids, seg))
+    dense = np.asarray(jax.jit(model.apply)({"params": params}, ids, seg))
     group, slot = np.nonzero(valid)
     row = group * (batch // groups) + grouped[group, slot] // seq
     np.testing.assert_allclose(np.asarray(logits_grp)[group, slot],
@@ -297,7 +297,7 @@ def test_remat_gives_same_gradients():
     def grads(cfg):
         model = MosaicBertForMaskedLM(cfg)
         loss = lambda p: model.apply({"params": p}, ids, seg).mean()
-        return jax.grad(loss)(params)
+        return jax.jit(jax.grad(loss))(params)
 
     g1, g2 = grads(TINY), grads(TINY.replace(remat=True))
     for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):

@@ -3,9 +3,12 @@ the launch scripts start them (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX
 stop and resume, kill -9 and restart, another process count, and errors that end every process.
 """
 
+import contextlib
+import fcntl
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,6 +18,7 @@ import time
 import numpy as np
 import pytest
 
+from cpu_env import xla_flags
 from mosaicbert_jax.checkpoint import load_pretrained
 from mosaicbert_jax.data.synthetic import write_synthetic_shards
 
@@ -39,10 +43,11 @@ def _free_port():
 def start(workdir, processes, devices_per_process=1, args=(), shards=None, workdirs=None):
     """`processes` train commands joined through a coordinator on a free localhost port."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("JAX_", "SLURM_", "OMPI_")) and k != "XLA_FLAGS"}
+           if not k.startswith(("JAX_", "SLURM_", "OMPI_")) and k != "XLA_FLAGS"
+           or k == "JAX_COMPILATION_CACHE_DIR"}  # the session's cache (conftest.py)
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, PYTHONUNBUFFERED="1",
                MOSAICBERT_HEARTBEAT_TIMEOUT_S="15",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+               XLA_FLAGS=xla_flags(f"--xla_force_host_platform_device_count={devices_per_process}"))
     if processes > 1:
         env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}",
                    JAX_NUM_PROCESSES=str(processes))
@@ -100,18 +105,40 @@ def assert_same_params(a, b):
         np.testing.assert_array_equal(x, y)
 
 
+@contextlib.contextmanager
+def made_once(tmp_path_factory, name):
+    """(path, made) for a folder of the session's shared temp root, made under a file lock by
+    the first pytest-xdist worker that asks (made: False) and reused by the others (True), so
+    a 40 s two-process run that several tests compare against runs once per session."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above each worker's own
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            path, done = root / name, root / f"{name}.done"
+            if not done.exists():
+                shutil.rmtree(path, ignore_errors=True)  # what a failed first try left
+            yield str(path), done.exists()
+            done.touch()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("corpus"))
-    write_synthetic_shards(path, 40_000, vocab_size=256, seed=5, eval_tokens=4_000,
-                           shard_documents=60)
+    with made_once(tmp_path_factory, "corpus") as (path, made):
+        if not made:
+            write_synthetic_shards(path, 40_000, vocab_size=256, seed=5, eval_tokens=4_000,
+                                   shard_documents=60)
     return path
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(shards, tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
-    finish(start(workdir, 2, shards=shards))
+    with made_once(tmp_path_factory, "uninterrupted") as (workdir, made):
+        if not made:
+            finish(start(workdir, 2, shards=shards))
     return workdir
 
 
@@ -208,7 +235,7 @@ except UserError as error:
 
 
 def test_an_error_in_one_process_ends_every_process_promptly():
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") or k == "JAX_COMPILATION_CACHE_DIR"}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, JAX_NUM_PROCESSES="2",
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}")
     began = time.monotonic()

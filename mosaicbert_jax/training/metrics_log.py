@@ -47,6 +47,23 @@ def drop_rows_after(path: str, step: int) -> int:
     return dropped
 
 
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without torch where torch is not loaded yet:
+    tensorboardX imports torch only to accept torch tensors, which we never pass (floats
+    only), and that import alone took 2.5-4 s of every training start where torch is
+    installed. sys.modules[name] = None makes `import torch` raise ImportError, the case
+    tensorboardX handles; the entry is removed again, so later imports of torch work."""
+    blocked = "torch" not in sys.modules
+    if blocked:
+        sys.modules["torch"] = None
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if blocked and sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsLog:
     """Writes each record to the console, TensorBoard and a JSON-lines file.
 
@@ -65,8 +82,7 @@ class MetricsLog:
             drop_rows_after(path, resume_step)
         self._jsonl = open(path, "a")
         try:
-            from tensorboardX import SummaryWriter
-            self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self.writer = _summary_writer_class()(os.path.join(workdir, "tensorboard"))
         except ImportError:  # TensorBoard output is optional
             print("tensorboardX not installed: no TensorBoard events", file=sys.stderr)
 
