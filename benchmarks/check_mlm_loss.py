@@ -25,7 +25,6 @@ import numpy as np
 
 from fused_ops import median_ms
 from mlm_loss_cases import BF16_STEP, bf16_ulps_apart
-from mosaicbert_jax.field_overrides import parse_field_overrides
 from mosaicbert_jax.fused import mlm_loss
 
 
@@ -82,8 +81,7 @@ def main() -> None:
     variants = {}
     for text in filter(None, args.variants.split(";")):
         try:
-            blocks = mlm_loss.RowBlocks(**parse_field_overrides(text, mlm_loss.RowBlocks,
-                                                                "RowBlocks override"))
+            blocks = mlm_loss.parse_blocks(text)
         except ValueError as e:
             parser.error(str(e))
         variants[text] = loss_and_grads("pallas", blocks)

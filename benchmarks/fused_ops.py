@@ -1,17 +1,21 @@
 """The fused memory-bound kernels beside the plain XLA composition: check, then time.
 
-  PYTHONPATH=. python benchmarks/fused_ops.py [--tokens 32768] [--reps 20]
+  PYTHONPATH=. python benchmarks/fused_ops.py [--tokens 32768] [--reps 20] [--ops glu,layernorm]
+      [--variants 'ln_rows_bwd=2,ln_warps_bwd=2;ln_rows=8']
 
 For GLU + dropout (h = [a | b], 2 x 3072 wide) and dropout + residual + LayerNorm (768 wide)
 at MosaicBERT-base shapes: first compares the Pallas kernels with the XLA composition on fresh
 random inputs (float32: the same dropout mask, so errors are float rounding; bf16: within bf16
 rounding), forward and gradients; then times forward and forward+backward of each, and prints
-achieved memory bandwidth against the fewest bytes each pass must move.
+achieved memory bandwidth against the fewest bytes each pass must move. The tiles timed are
+the built-in sweep, or --variants (FusedBlocks overrides, each timed in the op its fields
+name, as a backward variant when they end in _bwd).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import jax
@@ -90,22 +94,37 @@ def ln_case(tokens: int, width: int, dtype, rng):
     return (x, r, dy), make, tokens * 3 * width * item, tokens * 5 * width * item
 
 
+def variant_fields(text: str) -> tuple[str, str, dict]:
+    """'ln_rows_bwd=2,ln_warps_bwd=2' -> ("layernorm", "bwd", fields): the op its fields
+    name and whether they are backward tiles; mixed or unknown fields: a one-line ValueError."""
+    fields = dict(dataclasses.asdict(pallas_gpu.parse_blocks(text)))
+    named = {k: int(fields[k]) for k in (item.split("=")[0].strip() for item in text.split(","))}
+    ops = {"glu" if k.startswith("glu_") and not k.startswith("glu_fp8_")
+           else "layernorm" if k.startswith("ln_") else k for k in named}
+    parts = {"bwd" if k.endswith("_bwd") else "fwd" for k in named}
+    if len(ops) != 1 or not ops <= {"glu", "layernorm"} or len(parts) != 1:
+        raise ValueError(f"variant {text!r}: give the fields of one op (the bf16 glu_* or "
+                         f"ln_*), all forward or all backward (_bwd)")
+    return ops.pop(), parts.pop(), named
+
+
 def _label(fields: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in fields.items())
 
 
-def check(name, case, dtype, tol) -> bool:
+def check(name, case, dtype, tol, blocks=None, label: str = "") -> bool:
+    """The Pallas kernels (default tiles, or `blocks`) against the XLA composition."""
     inputs, make, _, _ = case
     fwd_inputs = inputs[:-1]
     results = {}
     for impl in ("xla", "pallas"):
-        fwd, fwd_bwd = make(impl)
+        fwd, fwd_bwd = make(impl, None if impl == "xla" else blocks)
         out, *grads = jax.tree_util.tree_leaves(fwd_bwd(*inputs))
         results[impl] = (fwd(*fwd_inputs), out, *grads)
     errors = [relative_error(p, x) for p, x in zip(results["pallas"], results["xla"])]
     finite = all(bool(jnp.all(jnp.isfinite(p.astype(jnp.float32)))) for p in results["pallas"])
     ok = finite and max(errors) < tol
-    print(f"check {name} {jnp.dtype(dtype).name}: relative errors (out, grads) "
+    print(f"check {name} {jnp.dtype(dtype).name}{' ' + label if label else ''}: relative errors (out, grads) "
           f"{', '.join(f'{e:.1e}' for e in errors)} (bar {tol:.0e}) -> {'ok' if ok else 'FAIL'}")
     return ok
 
@@ -115,13 +134,32 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32768)
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--best-out", default="", help="write the fastest blocks here")
+    parser.add_argument("--ops", default="glu,layernorm", help="comma list: glu, layernorm")
+    parser.add_argument("--variants", default="",
+                        help="';'-separated FusedBlocks overrides to time instead of the "
+                             "built-in sweep, e.g. 'ln_rows_bwd=2,ln_warps_bwd=2;ln_rows=8'")
     args = parser.parse_args()
+    ops = args.ops.split(",")
+    if set(ops) - {"glu", "layernorm"}:
+        parser.error(f"--ops={args.ops}: use a comma list of glu, layernorm")
+    try:
+        given = [variant_fields(text) for text in filter(None, args.variants.split(";"))]
+    except ValueError as e:
+        parser.error(str(e))
     apply_gpu_defaults()
     rng = np.random.default_rng(int(time.time()))
     ok = True
     for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)):
-        ok &= check("glu", glu_case(4096, 3072, dtype, rng), dtype, tol)
-        ok &= check("layernorm", ln_case(4096, 768, dtype, rng), dtype, tol)
+        if "glu" in ops:
+            ok &= check("glu", glu_case(4096, 3072, dtype, rng), dtype, tol)
+        if "layernorm" in ops:
+            ok &= check("layernorm", ln_case(4096, 768, dtype, rng), dtype, tol)
+    for op, _, fields in given:  # each given variant too, in float32, before it is timed
+        if op in ops:
+            case = (glu_case(4096, 3072, jnp.float32, rng) if op == "glu"
+                    else ln_case(4096, 768, jnp.float32, rng))
+            label = _label(fields)
+            ok &= check(op, case, jnp.float32, 1e-5, pallas_gpu.parse_blocks(label), label)
     print("| op | variant | fwd ms | fwd GB/s | fwd+bwd ms | bwd GB/s (fwd+bwd - fwd) |")
     print("| --- | --- | --- | --- | --- | --- |")
     # Forward tiles and backward tiles are independent fields: sweep each with the other at its
@@ -143,8 +181,14 @@ def main() -> None:
                dict(ln_rows_bwd=4, ln_block_rows_bwd=64, ln_deferred_sums_bwd=1, ln_warps_bwd=8),
                dict(ln_rows_bwd=8, ln_block_rows_bwd=64, ln_deferred_sums_bwd=1,
                     ln_stages_bwd=2)]
+    if args.variants:
+        glu_fwd, glu_bwd, ln_fwd, ln_bwd = (
+            [fields for op, part, fields in given if (op, part) == key]
+            for key in (("glu", "fwd"), ("glu", "bwd"), ("layernorm", "fwd"),
+                        ("layernorm", "bwd")))
     cases = {"glu": (glu_case(args.tokens, 3072, jnp.bfloat16, rng), glu_fwd, glu_bwd),
              "layernorm": (ln_case(args.tokens, 768, jnp.bfloat16, rng), ln_fwd, ln_bwd)}
+    cases = {name: case for name, case in cases.items() if name in ops}
     best = {}
     for name, (case, fwd_variants, bwd_variants) in cases.items():
         inputs, make, bytes_fwd, bytes_bwd = case

@@ -416,7 +416,7 @@ def main() -> None:
         command = [sys.executable, os.path.abspath(__file__), "--side", side, "--lr", str(lr)]
         for name in ("rows", "reference_src", "steps", "batch", "eval_every", "eval_rows",
                      "jax_model", "jax_slot_groups", "jax_group_slots", "fused_blocks",
-                     "attention_blocks"):
+                     "attention_blocks", "mlm_loss_blocks"):
             command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
         if side == saving_side and args.save_params:
             command += ["--save-params", args.save_params]

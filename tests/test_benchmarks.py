@@ -389,3 +389,50 @@ def test_precision_overrides_reach_the_model_config_or_fail_in_one_line():
     with pytest.raises(ValueError, match=r"model overrides \['num_hidden_layers'\] are not"):
         recipe_config("tiny", 8, 16, "xla", {"data": 1, "fsdp": 1, "tensor": 1},
                       model_overrides=split_precision("fp8+num_hidden_layers=3")[1])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_glu_gemm_probe_kernels_match_the_models_gemm_then_glu(dtype):
+    """The probe's GEMM kernels with the GLU in their epilogues (Pallas interpreter, fresh
+    random inputs, two tiles of a 64 x 64 x 2 x 64 MLP): float32 inputs give the model path's
+    values within float32 rounding (the kernel's erf is within 1.5e-7); bf16 ones are within
+    the probe's own bound of float32 (twice the model path's error plus a bf16 step). The GEMM
+    without the GLU writes the same [a | b]."""
+    import jax.numpy as jnp
+    import numpy as np
+    from glu_gemm_probe import (Tile, check, draw, float32_reference, fused_down_grad, fused_up,
+                                max_error, model_down_grad, model_up)
+    dt = getattr(jnp, dtype)
+    seed_value = int(np.random.SeedSequence().entropy % 2 ** 32)
+    x, w_up, dy, w_down, seed = draw(np.random.default_rng(seed_value), 64, 64, 64, dt)
+    ab_m, h_m = model_up(x, w_up, seed, glu_impl="xla")
+    model_out = (ab_m, h_m, model_down_grad(dy, w_down, ab_m, seed, glu_impl="xla"))
+    for tile in (Tile(32, 16, 16, 4, 1), Tile(16, 32, 32, 4, 1)):
+        ab, h = fused_up(x, w_up, seed, tile, interpret=True)
+        fused_out = (ab, h, fused_down_grad(dy, w_down, ab, seed, tile, interpret=True))
+        assert np.array_equal(np.asarray(fused_up(x, w_up, seed, tile, glu=False,
+                                                  interpret=True)[0]), np.asarray(ab))
+        assert float(jnp.mean(h == 0)) > 0.05   # the dropout mask is applied (rate 0.1)
+        if dtype == "float32":
+            for got, want in zip(fused_out, model_out):
+                scale = float(jnp.max(jnp.abs(want)))
+                assert max_error(got, want) <= 1e-5 * scale, (tile, seed_value)
+        else:
+            check(fused_out, model_out, float32_reference(x, w_up, dy, w_down, seed),
+                  f"{tile} seed {seed_value}")
+
+
+def test_fused_ops_variants_name_one_op_and_one_direction():
+    """fused_ops.py --variants: each override times in the op its fields name, forward or
+    backward by the _bwd suffix; mixed, float8 or unknown fields are one-line errors."""
+    from fused_ops import variant_fields
+    assert variant_fields("ln_rows_bwd=2,ln_deferred_sums_bwd=1") == (
+        "layernorm", "bwd", {"ln_rows_bwd": 2, "ln_deferred_sums_bwd": 1})
+    assert variant_fields("glu_rows=16,glu_cols=128") == (
+        "glu", "fwd", {"glu_rows": 16, "glu_cols": 128})
+    for bad in ("ln_rows=2,ln_rows_bwd=2", "glu_rows=8,ln_rows=4", "glu_fp8_rows=16",
+                "quantize_rows=8"):
+        with pytest.raises(ValueError, match="give the fields of one op"):
+            variant_fields(bad)
+    with pytest.raises(ValueError, match="ln_rows=3 must be a power of two"):
+        variant_fields("ln_rows=3")

@@ -148,19 +148,21 @@ def test_auto_picks_xla_off_gpu_and_for_unsupported_widths():
         fused.resolve("pallas", 40)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_layernorm_backward_with_deferred_sums_matches_composition(dtype):
+@pytest.mark.parametrize("dtype,step_rows", [(jnp.float32, 4), (jnp.bfloat16, 4),
+                                             (jnp.float32, 1), (jnp.bfloat16, 2)])
+def test_layernorm_backward_with_deferred_sums_matches_composition(dtype, step_rows):
     """FusedBlocks.ln_deferred_sums_bwd (d(scale), d(bias), d(x_bias) kept as row tiles and
     reduced once per block) gives the composition's gradients, over several blocks and
-    steps; parse_blocks reads the flag."""
+    steps of 1, 2 or 4 rows; parse_blocks reads the flag."""
     rng, seed = fresh_rng()
     rows, width = 48, int(rng.choice([128, 768]))
     x, r, dy = (jnp.asarray(rng.standard_normal((rows, width)), dtype) for _ in range(3))
     x_bias, scale, bias = (jnp.asarray(rng.standard_normal(width), jnp.float32) * 0.5 + off
                            for off in (0.0, 1.0, 0.0))
     key = _seed(rng)
-    blocks = pallas_gpu.parse_blocks("ln_deferred_sums_bwd=1,ln_rows_bwd=4,ln_block_rows_bwd=16")
-    assert blocks.ln_deferred_sums_bwd is True and blocks.ln_rows_bwd == 4
+    blocks = pallas_gpu.parse_blocks(
+        f"ln_deferred_sums_bwd=1,ln_rows_bwd={step_rows},ln_block_rows_bwd=16")
+    assert blocks.ln_deferred_sums_bwd is True and blocks.ln_rows_bwd == step_rows
     with pytest.raises(ValueError, match="fused block 'nope=1' is not field=int"):
         pallas_gpu.parse_blocks("nope=1")
 

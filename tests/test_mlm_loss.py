@@ -47,8 +47,12 @@ def _want(logits, bias, labels, weights):
     return loss, correct, grad
 
 
+CHUNKED = mlm_loss.RowBlocks(rows=4, chunk=2048, num_warps=4)
+WHOLE_ROW = mlm_loss.RowBlocks(rows=1, chunk=0, num_warps=16)
+
+
 def _sums_and_grads(impl, logits, bias, labels, weights, dtype,
-                    blocks=mlm_loss.RowBlocks()):
+                    blocks=WHOLE_ROW):
     def loss(l, b):
         sums = mlm_loss.masked_lm_sums(l, jnp.asarray(labels), jnp.asarray(weights), b, impl,
                                        blocks)
@@ -58,12 +62,10 @@ def _sums_and_grads(impl, logits, bias, labels, weights, dtype,
     return {k: float(v) for k, v in sums.items()}, [np.asarray(g, np.float64) for g in grads]
 
 
-CHUNKED = mlm_loss.RowBlocks(rows=4, chunk=2048, num_warps=4)
-
-
 @pytest.mark.parametrize("vocab,dtype,rows,blocks", [
-    (30528, jnp.bfloat16, 7, mlm_loss.RowBlocks()), (208, jnp.float32, 7, mlm_loss.RowBlocks()),
-    (208, jnp.bfloat16, 7, mlm_loss.RowBlocks()), (30528, jnp.bfloat16, 8, CHUNKED),
+    (30528, jnp.bfloat16, 7, WHOLE_ROW), (208, jnp.float32, 7, WHOLE_ROW),
+    (208, jnp.bfloat16, 7, WHOLE_ROW), (30528, jnp.bfloat16, 8, CHUNKED),
+    (208, jnp.bfloat16, 6, mlm_loss.RowBlocks()),
     (208, jnp.float32, 6, mlm_loss.RowBlocks(rows=4, chunk=64)),
     (208, jnp.float32, 7, mlm_loss.RowBlocks(rows=4, chunk=256))])
 def test_row_kernel_matches_a_float64_log_softmax(vocab, dtype, rows, blocks):
@@ -187,3 +189,27 @@ def test_model_loss_and_parameter_gradients_match_across_implementations():
         assert scale > 0, jax.tree_util.keystr(path)
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5 * scale + 1e-8,
                                    err_msg=jax.tree_util.keystr(path))
+
+
+def test_default_blocks_are_set_by_parse_blocks_and_used_where_none_are_given():
+    """masked_lm_sums without blocks traces the kernel with default_blocks(), which
+    set_default_blocks replaces (the benchmarks' --mlm-loss-blocks flag): 6 rows are 3
+    programs of 2 rows by default, 6 programs once the default is the whole-row kernel."""
+    import re
+
+    def grids() -> list:
+        def loss(logits):
+            return mlm_loss.masked_lm_sums(logits, jnp.zeros(6, jnp.int32), jnp.ones(6), None,
+                                           "pallas_interpret")["loss_sum"]
+        text = str(jax.make_jaxpr(loss)(jnp.zeros((6, 208), jnp.bfloat16)))
+        return re.findall(r"grid=\(([^)]*)\)", text)
+
+    assert mlm_loss.default_blocks() == mlm_loss.RowBlocks(rows=2, chunk=2048, num_warps=4)
+    assert grids() == ["3,"]
+    try:
+        mlm_loss.set_default_blocks(mlm_loss.parse_blocks("rows=1,chunk=0,num_warps=16"))
+        assert grids() == ["6,"]
+    finally:
+        mlm_loss.set_default_blocks(mlm_loss.RowBlocks())
+    with pytest.raises(ValueError, match="RowBlocks override 'row=2' is not field=int"):
+        mlm_loss.parse_blocks("row=2")

@@ -6,20 +6,19 @@ compute dtype and the decoder bias apart (None: already added). Two implementati
 - "xla": the plain composition (`reference_sums`). Its passes over the logits are an argmax
   (which finds the row max, the logsumexp's shift), a sum of exponentials, and in the
   backward one fused pass writing softmax - one_hot (with the bias-gradient reduction).
-- "pallas" (GPU; "pallas_interpret" runs it in the Pallas interpreter): one kernel, one
-  program per row, that reads the row once into registers and writes, already in the
-  forward, the gradient (softmax - one_hot) * weight in the logits' dtype, plus the row's
+- "pallas" (GPU; "pallas_interpret" runs it in the Pallas interpreter): one kernel that walks
+  a few rows a program (RowBlocks) and writes, already in the forward, the gradient (softmax - one_hot) * weight in the logits' dtype, plus the row's
   cross-entropy and prediction. The backward only scales it by the loss's cotangent (XLA
   drops the product by the constant 1 that jax.grad seeds) and sums it for the bias.
   The gradient is the residual in place of the logits, so nothing more is stored.
-"auto" is xla: on an H200 (2026-12-03, benchmarks/check_mlm_loss.py, 9728 x 30528 bf16
-logits) the loss's forward + backward took 1.30 ms with the kernel against 1.06 ms for XLA's
-passes. A row held in registers (about 240 KB of them in float32) leaves room for one program
-per SM, too few loads in flight to reach the memory bandwidth; a kernel walking the row in
-chunks, with several rows per SM, is the next thing to try (benchmarks/RESULTS.md, session 16):
-`RowBlocks(rows=4, chunk=2048)` runs that variant (two passes over each row, an online
-logsumexp in the first), not yet measured on a GPU; the default RowBlocks() is the measured
-whole-row kernel.
+"auto" is xla. On an H200 (benchmarks/check_mlm_loss.py, 9728 x 30528 bf16 logits, forward +
+backward of the loss alone) XLA's passes took 1.06-1.07 ms (2026-12-03 and -04). The kernel
+holding a whole row in registers (RowBlocks(chunk=0, num_warps=16): about 240 KB of float32,
+one program per SM, too few loads in flight) took 1.30 ms; walking rows in chunks, the
+fastest of seven variants, 2 rows a program in 2048-column chunks with 4 warps (the default
+RowBlocks()), 0.95 ms. In the FP8 train step that 0.12 ms did not show: 41.91 ms a step with
+the kernel against 41.78 with XLA (spreads 0.79 and 0.55 ms; benchmarks/RESULTS.md, session
+18), so XLA stays the default and the kernel is opt-in (mlm_loss_implementation="pallas").
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from mosaicbert_jax.config import FUSED_IMPLEMENTATIONS as IMPLEMENTATIONS
+from mosaicbert_jax.field_overrides import parse_field_overrides
 
 MAX_VOCAB = 1 << 16
 
@@ -42,10 +42,11 @@ class RowBlocks:
     registers as float32 (16 warps: about 60 values a thread at 30528), read once. chunk > 0 (a
     power of two): `rows` rows a program (capped at the largest power of two dividing the row
     count), walked `chunk` columns at a time, twice: an online max / logsumexp / argmax, then
-    the gradient (the second read may come from L2)."""
-    rows: int = 1
-    chunk: int = 0
-    num_warps: int = 16
+    the gradient (the second read may come from L2). The default is the fastest measured
+    (module docstring)."""
+    rows: int = 2
+    chunk: int = 2048
+    num_warps: int = 4
 
     def __post_init__(self):
         for name in ("rows", "num_warps") + (("chunk",) if self.chunk else ()):
@@ -54,6 +55,25 @@ class RowBlocks:
                 raise ValueError(f"RowBlocks.{name}={value} must be a power of two")
         if self.chunk and self.chunk < 16:
             raise ValueError(f"RowBlocks.chunk={self.chunk} must be 0 or a power of two >= 16")
+
+
+_DEFAULT_BLOCKS = [RowBlocks()]
+
+
+def default_blocks() -> RowBlocks:
+    return _DEFAULT_BLOCKS[0]
+
+
+def set_default_blocks(blocks: RowBlocks) -> None:
+    """The RowBlocks every later trace uses where none is passed (benchmarks/check_mlm_loss.py
+    measures them; the benchmarks' --mlm-loss-blocks flag sets them for a whole train step)."""
+    _DEFAULT_BLOCKS[0] = blocks
+
+
+def parse_blocks(text: str) -> RowBlocks:
+    """'rows=4,chunk=2048' -> RowBlocks with those fields changed (unknown fields, values that
+    are not ints or not powers of two: a one-line ValueError)."""
+    return RowBlocks(**parse_field_overrides(text, RowBlocks, "RowBlocks override"))
 
 
 def supports(vocab: int) -> bool:
@@ -78,10 +98,11 @@ def resolve(implementation: str, vocab: int) -> str:
 
 def masked_lm_sums(logits: jax.Array, labels: jax.Array, weights: jax.Array,
                    bias: Optional[jax.Array] = None, implementation: str = "xla",
-                   blocks: RowBlocks = RowBlocks()) -> dict:
+                   blocks: Optional[RowBlocks] = None) -> dict:
     """{"loss_sum", "correct_sum", "weight_sum"} in float32 for logits [..., vocab] (plus
     bias [vocab], added in float32), labels and weights [...]; implementation as resolve
-    gives it ("auto" is resolved here); blocks: the Pallas kernel's (RowBlocks)."""
+    gives it ("auto" is resolved here); blocks: the Pallas kernel's (RowBlocks; None: the
+    default_blocks())."""
     impl = resolve(implementation, logits.shape[-1])
     labels = labels.astype(jnp.int32)
     weights = weights.astype(jnp.float32)
@@ -90,7 +111,8 @@ def masked_lm_sums(logits: jax.Array, labels: jax.Array, weights: jax.Array,
     vocab = logits.shape[-1]
     bias = jnp.zeros((vocab,), jnp.float32) if bias is None else bias.astype(jnp.float32)
     loss_sum, correct_sum = _fused_sums(logits.reshape(-1, vocab), bias, labels.reshape(-1),
-                                        weights.reshape(-1), impl == "pallas_interpret", blocks)
+                                        weights.reshape(-1), impl == "pallas_interpret",
+                                        blocks or default_blocks())
     return {"loss_sum": loss_sum, "correct_sum": correct_sum, "weight_sum": jnp.sum(weights)}
 
 
@@ -283,5 +305,5 @@ def _fused_sums_bwd(interpret, blocks, residuals, cotangents):
 _fused_sums.defvjp(_fused_sums_fwd, _fused_sums_bwd)
 
 
-__all__ = ["IMPLEMENTATIONS", "RowBlocks", "masked_lm_sums", "reference_sums", "resolve",
-           "supports"]
+__all__ = ["IMPLEMENTATIONS", "RowBlocks", "default_blocks", "masked_lm_sums", "parse_blocks",
+           "reference_sums", "resolve", "set_default_blocks", "supports"]
