@@ -204,6 +204,9 @@ def main() -> None:
     parser.add_argument("--sweep-fields", default=",".join(SWEEP_VALUES),
                         help="the BlockSizes fields the sweep walks, in order")
     args = parser.parse_args()
+    if jax.default_backend() != "gpu":
+        parser.error(f"its kernels compile for a GPU and this machine's JAX backend is "
+                     f"{jax.default_backend()} (the tests run them in the Pallas interpreter)")
     for seq in map(int, args.seqs.split(",")):
         for draw in range(args.draws):
             rng, seed = fresh_rng()

@@ -77,6 +77,9 @@ def main() -> None:
     parser.add_argument("--variants", default=";".join(VARIANTS),
                         help="';'-separated RowBlocks overrides, e.g. 'rows=4,chunk=2048'")
     args = parser.parse_args()
+    if jax.default_backend() != "gpu":
+        parser.error(f"its kernels compile for a GPU and this machine's JAX backend is "
+                     f"{jax.default_backend()} (the tests run them in the Pallas interpreter)")
     plain = loss_and_grads("xla")
     variants = {}
     for text in filter(None, args.variants.split(";")):

@@ -217,6 +217,9 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=1)
     parser.add_argument("--reps", type=int, default=20)
     args = parser.parse_args()
+    if jax.default_backend() != "gpu":
+        parser.error(f"its kernels compile for a GPU and this machine's JAX backend is "
+                     f"{jax.default_backend()} (the tests run them in the Pallas interpreter)")
     try:
         tiles = parse_tiles(args.tiles)
     except ValueError as e:

@@ -436,3 +436,17 @@ def test_fused_ops_variants_name_one_op_and_one_direction():
             variant_fields(bad)
     with pytest.raises(ValueError, match="ln_rows=3 must be a power of two"):
         variant_fields("ln_rows=3")
+
+
+@pytest.mark.parametrize("script", ["glu_gemm_probe.py", "check_mlm_loss.py",
+                                    "check_fp8_attention.py"])
+def test_gpu_only_checks_refuse_a_cpu_backend_in_one_line(script):
+    """The GPU kernel checks on a CPU-only machine: exit 2 with a one-line usage error that
+    names the backend, no traceback."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [ROOT, os.path.join(ROOT, "benchmarks"), os.path.join(ROOT, "tests")]),
+        JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script)],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "JAX backend is cpu" in result.stderr and "Traceback" not in result.stderr
