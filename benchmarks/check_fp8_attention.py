@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attention_cases import fresh_rng, random_packed_layouts, relative_error
-from fused_ops import median_ms
+from fused_ops import median_ms, require_gpu
 from fp8_attention_cases import (assert_same_bits, bits, kernel_grads,
                                  op_outputs_and_grads)
 from mosaicbert_jax import fp8, fused
@@ -204,9 +204,7 @@ def main() -> None:
     parser.add_argument("--sweep-fields", default=",".join(SWEEP_VALUES),
                         help="the BlockSizes fields the sweep walks, in order")
     args = parser.parse_args()
-    if jax.default_backend() != "gpu":
-        parser.error(f"its kernels compile for a GPU and this machine's JAX backend is "
-                     f"{jax.default_backend()} (the tests run them in the Pallas interpreter)")
+    require_gpu(parser)
     for seq in map(int, args.seqs.split(",")):
         for draw in range(args.draws):
             rng, seed = fresh_rng()

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fused_ops import median_ms
+from fused_ops import median_ms, require_gpu
 from mlm_loss_cases import BF16_STEP, bf16_ulps_apart
 from mosaicbert_jax.fused import mlm_loss
 
@@ -77,9 +77,7 @@ def main() -> None:
     parser.add_argument("--variants", default=";".join(VARIANTS),
                         help="';'-separated RowBlocks overrides, e.g. 'rows=4,chunk=2048'")
     args = parser.parse_args()
-    if jax.default_backend() != "gpu":
-        parser.error(f"its kernels compile for a GPU and this machine's JAX backend is "
-                     f"{jax.default_backend()} (the tests run them in the Pallas interpreter)")
+    require_gpu(parser)
     plain = loss_and_grads("xla")
     variants = {}
     for text in filter(None, args.variants.split(";")):

@@ -15,7 +15,6 @@ name, as a backward variant when they end in _bwd).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
 import jax
@@ -23,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mosaicbert_jax import fused
+from mosaicbert_jax.field_overrides import parse_field_overrides
 from mosaicbert_jax.fused import pallas_gpu
 from mosaicbert_jax.xla_flags import apply_gpu_defaults
 
@@ -43,6 +43,14 @@ def median_ms(fn, *args, reps: int, rounds: int = 5) -> float:
         jax.block_until_ready(outs)
         times.append((time.perf_counter() - t) / reps)
     return float(np.median(times)) * 1e3
+
+
+def require_gpu(parser: argparse.ArgumentParser) -> None:
+    """A one-line usage error where JAX has no GPU: the GPU kernel checks compile their
+    kernels for one (the tests run the same kernels in the Pallas interpreter)."""
+    if jax.default_backend() != "gpu":
+        parser.error(f"its kernels compile for a GPU and this machine's JAX backend is "
+                     f"{jax.default_backend()} (the tests run them in the Pallas interpreter)")
 
 
 def glu_case(tokens: int, width: int, dtype, rng):
@@ -97,8 +105,9 @@ def ln_case(tokens: int, width: int, dtype, rng):
 def variant_fields(text: str) -> tuple[str, str, dict]:
     """'ln_rows_bwd=2,ln_warps_bwd=2' -> ("layernorm", "bwd", fields): the op its fields
     name and whether they are backward tiles; mixed or unknown fields: a one-line ValueError."""
-    fields = dict(dataclasses.asdict(pallas_gpu.parse_blocks(text)))
-    named = {k: int(fields[k]) for k in (item.split("=")[0].strip() for item in text.split(","))}
+    pallas_gpu.parse_blocks(text)  # unknown fields, values that are not powers of two
+    named = {k: int(v) for k, v in
+             parse_field_overrides(text, pallas_gpu.FusedBlocks, "fused block").items()}
     ops = {"glu" if k.startswith("glu_") and not k.startswith("glu_fp8_")
            else "layernorm" if k.startswith("ln_") else k for k in named}
     parts = {"bwd" if k.endswith("_bwd") else "fwd" for k in named}
@@ -124,7 +133,8 @@ def check(name, case, dtype, tol, blocks=None, label: str = "") -> bool:
     errors = [relative_error(p, x) for p, x in zip(results["pallas"], results["xla"])]
     finite = all(bool(jnp.all(jnp.isfinite(p.astype(jnp.float32)))) for p in results["pallas"])
     ok = finite and max(errors) < tol
-    print(f"check {name} {jnp.dtype(dtype).name}{' ' + label if label else ''}: relative errors (out, grads) "
+    what = f"{name} {jnp.dtype(dtype).name}" + (f" {label}" if label else "")
+    print(f"check {what}: relative errors (out, grads) "
           f"{', '.join(f'{e:.1e}' for e in errors)} (bar {tol:.0e}) -> {'ok' if ok else 'FAIL'}")
     return ok
 

@@ -36,6 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from fused_ops import median_ms, require_gpu
 from mosaicbert_jax.fused import pallas_gpu, reference
 
 DROPOUT = 0.1
@@ -207,7 +208,6 @@ def check(fused_out, model_out, want, what: str) -> str:
 
 
 def main() -> None:
-    from fused_ops import median_ms  # a GPU timing helper; imported here for the CPU tests
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=32768)
     parser.add_argument("--hidden", type=int, default=768)
@@ -217,9 +217,7 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=1)
     parser.add_argument("--reps", type=int, default=20)
     args = parser.parse_args()
-    if jax.default_backend() != "gpu":
-        parser.error(f"its kernels compile for a GPU and this machine's JAX backend is "
-                     f"{jax.default_backend()} (the tests run them in the Pallas interpreter)")
+    require_gpu(parser)
     try:
         tiles = parse_tiles(args.tiles)
     except ValueError as e:

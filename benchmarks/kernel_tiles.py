@@ -1,5 +1,6 @@
-"""The --fused-blocks, --attention-blocks and --mlm-loss-blocks flags the benchmarks share: kernel tile settings
-applied before anything traces, so a variant is timed inside the whole train step."""
+"""The --fused-blocks, --attention-blocks and --mlm-loss-blocks flags the benchmarks share:
+kernel tile settings applied before anything traces, so a variant is timed inside the whole
+train step."""
 
 from __future__ import annotations
 

@@ -7,8 +7,9 @@ compute dtype and the decoder bias apart (None: already added). Two implementati
   (which finds the row max, the logsumexp's shift), a sum of exponentials, and in the
   backward one fused pass writing softmax - one_hot (with the bias-gradient reduction).
 - "pallas" (GPU; "pallas_interpret" runs it in the Pallas interpreter): one kernel that walks
-  a few rows a program (RowBlocks) and writes, already in the forward, the gradient (softmax - one_hot) * weight in the logits' dtype, plus the row's
-  cross-entropy and prediction. The backward only scales it by the loss's cotangent (XLA
+  a few rows a program (RowBlocks) and writes, already in the forward, the gradient
+  (softmax - one_hot) * weight in the logits' dtype, plus each row's cross-entropy and
+  prediction. The backward only scales it by the loss's cotangent (XLA
   drops the product by the constant 1 that jax.grad seeds) and sums it for the bias.
   The gradient is the residual in place of the logits, so nothing more is stored.
 "auto" is xla. On an H200 (benchmarks/check_mlm_loss.py, 9728 x 30528 bf16 logits, forward +
