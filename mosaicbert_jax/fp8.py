@@ -262,15 +262,43 @@ def qdq_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, x_st
     return qdq_cotangent(BACKWARD_DTYPE, out, *g_stats)
 
 
+# The three GEMMs of an FP8 dense layer and the two tensors whose scales multiply into each
+# one's output scale: y = x W, dx = g W^T, dW = x^T g.
+GEMM_SCALES = {"forward": ("input", "kernel"), "input_grad": ("output_grad", "kernel"),
+               "kernel_grad": ("input", "output_grad")}
+
+
+def gemm_scale(stats: Mapping, gemm: str) -> jax.Array:
+    """The output scale of one of a layer's FP8 GEMMs (GEMM_SCALES): the product of its two
+    tensors' scales, precomputed by `model_stats` in the train step (the same float32 value)."""
+    if "gemm" in stats:
+        return stats["gemm"][gemm]
+    a, b = GEMM_SCALES[gemm]
+    return stats[a][0] * stats[b][0]
+
+
+def stats_cotangent(stats: Mapping, seen: Mapping) -> dict:
+    """The "cotangent" of a stats dict for a custom_vjp: the seen stats of its tensors
+    (seen_stats) and zeros for the precomputed GEMM scales, which record nothing."""
+    if "gemm" not in stats:
+        return dict(seen)
+    return {**seen, "gemm": jax.tree_util.tree_map(jnp.zeros_like, stats["gemm"])}
+
+
 def stats_variables(module: nn.Module, history_length: int) -> Optional[dict]:
     """tensor -> (scale, amax_history) of `module`'s STATS variables (created when
-    initialising), for tensor in TENSORS; None when the module is applied without them."""
+    initialising), for tensor in TENSORS, plus "gemm": GEMM_SCALES name -> scale where the
+    train step precomputed them (model_stats); None when the module is applied without them."""
     if not (module.is_initializing() or module.has_variable(STATS, "input_scale")):
         return None
-    return {tensor: (
+    stats = {tensor: (
         module.variable(STATS, f"{tensor}_scale", jnp.ones, (), jnp.float32).value,
         module.variable(STATS, f"{tensor}_amax_history", jnp.zeros, (history_length,),
                         jnp.float32).value) for tensor in TENSORS}
+    if module.has_variable(STATS, "forward_gemm_scale"):
+        stats["gemm"] = {gemm: module.get_variable(STATS, f"{gemm}_gemm_scale")
+                         for gemm in GEMM_SCALES}
+    return stats
 
 
 class Fp8Stats(nn.Module):
@@ -373,6 +401,28 @@ def unstack_stats(stacked: Mapping, rows: StatRows) -> dict:
             node = node.setdefault(key, {})
         node[f"{row[-1]}_scale"] = stacked["scale"][i]
         node[f"{row[-1]}_amax_history"] = stacked["amax_history"][i]
+    return tree
+
+
+def model_stats(stacked: Mapping, rows: StatRows) -> dict:
+    """The STATS tree the train step applies the model with: unstack_stats plus, in every
+    layer with all three tensors, the output scales of its three GEMMs
+    (`{gemm}_gemm_scale`, see gemm_scale), computed for all layers in one vector product.
+    Computed per GEMM from two row slices, XLA gave each FP8 GEMM a scalar product kernel of
+    its own and each row slice a device copy: about 260 tiny kernels a base step."""
+    tree = unstack_stats(stacked, rows)
+    index = {row: i for i, row in enumerate(rows)}
+    groups = sorted({row[:-1] for row in rows
+                     if all(row[:-1] + (t,) in index for t in TENSORS)})
+    if not groups:
+        return tree
+    scale = stacked["scale"]
+    for gemm, (a, b) in GEMM_SCALES.items():
+        ia = np.array([index[g + (a,)] for g in groups])
+        ib = np.array([index[g + (b,)] for g in groups])
+        products = scale[ia] * scale[ib]
+        for k, group in enumerate(groups):
+            _group(tree, group + (a,))[f"{gemm}_gemm_scale"] = products[k]
     return tree
 
 

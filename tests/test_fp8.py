@@ -522,3 +522,48 @@ def test_resume_with_the_default_fp8_is_exact(tmp_path):
         for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(whole["state"][key])),
                         jax.tree_util.tree_leaves(jax.device_get(resumed["state"][key]))):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("kernels", ["xla", "pallas_interpret"])
+def test_precomputed_gemm_scales_are_read_and_change_no_value(setup, kernels):
+    """fp8.model_stats (the train step's STATS tree) adds each layer's three GEMM output
+    scales, computed for all layers in one product; the layers read them (a changed one
+    changes the logits) and, being the same float32 products, they change no logit, gradient
+    or amax of the per-layer products' path, at random scales (fp8_gemm "encoder", also
+    through the FP8 QKV + attention op of the Pallas kernels)."""
+    rng = np.random.default_rng()
+    model = MosaicBertForMaskedLM(tiny(
+        fp8=True, fp8_gemm="encoder", attention_implementation=kernels,
+        glu_implementation=kernels, layernorm_implementation=kernels))
+    batch, params = setup["batch"], setup["state"]["params"]
+    ids = jnp.ones((1, 8), jnp.int32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, ids))
+    rows = fp8.stat_rows(shapes[fp8.STATS])
+    stacked = {"scale": jnp.asarray(rng.uniform(0.002, 0.05, len(rows)), jnp.float32),
+               "amax_history": jnp.zeros((len(rows), model.config.fp8_amax_history))}
+    plain, precomputed = fp8.unstack_stats(stacked, rows), fp8.model_stats(stacked, rows)
+    dense = LAYER0 + ("attention_output", "dense")
+    for gemm, (a, b) in fp8.GEMM_SCALES.items():
+        group = at(precomputed, dense)
+        np.testing.assert_array_equal(group[f"{gemm}_gemm_scale"],
+                                      group[f"{a}_scale"] * group[f"{b}_scale"])
+    assert fp8.stat_rows(precomputed) == rows  # the rows (and the state's layout) stay
+
+    def loss_and_grads(stats):
+        def loss(params, stats):
+            logits = model.apply({"params": params, fp8.STATS: stats}, batch["input_ids"],
+                                 batch["segment_ids"],
+                                 masked_positions=batch["masked_positions"])
+            return masked_lm_sums(logits, batch["masked_labels"],
+                                  batch["masked_weights"])["loss_sum"], logits
+        (_, logits), (d_params, seen) = jax.jit(jax.value_and_grad(
+            loss, argnums=(0, 1), has_aux=True))(params, stats)
+        return logits, d_params, fp8.stack_seen(seen, rows)
+
+    want, got = loss_and_grads(plain), loss_and_grads(precomputed)
+    for a, b in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got)):
+        np.testing.assert_array_equal(a, b)
+    assert float(jnp.min(got[2])) > 0  # every tensor recorded its amax
+    changed = copy(precomputed)
+    at(changed, dense)["forward_gemm_scale"] = 2 * at(changed, dense)["forward_gemm_scale"]
+    assert not np.array_equal(loss_and_grads(changed)[0], got[0])

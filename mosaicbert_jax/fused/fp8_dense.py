@@ -44,24 +44,25 @@ def forward(x: jax.Array, w: jax.Array, stats: dict, implementation: str, dtype:
     (sx, hx), (sw, hw) = stats["input"], stats["kernel"]
     qx, qx_t, x_amax = fused.quantize_fp8(x, 1.0 / sx, e4m3, implementation)
     qw = fp8.quantize(w, e4m3, sw)                             # [k, n]
-    y = gemm(qx, qw.T, sx * sw, dtype)                         # [m, n]
+    y = gemm(qx, qw.T, fp8.gemm_scale(stats, "forward"), dtype)  # [m, n]
     new = {"input": fp8.seen_stats_from_amax(x_amax, hx),
            "kernel": fp8.seen_stats(w, hw)}
-    return y, (qx_t, qw, sx, sw, stats["output_grad"], new)
+    scales = (fp8.gemm_scale(stats, "input_grad"), fp8.gemm_scale(stats, "kernel_grad"))
+    return y, (qx_t, qw, scales, stats["output_grad"], fp8.stats_cotangent(stats, new))
 
 
 def output_grad_scale(residuals) -> jax.Array:
     """The scale the output cotangent is quantised at (its "output_grad" stats' scale)."""
-    return residuals[4][0]
+    return residuals[3][0]
 
 
 def grads_from_float8(residuals, qg: jax.Array, qg_t: jax.Array, g_amax: jax.Array,
                       dtype: Any):
     """(dx, dW, the stats' cotangents) from the output cotangent already quantised at
     output_grad_scale (qg [m, n], qg_t [n, m]) and its amax."""
-    qx_t, qw, sx, sw, (sg, hg), new = residuals
-    dx = gemm(qg, qw, sg * sw, dtype)                          # [m, k]
-    dw = gemm(qx_t, qg_t, sx * sg, dtype)                      # [k, n]
+    qx_t, qw, (input_grad_scale, kernel_grad_scale), (_, hg), new = residuals
+    dx = gemm(qg, qw, input_grad_scale, dtype)                 # [m, k]
+    dw = gemm(qx_t, qg_t, kernel_grad_scale, dtype)            # [k, n]
     return dx, dw, {**new, "output_grad": fp8.seen_stats_from_amax(g_amax, hg)}
 
 

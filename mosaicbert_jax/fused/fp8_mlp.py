@@ -45,31 +45,33 @@ def _glu_mlp_fwd(x, w_up, w_down, seed, up, down, rate, implementation, dtype):
     (sh, hh), (swd, hwd) = down["input"], down["kernel"]
     qx, qx_t, x_amax = fused.quantize_fp8(x, 1.0 / sx, e4m3, implementation)
     qwu = fp8.quantize(w_up, e4m3, swu)                        # [k, 2f]
-    ab = _gemm(qx, qwu.T, sx * swu, dtype)                     # [m, 2f]
+    ab = _gemm(qx, qwu.T, fp8.gemm_scale(up, "forward"), dtype)  # [m, 2f]
     qh, qh_t, h_amax = fused.glu_dropout_fp8(ab, seed, rate, 1.0 / sh, e4m3, implementation)
     qwd = fp8.quantize(w_down, e4m3, swd)                      # [f, n]
-    y = _gemm(qh, qwd.T, sh * swd, dtype)                      # [m, n]
-    new_up = {"input": fp8.seen_stats_from_amax(x_amax, hx),
-              "kernel": fp8.seen_stats(w_up, hwu)}
-    new_down = {"input": fp8.seen_stats_from_amax(h_amax, hh),
-                "kernel": fp8.seen_stats(w_down, hwd)}
-    residuals = (qx_t, qwu, ab, seed, qh_t, qwd, (sx, swu, sh, swd),
+    y = _gemm(qh, qwd.T, fp8.gemm_scale(down, "forward"), dtype)  # [m, n]
+    new_up = fp8.stats_cotangent(up, {"input": fp8.seen_stats_from_amax(x_amax, hx),
+                                      "kernel": fp8.seen_stats(w_up, hwu)})
+    new_down = fp8.stats_cotangent(down, {"input": fp8.seen_stats_from_amax(h_amax, hh),
+                                          "kernel": fp8.seen_stats(w_down, hwd)})
+    grad_scales = tuple(fp8.gemm_scale(stats, gemm) for stats in (up, down)
+                        for gemm in ("input_grad", "kernel_grad"))
+    residuals = (qx_t, qwu, ab, seed, qh_t, qwd, grad_scales,
                  (up["output_grad"], down["output_grad"]), new_up, new_down)
     return y, residuals
 
 
 def _glu_mlp_bwd(rate, implementation, dtype, residuals, g):
     e5m2 = fp8.BACKWARD_DTYPE
-    qx_t, qwu, ab, seed, qh_t, qwd, scales, grad_stats, new_up, new_down = residuals
-    sx, swu, sh, swd = scales
+    qx_t, qwu, ab, seed, qh_t, qwd, grad_scales, grad_stats, new_up, new_down = residuals
+    up_input_grad, up_kernel_grad, down_input_grad, down_kernel_grad = grad_scales
     (sgu, hgu), (sgd, hgd) = grad_stats
     qg, qg_t, g_amax = fused.quantize_fp8(g, 1.0 / sgd, e5m2, implementation)  # [m, n]
-    dh = _gemm(qg, qwd, sgd * swd, dtype)                      # [m, f]
-    d_w_down = _gemm(qh_t, qg_t, sh * sgd, dtype)              # [f, n]
+    dh = _gemm(qg, qwd, down_input_grad, dtype)                # [m, f]
+    d_w_down = _gemm(qh_t, qg_t, down_kernel_grad, dtype)      # [f, n]
     qd, qd_t, d_amax = fused.glu_dropout_fp8_grad(ab, dh, seed, rate, 1.0 / sgu, e5m2,
                                                   implementation)
-    dx = _gemm(qd, qwu, sgu * swu, dtype)                      # [m, k]
-    d_w_up = _gemm(qx_t, qd_t, sx * sgu, dtype)                # [k, 2f]
+    dx = _gemm(qd, qwu, up_input_grad, dtype)                  # [m, k]
+    d_w_up = _gemm(qx_t, qd_t, up_kernel_grad, dtype)          # [k, 2f]
     new_up = {**new_up, "output_grad": fp8.seen_stats_from_amax(d_amax, hgu)}
     new_down = {**new_down, "output_grad": fp8.seen_stats_from_amax(g_amax, hgd)}
     return dx, d_w_up, d_w_down, None, new_up, new_down

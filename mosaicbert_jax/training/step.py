@@ -121,7 +121,7 @@ def make_train_step(model: MosaicBertForMaskedLM, tx: optax.GradientTransformati
 
     def step(state, batch):
         params = state["params"]
-        fp8_stats = None if "fp8" not in state else fp8.unstack_stats(state["fp8"], rows)
+        fp8_stats = None if "fp8" not in state else fp8.model_stats(state["fp8"], rows)
         rng = jax.random.fold_in(dropout_key, state["step"])
         if microbatches == 1:
             (grads, seen), sums = grad_fn(params, fp8_stats, batch, rng)
@@ -195,7 +195,7 @@ def make_eval_step(model: MosaicBertForMaskedLM, mesh: Mesh, params_shardings: A
 
     def step(params, batch, fp8_stats):
         if fp8_stats is not None:
-            fp8_stats = fp8.unstack_stats(fp8_stats, rows)
+            fp8_stats = fp8.model_stats(fp8_stats, rows)
         logits, bias = model.apply(_variables(params, fp8_stats), batch["input_ids"],
                                    batch["segment_ids"],
                                    masked_positions=batch["masked_positions"],
