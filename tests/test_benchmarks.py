@@ -438,8 +438,34 @@ def test_fused_ops_variants_name_one_op_and_one_direction():
         variant_fields("ln_rows=3")
 
 
+def test_fp8_gemm_scale_probe_forms_give_the_per_gemm_products_values():
+    """fp8_gemm_scale_probe.py: the vector form of the GEMM output scales (fp8.model_stats')
+    gives bit for bit the per-GEMM products' outputs (fresh random operands and scales, the
+    quantising kernel in the interpreter), the float32-output form the same within bf16
+    rounding; kernel_counts reads the compiled entry computation."""
+    import jax
+    import numpy as np
+    from fp8_gemm_scale_probe import SCALE_FORMS, draw, kernel_counts, scaled_gemms
+    scale, xs, ws = draw(3, 32, np.random.default_rng())
+    outs = {form: [np.asarray(y, np.float32) for y in scaled_gemms(form, scale, xs, ws, True)]
+            for form in SCALE_FORMS}
+    for a, b in zip(outs["vector"], outs["per_gemm"]):
+        np.testing.assert_array_equal(a, b)
+        assert np.abs(a).max() > 0
+    for a, b in zip(outs["vector_f32_out"], outs["per_gemm"]):
+        np.testing.assert_allclose(a, b, rtol=2 ** -7, atol=1e-6 * np.abs(b).max())
+    wrong = scaled_gemms("per_gemm", scale * 2, xs, ws, True)
+    assert not np.array_equal(np.asarray(wrong[0], np.float32), outs["per_gemm"][0])
+    hlo = jax.jit(lambda s, x, w: scaled_gemms("vector", s, x, w, True)).lower(
+        scale, xs, ws).compile().as_text()
+    counts = kernel_counts(hlo)
+    assert counts["f8_gemm"] == 0 and sum(counts.values()) > 0  # no cuBLAS on CPU
+    with pytest.raises(ValueError, match="not one of"):
+        scaled_gemms("rowwise", scale, xs, ws, True)
+
+
 @pytest.mark.parametrize("script", ["glu_gemm_probe.py", "check_mlm_loss.py",
-                                    "check_fp8_attention.py"])
+                                    "check_fp8_attention.py", "fp8_gemm_scale_probe.py"])
 def test_gpu_only_checks_refuse_a_cpu_backend_in_one_line(script):
     """The GPU kernel checks on a CPU-only machine: exit 2 with a one-line usage error that
     names the backend, no traceback."""
