@@ -527,10 +527,14 @@ def test_resume_with_the_default_fp8_is_exact(tmp_path):
 @pytest.mark.parametrize("kernels", ["xla", "pallas_interpret"])
 def test_precomputed_gemm_scales_are_read_and_change_no_value(setup, kernels):
     """fp8.model_stats (the train step's STATS tree) adds each layer's three GEMM output
-    scales, computed for all layers in one product; the layers read them (a changed one
-    changes the logits) and, being the same float32 products, they change no logit, gradient
-    or amax of the per-layer products' path, at random scales (fp8_gemm "encoder", also
-    through the FP8 QKV + attention op of the Pallas kernels)."""
+    scales, computed for all layers in one product: exactly the products of the layer's
+    scales. The layers read them (a changed forward scale changes the logits, a changed
+    gradient scale the gradients), and the logits, gradients and amaxes agree with the
+    per-layer products' path, at random scales (fp8_gemm "encoder", also through the FP8 QKV
+    + attention op of the Pallas kernels). Agree, not bit for bit: on CPU the two programs
+    fuse apart, and a fusion may skip a bf16 rounding the other makes (on the GPU the train
+    step's loss was bit-identical, benchmarks/RESULTS.md session 19); a wrong scale would be
+    off by the ratio of two random scales, up to 25x."""
     rng = np.random.default_rng()
     model = MosaicBertForMaskedLM(tiny(
         fp8=True, fp8_gemm="encoder", attention_implementation=kernels,
@@ -562,8 +566,19 @@ def test_precomputed_gemm_scales_are_read_and_change_no_value(setup, kernels):
 
     want, got = loss_and_grads(plain), loss_and_grads(precomputed)
     for a, b in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got)):
-        np.testing.assert_array_equal(a, b)
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        np.testing.assert_allclose(b, a, rtol=2e-3, atol=2e-3 * np.abs(a).max())
     assert float(jnp.min(got[2])) > 0  # every tensor recorded its amax
-    changed = copy(precomputed)
-    at(changed, dense)["forward_gemm_scale"] = 2 * at(changed, dense)["forward_gemm_scale"]
-    assert not np.array_equal(loss_and_grads(changed)[0], got[0])
+    # Where each scale shows: the logits (forward), the gradient of the dense layer's kernel
+    # (kernel_grad), that of the QKV kernel before it, which dx reaches (input_grad).
+    shows_in = {"input_grad": WQKV + ("kernel",), "kernel_grad": dense + ("kernel",)}
+    for gemm in fp8.GEMM_SCALES:
+        changed = copy(precomputed)
+        at(changed, dense)[f"{gemm}_gemm_scale"] = 2 * at(changed, dense)[f"{gemm}_gemm_scale"]
+        logits, d_params, _ = loss_and_grads(changed)
+        if gemm == "forward":
+            assert np.abs(np.asarray(logits - got[0], np.float32)).max() > 1e-3
+        else:
+            before = np.asarray(at(got[1], shows_in[gemm]))
+            moved = np.abs(np.asarray(at(d_params, shows_in[gemm])) - before).max()
+            assert moved > 0.1 * np.abs(before).max(), gemm
