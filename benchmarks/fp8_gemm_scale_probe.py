@@ -26,9 +26,9 @@ import numpy as np
 from fused_ops import require_gpu
 from mosaicbert_jax import fp8
 from mosaicbert_jax.fused import pallas_gpu
+from mosaicbert_jax.fused.fp8_dense import gemm
 
 SCALE_FORMS = ("per_gemm", "vector", "vector_f32_out")
-_CONTRACT_LAST = (((1,), (1,)), ((), ()))
 
 
 def scaled_gemms(form: str, scale: jax.Array, xs: list, ws: list, interpret: bool = False):
@@ -42,13 +42,12 @@ def scaled_gemms(form: str, scale: jax.Array, xs: list, ws: list, interpret: boo
         qx, _, _ = pallas_gpu.quantize_fp8(x, 1.0 / sx, e4m3, interpret=interpret)
         qw = fp8.quantize(w, e4m3, sw)
         if form == "per_gemm":
-            y = fp8.scaled_dot(qx, qw, _CONTRACT_LAST, sx * sw, jnp.bfloat16)
+            y = gemm(qx, qw, sx * sw, jnp.bfloat16)
         elif form == "vector":
-            y = fp8.scaled_dot(qx, qw, _CONTRACT_LAST, products[k], jnp.bfloat16)
+            y = gemm(qx, qw, products[k], jnp.bfloat16)
         elif form == "vector_f32_out":
             alpha = products[k].astype(jnp.bfloat16).astype(jnp.float32)
-            y = (jax.lax.dot_general(qx, qw, _CONTRACT_LAST, preferred_element_type=jnp.float32)
-                 * alpha).astype(jnp.bfloat16)
+            y = gemm(qx, qw, alpha, jnp.float32).astype(jnp.bfloat16)
         else:
             raise ValueError(f"form {form!r} is not one of {SCALE_FORMS}")
         outs.append(y)
